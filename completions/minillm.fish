@@ -1,0 +1,1 @@
+complete --command minillm --no-files --arguments "(env _MINILLM_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) minillm)" --condition "env _MINILLM_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) minillm"

@@ -1,0 +1,223 @@
+"""The `minillm` command line: parse, load the recipe, hand over to the engine.
+
+This module must import neither torch nor transformers (shell completion re-runs the program on
+every TAB, and `--help` should be instant): engine modules are imported inside command bodies.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.syntax import Syntax
+
+from minillm_cli import __version__
+from minillm_cli.errors import RunStopped, UserError
+
+app = typer.Typer(
+    name="minillm",
+    help="Distill a large causal language model into a small one (MiniLLM: reverse-KL policy gradient) "
+    "and run its baselines, evaluation and export.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+RecipeArg = typer.Argument(None, help="Recipe YAML file or shipped recipe name; then section.key=value overrides.",
+                           show_default=False)
+OverridesArg = typer.Argument(None, help="Dotted overrides, e.g. optim.lr=1e-5 train.max_steps=20.", show_default=False)
+
+
+def _fail(message: str, code: int) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _guard(fn: Callable[[], Any]) -> Any:
+    """Run a command body: user errors -> one line + exit 2; stops -> their message + exit code."""
+    try:
+        return fn()
+    except UserError as e:
+        _fail(str(e), 2)
+    except RunStopped as e:
+        _fail(str(e), e.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted before training started; nothing was written", 130)
+
+
+def _split_recipe(recipe: Optional[str], overrides: Optional[list[str]]) -> tuple[Optional[str], list[str]]:
+    """`minillm sft optim.lr=1e-5` has no recipe: an `=` in the first argument makes it an override."""
+    overrides = list(overrides or [])
+    if recipe is not None and "=" in recipe:
+        return None, [recipe, *overrides]
+    return recipe, overrides
+
+
+def _run_training(recipe_path: Optional[str], overrides: list[str], flags: dict[str, Any], method: str,
+                  resume: bool, dry_run: bool = False) -> None:
+    from minillm_cli.config import dump_resolved, load_recipe
+
+    recipe, source = load_recipe(recipe_path, overrides, flags, default_method=method)
+    if recipe.method.name != method and method == "sft":
+        raise UserError(f"method.name: `minillm sft` runs method sft, the recipe says {recipe.method.name}; use `minillm distill`")
+    console.print(Syntax(dump_resolved(recipe, source), "yaml", theme="ansi_dark", background_color="default"))
+    if dry_run:
+        from minillm_cli.plan import print_plan
+
+        print_plan(recipe, console)
+        return
+    from minillm_cli.loop import train
+
+    train(recipe, source, resume=resume, console=console)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"minillm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+) -> None:
+    """Distill a large causal language model into a small one."""
+
+
+@app.command()
+def distill(
+    recipe: Optional[str] = RecipeArg,
+    overrides: Optional[list[str]] = OverridesArg,
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher: local dir, .gguf file, alias or hub id."),
+    student: Optional[str] = typer.Option(None, "--student", help="Student: local dir, .gguf file, alias or hub id."),
+    data: Optional[str] = typer.Option(None, "--data", help="Training data file (jsonl/json/csv/parquet) or hub id."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Run directory."),
+    method: Optional[str] = typer.Option(None, "--method", help="minillm (default), kd, seqkd, gkd or sft."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (train.max_steps)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its latest checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate the recipe and print the memory plan; train nothing."),
+) -> None:
+    """Distill a teacher into a student (MiniLLM by default; baselines with method=kd|seqkd|gkd).
+
+    With no recipe and no --teacher, runs the quickstart: SmolLM2-135M-Instruct distilled into a
+    layer-pruned copy of itself on the built-in dataset, then evaluated.
+    """
+    recipe, rest = _split_recipe(recipe, overrides)
+    flags = {"models.teacher": teacher, "models.student": student, "data.train": data, "output.dir": output,
+             "method.name": method, "train.max_steps": max_steps, "output.overwrite": overwrite or None}
+    if recipe is None and not rest and all(v is None for v in flags.values()) and not resume and not dry_run:
+        from minillm_cli.quickstart import run_quickstart
+
+        _guard(lambda: run_quickstart(console))
+        return
+    _guard(lambda: _run_training(recipe, rest, flags, method or "minillm", resume, dry_run))
+
+
+@app.command()
+def sft(
+    recipe: Optional[str] = RecipeArg,
+    overrides: Optional[list[str]] = OverridesArg,
+    student: Optional[str] = typer.Option(None, "--student", help="Model to fine-tune: local dir, .gguf, alias or hub id."),
+    data: Optional[str] = typer.Option(None, "--data", help="Training data file (jsonl/json/csv/parquet) or hub id."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Run directory."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (train.max_steps)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its latest checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
+) -> None:
+    """Supervised fine-tuning of a model on instruction data (response tokens only, EOS trained)."""
+    recipe, rest = _split_recipe(recipe, overrides)
+    flags = {"models.student": student, "data.train": data, "output.dir": output, "train.max_steps": max_steps,
+             "output.overwrite": overwrite or None}
+    _guard(lambda: _run_training(recipe, rest, flags, "sft", resume))
+
+
+@app.command("eval")
+def eval_cmd(
+    models: list[str] = typer.Argument(..., help="Checkpoints (run dir, step dir, model dir, .gguf or alias)."),
+    data: str = typer.Option(..., "--data", help="Evaluation data (jsonl/json/csv/parquet or hub id) with references."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher for KL/agreement metrics (also evaluated)."),
+    metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma list: rougeL,em,loss,kl,agreement,exposure_bias,dist4,calibration."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma list of sampling seeds (default 10,20,30,40,50)."),
+    greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding instead of sampling (one pass, no seeds)."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Evaluate the first N examples only."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="New tokens per response (default 256)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Prompts per generation batch."),
+    label_words: Optional[str] = typer.Option(None, "--label-words", help="Comma list of label words (calibration)."),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Write the full report as JSON to this file ('-' = stdout)."),
+    samples_out: Optional[str] = typer.Option(None, "--samples", help="Write generated samples as jsonl to this file."),
+    plot_out: Optional[str] = typer.Option(None, "--plot", help="Write the exposure-bias PNG plot to this file."),
+    fail_under: Optional[list[str]] = typer.Option(None, "--fail-under", help="metric=value (or model:metric=value): exit 1 if below."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="eval.* recipe overrides, e.g. --set top_p=0.9."),
+) -> None:
+    """Evaluate checkpoints side by side with the paper's protocol (Rouge-L over 5 seeds and more)."""
+
+    def body() -> None:
+        from minillm_cli.evaluate.command import run_eval
+
+        code = run_eval(
+            models=models, data=data, teacher=teacher, metrics=metrics, seeds=seeds, greedy=greedy,
+            max_samples=max_samples, max_new_tokens=max_new_tokens, batch_size=batch_size, label_words=label_words,
+            json_out=json_out, samples_out=samples_out, plot_out=plot_out, fail_under=fail_under or [],
+            overrides=overrides or [], console=console,
+        )
+        if code:
+            raise typer.Exit(code)
+
+    _guard(body)
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="Run directory or step directory to export."),
+    out: Path = typer.Option(..., "--out", help="Output directory (must not exist or be empty)."),
+    fmt: str = typer.Option("safetensors", "--format", help="safetensors (HF directory) or gguf."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, fp16 or bf16 (default: as trained)."),
+    shard_size: str = typer.Option("2GB", "--shard-size", help="Max safetensors shard size, e.g. 500MB."),
+    merge: bool = typer.Option(True, "--merge/--no-merge", help="Merge LoRA adapters into the base weights."),
+    gguf_type: str = typer.Option("f16", "--gguf-type", help="GGUF tensor type: f32, f16 or q8_0."),
+    step: str = typer.Option("latest", "--step", help="latest, best:<metric> (e.g. best:dev/rougeL) or a step number."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Reload the export and compare logits with the source."),
+) -> None:
+    """Export a trained student as a Hugging Face safetensors directory (with model card) or GGUF."""
+
+    def body() -> None:
+        from minillm_cli.export import ExportOptions, export as do_export
+
+        if fmt not in ("safetensors", "gguf"):
+            raise UserError(f"--format: must be safetensors or gguf, got {fmt!r}")
+        opts = ExportOptions(out=out, format=fmt, dtype=dtype, shard_size=shard_size, merge_lora=merge,
+                             gguf_type=gguf_type, step=step, overwrite=overwrite, verify=verify)
+        result = do_export(run, opts)
+        console.print(f"exported {result.step_dir} -> {result.out} ({len(result.files)} files)")
+        if verify:
+            console.print(f"verified: max |logit diff| = {result.max_abs_logit_diff:.3g} (tolerance {result.tolerance:.3g})")
+
+    _guard(body)
+
+
+@app.command()
+def recipes(name: Optional[str] = typer.Argument(None, help="Show this shipped recipe.")) -> None:
+    """List the shipped recipes, or print one."""
+    from minillm_cli.config import RECIPES_DIR, find_shipped, read_recipe_file, shipped_recipes
+
+    if name is None:
+        for p in shipped_recipes():
+            first = next((line[1:].strip() for line in p.read_text().splitlines() if line.startswith("#")), "")
+            console.print(f"[bold]{p.relative_to(RECIPES_DIR).with_suffix('')}[/]  {first}", highlight=False)
+        return
+    path = find_shipped(name)
+    if path is None:
+        _fail(f"no shipped recipe named {name!r} (see `minillm recipes`)", 2)
+    read_recipe_file(path)  # shipped recipes are YAML; this also catches a broken one
+    console.print(Syntax(path.read_text(), "yaml", theme="ansi_dark", background_color="default"))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,486 @@
+"""The recipe: a typed, validated description of one run (YAML file + dotted overrides + flags).
+
+A recipe has one section per concern. Every field is documented here; unknown keys are errors.
+`load_recipe()` is the only entry point: it merges defaults < file < `key=value` overrides < named
+flags, validates once and returns a `Recipe` plus the provenance of every leaf value.
+
+This module must stay light: it is imported by the CLI, which must not import torch.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from minillm_cli.errors import UserError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class Section(BaseModel):
+    """Base config: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------- models
+class StudentInit(Section):
+    """How to build the student when `models.student` is not given."""
+
+    from_: Literal["teacher", "fresh"] = Field("teacher", alias="from")
+    """`teacher`: a layer-pruned copy of the teacher; `fresh`: a smaller random model of its architecture."""
+    layers: list[int] | None = None
+    """Teacher layer indices to keep (from: teacher)."""
+    keep: int | None = Field(None, ge=1)
+    """Keep this many evenly spaced teacher layers, first and last included (from: teacher)."""
+    config: dict[str, Any] = Field(default_factory=dict)
+    """Config overrides for `from: fresh`, e.g. {num_hidden_layers: 4, hidden_size: 256}."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _one_choice(self) -> "StudentInit":
+        if self.from_ == "teacher" and (self.layers is None) == (self.keep is None):
+            raise ValueError("with from: teacher give exactly one of `layers` or `keep`")
+        if self.layers is not None and any(i < 0 for i in self.layers):
+            raise ValueError(f"layers must be non-negative indices, got {self.layers}")
+        return self
+
+
+class LoraConfig(Section):
+    """LoRA adapters through peft (off by default: full fine-tuning)."""
+
+    enabled: bool = False
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class ModelsConfig(Section):
+    """Teacher and student: a local directory, a .gguf file, a short alias or a hub id."""
+
+    teacher: str | None = None
+    """The frozen teacher. Required by every distillation method."""
+    student: str | None = None
+    """The student to train. If absent, `student_init` builds one from the teacher."""
+    student_init: StudentInit | None = None
+    """How to build the student from the teacher when `student` is not given."""
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: fp32 on CPU, bf16 on GPUs that support it."""
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:1 ..."""
+    trust_remote_code: bool = False
+    """Run model code shipped with a checkpoint. Off unless you trust it."""
+    allow_pickle: bool = False
+    """Load pickle (.bin) weights. Off: only safetensors are loaded."""
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+    @model_validator(mode="after")
+    def _student_xor_init(self) -> "ModelsConfig":
+        if self.student is not None and self.student_init is not None:
+            raise ValueError("give either `student` or `student_init`, not both")
+        return self
+
+
+# ----------------------------------------------------------------------------------------- data
+class DataConfig(Section):
+    """Instruction data (train/dev), its format and tokenisation limits; optional plain-text corpus."""
+
+    train: str | None = None
+    """jsonl/json/csv/parquet file or a hub dataset id (`hub:org/name` or `org/name`)."""
+    dev: str | None = None
+    """Held-out file for dev loss / dev metrics. If absent, `dev_fraction` of train is held out."""
+    dev_fraction: float = Field(0.02, ge=0.0, lt=1.0)
+    dev_max_samples: int = Field(64, ge=1)
+    """Cap on dev examples used for the periodic dev loss / dev eval (they cost time)."""
+    split: str = "train"
+    """Split name for hub datasets."""
+    format: Literal["auto", "alpaca", "dolly", "prompt_response", "messages"] = "auto"
+    """Row format; auto detects it from the columns of the first row."""
+    template: Literal["auto", "chat", "instruction"] = "auto"
+    """Prompt rendering: the model's chat template (chat), the paper's instruction template
+    (instruction), or chat when the tokenizer has one (auto)."""
+    max_prompt_tokens: int = Field(256, ge=1)
+    max_total_tokens: int = Field(512, ge=2)
+    overlong: Literal["drop", "truncate"] = "truncate"
+    """Prompts over max_prompt_tokens: drop the row, or keep the LAST max_prompt_tokens tokens
+    (the end of a prompt holds the question and the assistant header). Responses are cut to fit
+    max_total_tokens either way."""
+    max_train_samples: int | None = Field(None, ge=1)
+    corpus: str | None = None
+    """Plain-text file (one document per line) for the pre-training loss of MiniLLM. Optional."""
+    corpus_max_tokens: int = Field(256, ge=8)
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "DataConfig":
+        if self.max_prompt_tokens >= self.max_total_tokens:
+            raise ValueError(
+                f"max_prompt_tokens ({self.max_prompt_tokens}) must be < max_total_tokens ({self.max_total_tokens})"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------- method
+class SftMethod(Section):
+    """Supervised fine-tuning: cross-entropy on response tokens only."""
+
+    name: Literal["sft"] = "sft"
+
+
+class KdMethod(Section):
+    """Word-level KD: (1-k)·SFT + k·divergence(teacher, student) on dataset responses."""
+
+    name: Literal["kd"] = "kd"
+    kd_ratio: float = Field(0.5, ge=0.0, le=1.0)
+    loss: Literal["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "tvd", "jsd"] = "forward_kl"
+    skew_alpha: float = Field(0.1, gt=0.0, lt=1.0)
+    """Mixing weight of the skew KL losses (DistiLLM uses 0.1)."""
+    jsd_beta: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class SeqKdMethod(Section):
+    """SeqKD: the teacher answers every training prompt once; the student is fine-tuned on that text."""
+
+    name: Literal["seqkd"] = "seqkd"
+    max_new_tokens: int = Field(128, ge=1)
+    batch_size: int = Field(8, ge=1)
+    """Prompts per teacher generation batch."""
+
+
+class GkdMethod(Section):
+    """On-policy token-level distillation: generalized JSD(beta) on student samples w.p. lmbda."""
+
+    name: Literal["gkd"] = "gkd"
+    beta: float = Field(0.5, ge=0.0, le=1.0)
+    """0 = forward KL, 1 = reverse KL (token-level), in between the generalized JSD."""
+    lmbda: float = Field(0.5, ge=0.0, le=1.0)
+    """Probability that a batch uses student-sampled responses instead of the dataset's."""
+    max_new_tokens: int = Field(64, ge=1)
+
+
+class MiniLlmMethod(Section):
+    """MiniLLM: reverse-KL policy gradient with its four stabilisers (algorithm.md §1-4)."""
+
+    name: Literal["minillm"] = "minillm"
+    teacher_mix: float = Field(0.2, ge=0.0, le=1.0)
+    """alpha of teacher-mixed sampling p~ = alpha·p + (1-alpha)·q; 0 = plain student sampling."""
+    single_step: bool = True
+    """Add the exact per-position reverse KL over the vocabulary (single-step decomposition)."""
+    length_norm: bool = True
+    """Average (not sum) future rewards: the return at t is divided by the remaining length."""
+    include_current: bool = True
+    """Include the current token's reward in its return (reference default) or only future ones (paper text)."""
+    gamma: float = Field(0.95, ge=0.0, le=1.0)
+    whiten: bool = True
+    """Whiten advantages over the rollout buffer (all ranks)."""
+    clip_eps: float | None = Field(0.2, gt=0.0)
+    """PPO clip range for the ratio q_theta/p~; null disables clipping."""
+    reward_clip: float | None = Field(100.0, gt=0.0)
+    num_rollouts: int = Field(32, ge=1)
+    """Rollouts collected per buffer (256 at reference scale)."""
+    ppo_epochs: int = Field(4, ge=1)
+    max_new_tokens: int = Field(64, ge=1)
+    pt_weight: float = Field(1.0, ge=0.0)
+    """lambda_pt of the pre-training loss; used only when data.corpus is set."""
+    pt_kd_ratio: float = Field(0.5, ge=0.0, le=1.0)
+    """k in L_pt = (1-k)·LM + k·CE(teacher, student)."""
+
+
+Method = Annotated[
+    Union[SftMethod, KdMethod, SeqKdMethod, GkdMethod, MiniLlmMethod], Field(discriminator="name")
+]
+METHOD_NAMES = ("sft", "kd", "seqkd", "gkd", "minillm")
+
+
+# ------------------------------------------------------------------------------ rollout / optim
+class RolloutConfig(Section):
+    """Sampling settings of on-policy rollouts (MiniLLM, GKD) and SeqKD generation."""
+
+    temperature: float = Field(1.0, gt=0.0)
+    top_k: int = Field(0, ge=0)
+    """0 = no top-k filtering."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    batch_size: int = Field(8, ge=1)
+    """Prompts sampled together."""
+
+
+class OptimConfig(Section):
+    """AdamW with warm-up and a cosine or constant schedule."""
+
+    lr: float = Field(5e-6, gt=0.0)
+    weight_decay: float = Field(1e-6, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0.0)
+    warmup_steps: int = Field(100, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    """Max global gradient norm; null disables clipping."""
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"betas must be in [0, 1), got {list(v)}")
+        return v
+
+
+class TrainConfig(Section):
+    """Loop length, batch shape, cadence and reproducibility."""
+
+    max_steps: int = Field(100, ge=1)
+    """Optimizer steps."""
+    batch_size: int = Field(8, ge=1)
+    """Sequences per micro-batch."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches per optimizer step (global batch = batch_size × grad_accum × processes)."""
+    seed: int = 42
+    log_every: int = Field(1, ge=1)
+    save_every: int = Field(0, ge=0)
+    """Save a checkpoint every N steps (0: only at the end)."""
+    keep_last: int = Field(2, ge=1)
+    """Keep the newest N step directories."""
+    dev_loss_every: int = Field(0, ge=0)
+    """Compute the dev loss every N steps (0: never during training)."""
+    chunk_size: int = Field(128, ge=1)
+    """Positions per chunk when a divergence runs over the vocabulary (bounds peak memory)."""
+    max_bad_steps: int = Field(5, ge=1)
+    """Stop after this many consecutive steps with a non-finite loss or gradient."""
+    threads: int | None = Field(None, ge=1)
+    """torch CPU threads (default: torch's choice)."""
+
+
+class EvalConfig(Section):
+    """Evaluation settings: defaults reproduce the paper's protocol (algorithm.md §6)."""
+
+    every: int = Field(0, ge=0)
+    """Evaluate on the dev split every N training steps (single seed; logged as dev numbers). 0 = off."""
+    metrics: list[str] = Field(default_factory=lambda: ["rougeL", "loss"])
+    seeds: list[int] = Field(default_factory=lambda: [10, 20, 30, 40, 50])
+    greedy: bool = False
+    temperature: float = Field(1.0, gt=0.0)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    no_repeat_ngram_size: int = Field(6, ge=0)
+    max_prompt_tokens: int = Field(256, ge=1)
+    max_new_tokens: int = Field(256, ge=1)
+    batch_size: int = Field(16, ge=1)
+    max_samples: int | None = Field(None, ge=1)
+
+
+class OutputConfig(Section):
+    """Where the run goes."""
+
+    dir: str | None = None
+    """Run directory. Default: runs/<method>-<YYYYmmdd-HHMMSS>."""
+    overwrite: bool = False
+    """Replace an existing run directory (otherwise an existing one is refused, unless resuming)."""
+
+
+class Recipe(Section):
+    """A full run description. Sections: models, data, method, rollout, optim, train, eval, output."""
+
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    method: Method = Field(default_factory=MiniLlmMethod)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+
+
+# ----------------------------------------------------------------------------------- loading
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Assign `value` at `a.b.c` inside nested dicts, creating levels as needed."""
+    parts = dotted.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None or not isinstance(child, dict):
+            if isinstance(child, str) and part == "method" and i == 0:
+                child = {"name": child}  # `method: kd` shorthand, then `method.kd_ratio=...`
+            elif child is not None:
+                raise UserError(f"override {dotted}: '{'.'.join(parts[: i + 1])}' is not a section")
+            else:
+                child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _leaves(tree: Any, prefix: str = "") -> list[str]:
+    if isinstance(tree, dict):
+        out: list[str] = []
+        for k, v in tree.items():
+            out += _leaves(v, f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return [prefix]
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`optim.lr=1e-5` -> ("optim.lr", 1e-05). Values are parsed as YAML (safe)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not p.isidentifier() for p in key.split(".")):
+        raise UserError(f"override '{text}' is not of the form section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise UserError(f"override {key}: value '{raw}' is not valid YAML ({e.__class__.__name__})") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"override {key}: value '{raw}' is not a finite number")
+    return key, value
+
+
+def read_recipe_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML recipe (safe loader). A name without a path is looked up among shipped recipes."""
+    p = Path(path)
+    if not p.exists():
+        shipped = find_shipped(str(path))
+        if shipped is None:
+            raise UserError(f"recipe file not found: {path} (see `minillm recipes` for shipped ones)")
+        p = shipped
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"recipe {p}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"recipe {p}: cannot read ({e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"recipe {p}: top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _format_errors(err: ValidationError, raw: dict[str, Any]) -> str:
+    problems = []
+    for e in err.errors():
+        loc = [str(x) for x in e["loc"] if not (isinstance(x, str) and x in METHOD_NAMES and e["loc"][0] == "method")]
+        key = ".".join(loc) or "<recipe>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        if e["type"] == "union_tag_invalid" or e["type"] == "union_tag_not_found":
+            msg = f"method.name must be one of {', '.join(METHOD_NAMES)}"
+            key = "method.name"
+        value = e.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        problems.append(f"{key}: {msg}{shown}")
+    return "invalid recipe: " + "; ".join(problems)
+
+
+def validate(tree: dict[str, Any]) -> Recipe:
+    """Validate a nested dict into a Recipe; every problem is reported with its dotted key."""
+    tree = dict(tree)
+    if isinstance(tree.get("method"), str):
+        tree["method"] = {"name": tree["method"]}
+    if isinstance(tree.get("method"), dict) and "name" not in tree["method"]:
+        tree["method"] = {"name": "minillm", **tree["method"]}
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as e:
+        raise UserError(_format_errors(e, tree)) from None
+
+
+def load_recipe(
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    flags: dict[str, Any] | None = None,
+    default_method: str = "minillm",
+) -> tuple[Recipe, dict[str, str]]:
+    """Build the run's recipe: defaults < file < overrides < named flags.
+
+    Args:
+        path: YAML file, a shipped recipe name, or None for defaults only.
+        overrides: `section.key=value` strings (values parsed as YAML).
+        flags: dotted key -> value from named CLI flags (None values are ignored).
+        default_method: method used when neither file nor overrides name one.
+
+    Returns:
+        The validated recipe and a map dotted-key -> source ("recipe", "override", "flag") for
+        every value that did not come from the defaults.
+    """
+    tree: dict[str, Any] = read_recipe_file(path) if path is not None else {}
+    if path is not None:
+        _anchor_paths(tree, _recipe_location(path))
+    source = {k: "recipe" for k in _leaves(tree)}
+    if "method" not in tree:
+        tree["method"] = {"name": default_method}
+    elif isinstance(tree["method"], str):
+        tree["method"] = {"name": tree["method"]}
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+        source[key] = "override"
+    for key, value in (flags or {}).items():
+        if value is not None:
+            _set_dotted(tree, key, value)
+            source[key] = "flag"
+    return validate(tree), source
+
+
+PATH_KEYS = (("data", "train"), ("data", "dev"), ("data", "corpus"), ("models", "teacher"), ("models", "student"))
+
+
+def _recipe_location(path: str | Path) -> Path:
+    p = Path(path)
+    return p if p.exists() else (find_shipped(str(path)) or p)
+
+
+def _anchor_paths(tree: dict[str, Any], recipe_path: Path) -> None:
+    """Relative paths written in a recipe file are relative to that file when they exist there
+    (so shipped recipes work from any directory); otherwise they stay relative to the CWD."""
+    base = recipe_path.resolve().parent
+    for section, key in PATH_KEYS:
+        node = tree.get(section)
+        value = node.get(key) if isinstance(node, dict) else None
+        if isinstance(value, str) and value and not Path(value).is_absolute() and (base / value).exists():
+            node[key] = str(base / value)
+
+
+def dump_resolved(recipe: Recipe, source: dict[str, str]) -> str:
+    """The fully resolved recipe as YAML, each non-default value annotated with where it came from."""
+    data = recipe.model_dump(mode="json", by_alias=True)
+    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    lines = []
+    path: list[tuple[int, str]] = []  # (indent, key) stack
+    for line in text.splitlines():
+        stripped = line.lstrip(" ")
+        indent = len(line) - len(stripped)
+        if ":" in stripped and not stripped.startswith("- "):
+            key = stripped.split(":", 1)[0]
+            while path and path[-1][0] >= indent:
+                path.pop()
+            path.append((indent, key))
+            dotted = ".".join(k for _, k in path)
+            origin = source.get(dotted)
+            if origin and not stripped.endswith(":"):
+                line = f"{line}  # {origin}"
+        lines.append(line)
+    return "# resolved minillm recipe (values without a comment are defaults)\n" + "\n".join(lines) + "\n"
+
+
+def shipped_recipes() -> list[Path]:
+    """All YAML recipes shipped in recipes/ (recursively), sorted."""
+    if not RECIPES_DIR.is_dir():
+        return []
+    return sorted(p for p in RECIPES_DIR.rglob("*.yaml") if "data" not in p.relative_to(RECIPES_DIR).parts)
+
+
+def find_shipped(name: str) -> Path | None:
+    """Find a shipped recipe by file name or stem (`quickstart`, `cpu/sft-tiny.yaml`)."""
+    for p in shipped_recipes():
+        rel = p.relative_to(RECIPES_DIR)
+        if name in (p.name, p.stem, str(rel), str(rel.with_suffix(""))):
+            return p
+    return None

@@ -1,0 +1,98 @@
+"""Token-level distribution metrics between a student q and a teacher p (held-out evaluation).
+
+Everything here works on full-vocabulary next-token distributions from a teacher-forced forward of
+both models over the same prompt + continuation. Per response position t (a valid token of the
+continuation y):
+
+    forward KL   KL(p‖q)_t = sum_v p(v | x, y_<t) · (log p(v | x, y_<t) − log q(v | x, y_<t))
+    reverse KL   KL(q‖p)_t = sum_v q(v | x, y_<t) · (log q(v | x, y_<t) − log p(v | x, y_<t))
+    agreement    A_t       = 1[argmax_v q(v | x, y_<t) = argmax_v p(v | x, y_<t)]
+
+The two KLs are the training losses' own per-token functions (`losses.forward_kl` /
+`losses.reverse_kl`: fp32 inside, chunked along T, a wider teacher head sliced to the student's
+width and re-normalised over the shared ids), so an evaluated KL is exactly what a KD method
+optimises. Per-token outputs are (B, T) and 0 where `mask` is 0; averaging over valid tokens is the
+caller's business.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from minillm_cli.losses import align_vocab, forward_kl, reverse_kl
+from minillm_cli.rollout import concat_prompt_response
+
+
+def top1_agreement(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Tensor:
+    """Per-token top-1 agreement 1[argmax q = argmax p] (argmax over the student's ids).
+
+    Args:
+        student_logits: (B, T, Vq).
+        teacher_logits: (B, T, Vp >= Vq).
+        mask: (B, T) 1 on valid response positions.
+
+    Returns:
+        (B, T) fp32 of 0/1, 0 where `mask` is 0.
+    """
+    teacher = align_vocab(student_logits, teacher_logits)
+    same = (student_logits.argmax(-1) == teacher.argmax(-1)).float()  # (B, T)
+    return same * mask.float()
+
+
+def response_logits(
+    model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor
+) -> Tensor:
+    """Teacher-forced logits of every response position: column t predicts response token t.
+
+    One forward over `[left-padded prompt | right-padded response]` (layout of
+    `rollout.concat_prompt_response`), keeping only the last T + 1 logit columns.
+
+    Args:
+        model: A causal LM.
+        prompt_ids, prompt_mask: (B, P) left-padded prompts.
+        response_ids, response_mask: (B, T) right-padded continuations.
+
+    Returns:
+        (B, T, V) logits in the model's dtype.
+    """
+    input_ids, attention_mask, position_ids = concat_prompt_response(
+        prompt_ids, prompt_mask, response_ids, response_mask
+    )
+    T = response_ids.shape[1]
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                use_cache=False, logits_to_keep=T + 1)
+    return out.logits[:, :-1]  # (B, T, V): the last column predicts past the response
+
+
+@torch.no_grad()
+def divergences(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    response_ids: Tensor,
+    response_mask: Tensor,
+    chunk_size: int = 128,
+) -> dict[str, Tensor]:
+    """Forward KL, reverse KL and top-1 agreement of one batch of continuations.
+
+    Args:
+        student, teacher: Causal LMs sharing a vocabulary (teacher head may be wider).
+        prompt_ids, prompt_mask: (B, P) left-padded prompts.
+        response_ids, response_mask: (B, T) continuations (whoever sampled them).
+        chunk_size: Response positions per fp32 KL computation; bounds the (B, chunk, V)
+            temporaries (a 50k vocabulary makes full (B, T, V) fp32 tensors large).
+
+    Returns:
+        {"fkl", "rkl", "agree"}: each (B, T) fp32 on the inputs' device, 0 where the mask is 0.
+    """
+    q_logits = response_logits(student, prompt_ids, prompt_mask, response_ids, response_mask)  # (B, T, Vq)
+    p_logits = response_logits(teacher, prompt_ids, prompt_mask, response_ids, response_mask)  # (B, T, Vp)
+    p_logits = p_logits.to(q_logits.device)
+    mask = response_mask.to(q_logits.device)
+    return {
+        "fkl": forward_kl(q_logits, p_logits, mask, chunk_size=chunk_size),
+        "rkl": reverse_kl(q_logits, p_logits, mask, chunk_size=chunk_size),
+        "agree": top1_agreement(q_logits, p_logits, mask),
+    }

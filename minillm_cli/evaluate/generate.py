@@ -1,0 +1,368 @@
+"""The model-running half of evaluation: generation, reference loss, divergences, label probabilities.
+
+Generation uses Hugging Face `model.generate` (batched, KV-cached, with `no_repeat_ngram_size`, which
+our own sampler in `rollout.py` does not implement) on LEFT-padded prompts. Each seed's pass starts
+with `torch.manual_seed(seed)`, so a pass is reproducible given the model, the prompts, the batch
+size and the device. A checkpoint's own `generation_config.json` (a hub model may ship, say,
+temperature 0.2 or a repetition penalty) is set aside during the pass: the decoding settings are
+exactly those of `EvalConfig`.
+
+Prompts longer than `max_prompt_tokens` keep their LAST tokens (the data module's rule: the end of
+a rendered prompt holds the question and the assistant header).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from minillm_cli import data as data_mod
+from minillm_cli.config import EvalConfig
+from minillm_cli.data import Encoded
+from minillm_cli.evaluate import distribution, metrics
+from minillm_cli.rollout import score
+
+
+@dataclass
+class Generation:
+    """One generated response."""
+
+    index: int
+    """Index of the example in the evaluated dataset."""
+    seed: int | None
+    """Seed of the pass (None for greedy decoding)."""
+    prompt_ids: list[int]
+    """The prompt as the model saw it (after the length cut)."""
+    response_ids: list[int]
+    """Generated ids up to and including the first EOS (no EOS if the length limit came first)."""
+    text: str
+    """The decoded response, special tokens and surrounding whitespace removed."""
+
+
+def cut_prompts(encoded: Sequence[Encoded], max_prompt_tokens: int) -> list[Encoded]:
+    """Cut every prompt to its last `max_prompt_tokens` ids (responses untouched)."""
+    return [
+        Encoded(prompt_ids=e.prompt_ids[-max_prompt_tokens:], response_ids=e.response_ids, index=e.index)
+        for e in encoded
+    ]
+
+
+def eos_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
+    """Ids that end a response: the tokenizer's EOS plus any the model's generation config names
+    (chat models often stop on an end-of-turn token too)."""
+    ids = [tokenizer.eos_token_id]
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += [extra] if isinstance(extra, int) else list(extra or [])
+    return sorted({int(i) for i in ids if i is not None})
+
+
+@contextlib.contextmanager
+def _plain_generation_config(model: torch.nn.Module) -> Iterator[None]:
+    """Replace the model's generation config by one with only its special-token ids while inside.
+
+    `generate` fills every setting the caller leaves unset from `model.generation_config`; a shipped
+    one would otherwise change the protocol behind our back.
+    """
+    from transformers import GenerationConfig
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the HF model
+    saved = base.generation_config
+    base.generation_config = GenerationConfig(
+        bos_token_id=getattr(saved, "bos_token_id", None),
+        eos_token_id=getattr(saved, "eos_token_id", None),
+        pad_token_id=getattr(saved, "pad_token_id", None),
+    )
+    try:
+        yield
+    finally:
+        base.generation_config = saved
+
+
+def _first_eos_cut(ids: list[int], eos: set[int]) -> list[int]:
+    """Generated ids up to and including the first EOS (`generate` pads a finished sequence after it)."""
+    for i, tok in enumerate(ids):
+        if tok in eos:
+            return ids[: i + 1]
+    return ids
+
+
+def decode_response(tokenizer: Any, response_ids: Sequence[int], eos: Sequence[int]) -> str:
+    """Response text without its final EOS and without special tokens."""
+    ids = list(response_ids)
+    if ids and ids[-1] in set(eos):
+        ids = ids[:-1]
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    encoded: Sequence[Encoded],
+    cfg: EvalConfig,
+    *,
+    seed: int | None,
+    device: torch.device,
+    do_sample: bool | None = None,
+) -> list[Generation]:
+    """Generate one response per prompt with the decoding settings of `cfg`.
+
+    Args:
+        model: A causal LM (HF or peft-wrapped); put in eval mode for the pass, its mode restored.
+        tokenizer: Its tokenizer (pad and EOS ids, decoding).
+        encoded: Prompts (already cut to `cfg.max_prompt_tokens`); `response_ids` are ignored.
+        cfg: Decoding settings: greedy, temperature, top_k, top_p, no_repeat_ngram_size,
+            max_new_tokens, batch_size.
+        seed: `torch.manual_seed(seed)` before the pass (None: leave the RNG as it is).
+        device: Where the model lives.
+        do_sample: Override `not cfg.greedy` (exposure bias always samples).
+
+    Returns:
+        One `Generation` per prompt, in the order of `encoded`.
+    """
+    sample = (not cfg.greedy) if do_sample is None else do_sample
+    pad_id = tokenizer.pad_token_id
+    stop = eos_ids(model, tokenizer)
+    kwargs: dict[str, Any] = dict(
+        do_sample=sample, no_repeat_ngram_size=cfg.no_repeat_ngram_size, max_new_tokens=cfg.max_new_tokens,
+        eos_token_id=stop, pad_token_id=pad_id,
+    )
+    if sample:  # greedy decoding ignores them (and transformers warns when they are passed)
+        kwargs.update(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+    if seed is not None:
+        torch.manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    out: list[Generation] = []
+    try:
+        with _plain_generation_config(model):
+            for start in range(0, len(encoded), cfg.batch_size):
+                batch = list(encoded[start : start + cfg.batch_size])
+                ids, mask = data_mod.collate_prompts(batch, pad_id)  # (B, P) left-padded
+                seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)  # (B, P+T)
+                new = seqs[:, ids.shape[1] :].tolist()  # (B, T) generated part only
+                for e, row in zip(batch, new):
+                    response = _first_eos_cut(row, set(stop))
+                    out.append(Generation(index=e.index, seed=seed if sample else None, prompt_ids=e.prompt_ids,
+                                          response_ids=response, text=decode_response(tokenizer, response, stop)))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _pairs(items: Sequence[Encoded], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """`data.collate_pairs` on `device`: prompts (B, P) left-padded, responses (B, T) right-padded."""
+    batch = data_mod.collate_pairs(list(items), pad_id)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def as_encoded(generations: Sequence[Generation]) -> list[Encoded]:
+    """Generations as prompt + response pairs (for teacher-forced scoring)."""
+    return [Encoded(prompt_ids=g.prompt_ids, response_ids=g.response_ids, index=g.index) for g in generations]
+
+
+@torch.no_grad()
+def reference_loss(
+    model: torch.nn.Module, encoded: Sequence[Encoded], *, pad_id: int, batch_size: int, device: torch.device
+) -> float:
+    """LM loss on the references: teacher-forced, per-sample token mean, then mean over samples.
+
+        loss = 1/N sum_i ( −1/|y_i| sum_t log q(y_i,t | x_i, y_i,<t) )
+
+    with y_i the reference response ids (EOS included unless it was cut by the length rule).
+
+    Args:
+        model: A causal LM (its mode is restored afterwards).
+        encoded: Prompt + reference pairs; examples with an empty response are skipped.
+        pad_id: Padding id.
+        batch_size: Examples per forward.
+        device: Where the model lives.
+
+    Returns:
+        The mean loss in nats per token (NaN when no example has a response token).
+    """
+    was_training = model.training
+    model.eval()
+    items = [e for e in encoded if e.response_ids]
+    per_sample: list[float] = []
+    try:
+        for start in range(0, len(items), batch_size):
+            b = _pairs(items[start : start + batch_size], pad_id, device)
+            logp = score(model, b["prompt_ids"], b["prompt_mask"], b["response_ids"], b["response_mask"])  # (B, T)
+            n_tokens = b["response_mask"].sum(-1).clamp(min=1)  # (B,)
+            per_sample += (-logp.sum(-1) / n_tokens).tolist()
+    finally:
+        model.train(was_training)
+    return float(np.mean(per_sample)) if per_sample else float("nan")
+
+
+@dataclass
+class Divergences:
+    """Per-token divergences of N continuations, padded to a common width L (numpy, fp32)."""
+
+    fkl: np.ndarray
+    """(N, L) forward KL(p‖q) per response position."""
+    rkl: np.ndarray
+    """(N, L) reverse KL(q‖p)."""
+    agree: np.ndarray
+    """(N, L) top-1 agreement (0/1)."""
+    mask: np.ndarray
+    """(N, L) 1 on valid response positions."""
+
+    def token_mean(self, name: str) -> float:
+        """Mean of `fkl`, `rkl` or `agree` over all valid response tokens (NaN if there are none)."""
+        n = self.mask.sum()
+        return float(getattr(self, name).sum() / n) if n else float("nan")
+
+
+@torch.no_grad()
+def continuation_divergences(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    generations: Sequence[Generation],
+    *,
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    width: int,
+) -> Divergences:
+    """KL(p‖q), KL(q‖p) and top-1 agreement at every position of some continuations.
+
+    Both models are teacher-forced over prompt + continuation (whoever sampled it); the formulas are
+    in `distribution`. Row i belongs to `generations[i]`.
+
+    Args:
+        student, teacher: Causal LMs sharing a vocabulary, on `device`.
+        generations: The continuations.
+        pad_id: Padding id.
+        batch_size: Continuations per forward.
+        device: Where the models live.
+        width: L, the padded width (at least the longest continuation, e.g. max_new_tokens).
+
+    Returns:
+        `Divergences` with (N, width) arrays.
+    """
+    n = len(generations)
+    fkl, rkl, agree, mask = (np.zeros((n, width), dtype=np.float32) for _ in range(4))
+    items = as_encoded(generations)
+    for start in range(0, n, batch_size):
+        b = _pairs(items[start : start + batch_size], pad_id, device)
+        if not bool(b["response_mask"].any()):
+            continue  # only empty continuations: nothing to score
+        d = distribution.divergences(student, teacher, b["prompt_ids"], b["prompt_mask"], b["response_ids"],
+                                     b["response_mask"])
+        rows, t = slice(start, start + b["response_ids"].shape[0]), b["response_ids"].shape[1]
+        fkl[rows, :t] = d["fkl"].cpu().numpy()
+        rkl[rows, :t] = d["rkl"].cpu().numpy()
+        agree[rows, :t] = d["agree"].cpu().numpy()
+        mask[rows, :t] = b["response_mask"].cpu().numpy()
+    return Divergences(fkl=fkl, rkl=rkl, agree=agree, mask=mask)
+
+
+@torch.no_grad()
+def label_probabilities(
+    model: torch.nn.Module,
+    prompts: Sequence[Encoded],
+    label_token_ids: Sequence[int],
+    *,
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+) -> np.ndarray:
+    """Next-token probabilities of the label tokens after each prompt, softmax restricted to them.
+
+        P(label k | x) = exp(z_k) / sum_j exp(z_j),  z = the logits of the first token after x,
+                                                    k and j running over the label tokens only
+
+    Args:
+        model: A causal LM.
+        prompts: Rendered, cut prompts.
+        label_token_ids: The first token id of each label word (distinct).
+        pad_id: Padding id.
+        batch_size: Prompts per forward.
+        device: Where the model lives.
+
+    Returns:
+        (N, K) fp32 probabilities, rows summing to 1.
+    """
+    was_training = model.training
+    model.eval()
+    labels = torch.tensor(list(label_token_ids), dtype=torch.long, device=device)
+    rows: list[np.ndarray] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            ids, mask = data_mod.collate_prompts(list(prompts[start : start + batch_size]), pad_id)  # (B, P)
+            ids, mask = ids.to(device), mask.to(device)
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # real-token positions under left padding
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
+                           logits_to_keep=1).logits[:, -1]  # (B, V)
+            probs = logits.float()[:, labels].softmax(-1)  # (B, K)
+            rows.append(probs.cpu().numpy())
+    finally:
+        model.train(was_training)
+    return np.concatenate(rows, axis=0)
+
+
+def generation_scores(
+    generations: Sequence[Generation], references: Sequence[Sequence[str]], names: Sequence[str]
+) -> dict[str, float]:
+    """Text metrics of one pass: `rougeL` and `em` (mean over examples, ×100) and `dist4` (×100).
+
+    Args:
+        generations: The responses of one pass.
+        references: Per generation, its acceptable references (aligned with `generations`).
+        names: Which of rougeL, em, dist4 to compute.
+    """
+    texts = [g.text for g in generations]
+    out: dict[str, float] = {}
+    if "rougeL" in names:
+        out["rougeL"] = metrics.corpus_rouge_l(texts, references)
+    if "em" in names:
+        out["em"] = float(np.mean([metrics.exact_match(t, r) for t, r in zip(texts, references)]))
+    if "dist4" in names:
+        out["dist4"] = metrics.distinct_n(texts, 4)
+    return out
+
+
+def evaluate_during_training(
+    model: torch.nn.Module, tokenizer: Any, dev_encoded: Sequence[Encoded], eval_cfg: EvalConfig, device: torch.device
+) -> dict[str, float]:
+    """Dev-split numbers for the training log: one pass with the first seed of `eval_cfg.seeds`.
+
+    The references are decoded from each example's `response_ids` (final EOS stripped), i.e. the
+    dev responses after the data module's length rule: a response cut to fit `max_total_tokens` is
+    scored against its cut form. Prompts are cut to `eval_cfg.max_prompt_tokens` (last tokens kept).
+    Always computes `dev/rougeL`; `dev/em`, `dev/dist4` and `dev/loss` when listed in
+    `eval_cfg.metrics`. Other metrics (teacher or labelled data needed) are left to `minillm eval`.
+    The global torch RNG is restored afterwards, so evaluating does not change the training run.
+
+    Args:
+        model: The student (HF or peft-wrapped, unwrapped from any accelerator wrapper).
+        tokenizer: Its tokenizer.
+        dev_encoded: The dev split as encoded for training.
+        eval_cfg: The recipe's eval section.
+        device: Where the model lives.
+
+    Returns:
+        {"dev/rougeL": ..., ...}; empty when there is no dev example.
+    """
+    if not dev_encoded:
+        return {}
+    eos = eos_ids(model, tokenizer)
+    prompts = cut_prompts(dev_encoded, eval_cfg.max_prompt_tokens)
+    references = [[decode_response(tokenizer, e.response_ids, eos)] for e in prompts]
+    rng_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices):
+        gens = generate(model, tokenizer, prompts, eval_cfg, seed=eval_cfg.seeds[0] if eval_cfg.seeds else None,
+                        device=device)
+    names = ["rougeL"] + [m for m in ("em", "dist4") if m in eval_cfg.metrics]
+    out = {f"dev/{k}": v for k, v in generation_scores(gens, references, names).items()}
+    if "loss" in eval_cfg.metrics:
+        out["dev/loss"] = reference_loss(model, prompts, pad_id=tokenizer.pad_token_id,
+                                         batch_size=eval_cfg.batch_size, device=device)
+    return out

@@ -1,0 +1,487 @@
+"""The one training loop shared by every method (sft, kd, seqkd, gkd, minillm).
+
+`train(recipe, source)` reads top to bottom: resolve models -> load data -> load models -> make the
+run dir -> build optimizer and the method's stepper -> (resume) -> loop: lr, step, clip, check,
+update, log, dev loss / dev eval, save -> final save. A method is a "stepper" object (see
+`methods/`) with `step() -> metrics` (forward + backward of one optimizer step), `state()` and
+`load_state()` for exact resume; the loop owns the optimizer, schedule, RNG, signals and saving.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from rich.console import Console
+
+from minillm_cli import __version__
+from minillm_cli import checkpoint as ckpt
+from minillm_cli import data as data_mod
+from minillm_cli import models as models_mod
+from minillm_cli.config import Recipe, dump_resolved
+from minillm_cli.errors import RunStopped, UserError
+from minillm_cli.progress import Progress
+
+TEACHER_METHODS = ("kd", "seqkd", "gkd", "minillm")
+
+
+@dataclass
+class Ctx:
+    """Everything a method's stepper needs; built once by `train`."""
+
+    recipe: Recipe
+    accelerator: Any
+    student: torch.nn.Module
+    """The trained model as prepared by accelerate (DDP-wrapped when distributed)."""
+    teacher: torch.nn.Module | None
+    tokenizer: Any
+    train: list[data_mod.Encoded]
+    dev: list[data_mod.Encoded]
+    corpus: list[list[int]] | None
+    run_dir: Path
+    device: torch.device
+    gen: torch.Generator
+    """Sampling RNG (rollouts, GKD's coin): saved and restored for exact resume."""
+    vocab: int
+    """Student output width; teacher logits are sliced to it."""
+    stop_requested: Callable[[], bool]
+    print: Callable[[str], None]
+    data_pos: int = 0
+    """Examples consumed from the seeded training stream (all ranks together)."""
+    extra_meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    def next_examples(self, count_per_rank: int) -> list[data_mod.Encoded]:
+        """This rank's share of the next global batch from the seeded data stream."""
+        total = count_per_rank * self.world
+        idx = data_mod.take_indices(len(self.train), self.recipe.train.seed, self.data_pos, total)
+        self.data_pos += total
+        return [self.train[i] for i in idx[self.rank :: self.world]]
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Backward one micro-batch; gradient sync across ranks only on the last one of the step."""
+        if last or self.world == 1:
+            self.accelerator.backward(loss)
+        else:
+            with self.accelerator.no_sync(self.student):
+                self.accelerator.backward(loss)
+
+    def global_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum a small tensor over ranks (token counts, whitening statistics)."""
+        if self.world == 1:
+            return value
+        return self.accelerator.reduce(value.to(self.device), reduction="sum")
+
+
+class _Signals:
+    """First SIGINT/SIGTERM: ask the loop to stop after saving; second: exit at once."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_Signals":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. some test runners): no handlers
+                pass
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            # Checkpoints are written to a temporary name and renamed: exiting now corrupts nothing.
+            os._exit(128 + signum)
+        self.received = signum
+
+    def requested(self) -> bool:
+        return self.received is not None
+
+
+def lr_at(step: int, recipe: Recipe) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warm-up, then cosine or constant."""
+    o, total = recipe.optim, recipe.train.max_steps
+    warm = min(o.warmup_steps, max(total - 1, 0))
+    if step < warm:
+        return o.lr * (step + 1) / (warm + 1)
+    if o.schedule == "constant":
+        return o.lr
+    progress = (step - warm) / max(1, total - warm)
+    floor = o.lr * o.min_lr_ratio
+    return floor + (o.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def default_run_dir(method: str) -> Path:
+    return Path("runs") / f"{method}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def _rng_tensors(gen: torch.Generator) -> dict[str, torch.Tensor]:
+    out = {"rng.sampling": gen.get_state(), "rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["rng.cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def _restore_rng(gen: torch.Generator, tensors: dict[str, torch.Tensor]) -> None:
+    gen.set_state(tensors["rng.sampling"])
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+
+
+def make_stepper(ctx: Ctx) -> Any:
+    """The method's stepper object (one module per method, each readable alone)."""
+    name = ctx.recipe.method.name
+    if name == "sft":
+        from minillm_cli.methods.sft import SftStepper as cls
+    elif name == "kd":
+        from minillm_cli.methods.kd import KdStepper as cls
+    elif name == "seqkd":
+        from minillm_cli.methods.seqkd import SeqKdStepper as cls
+    elif name == "gkd":
+        from minillm_cli.methods.gkd import GkdStepper as cls
+    else:
+        from minillm_cli.methods.minillm import MiniLlmStepper as cls
+    return cls(ctx)
+
+
+def resolve_models(recipe: Recipe, say: Callable[[str], None]) -> tuple[Path | None, Path, dict[str, Any]]:
+    """Resolve teacher and student to local model directories (building the student if asked).
+
+    Returns (teacher_dir or None, student_dir, student_init record for the run's meta).
+    """
+    m = recipe.models
+    needs_teacher = recipe.method.name in TEACHER_METHODS
+    if needs_teacher and m.teacher is None:
+        raise UserError(f"models.teacher: method {recipe.method.name} needs a teacher (set it or pass --teacher)")
+    teacher_dir = models_mod.resolve_model(m.teacher) if m.teacher is not None else None
+    if m.student is not None:
+        return teacher_dir, models_mod.resolve_model(m.student), {"from": "model", "path": m.student}
+    if m.student_init is None:
+        raise UserError("models.student: no student given (set models.student, models.student_init or --student)")
+    if teacher_dir is None:
+        raise UserError("models.student_init: building a student from the teacher needs models.teacher")
+    init = m.student_init
+    record = init.model_dump(by_alias=True)
+    spec = json.dumps({"teacher": str(teacher_dir.resolve()), **record}, sort_keys=True, default=str)
+    key = f"{teacher_dir.name}-{init.from_}-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
+    out = models_mod.cache_dir() / "students" / key
+    if not (out / "config.json").exists():
+        say(f"building student ({init.from_}) from {teacher_dir} -> {out}")
+        if init.from_ == "teacher":
+            models_mod.init_student_from_teacher(teacher_dir, out, layers=init.layers, keep=init.keep)
+        else:
+            models_mod.init_student_fresh(teacher_dir, out, overrides=init.config)
+    record["path"] = str(out)
+    return teacher_dir, out, record
+
+
+def train(recipe: Recipe, source: dict[str, str], *, resume: bool = False, console: Console | None = None) -> Path:
+    """Run one training job (any method) described by `recipe`; returns the run directory."""
+    from accelerate import Accelerator
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # our own progress view is the only one
+    console = console or Console()
+    t_setup = time.time()
+    tr, m = recipe.train, recipe.models
+    if tr.threads:
+        torch.set_num_threads(tr.threads)
+
+    device = models_mod.pick_device(m.device)
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    device = accelerator.device
+    main = accelerator.is_main_process
+    say = (lambda s: console.print(s, highlight=False)) if main else (lambda s: None)
+
+    # ---- run directory decision (nothing is written before every input has been checked)
+    run_dir = Path(recipe.output.dir) if recipe.output.dir else default_run_dir(recipe.method.name)
+    resume_dir: Path | None = None
+    if resume:
+        resume_dir = ckpt.latest_step_dir(run_dir)
+        if resume_dir is None:
+            raise UserError(f"--resume: no complete checkpoint in {run_dir}")
+    elif run_dir.exists() and any(run_dir.iterdir()) and not recipe.output.overwrite:
+        raise UserError(f"output.dir: {run_dir} already exists; pass --resume to continue it or --overwrite to replace it")
+
+    # ---- models and data
+    teacher_dir, student_dir, student_init = resolve_models(recipe, say)
+    tokenizer = models_mod.load_tokenizer(student_dir, trust_remote_code=m.trust_remote_code)
+    tokenizer.padding_side = "left"
+    if teacher_dir is not None:
+        t_tok = models_mod.load_tokenizer(teacher_dir, trust_remote_code=m.trust_remote_code)
+        models_mod.check_tokenizers(
+            t_tok, tokenizer,
+            teacher_vocab=models_mod.output_width(teacher_dir), student_vocab=models_mod.output_width(student_dir),
+        )
+    train_enc, dev_enc, _, _ = data_mod.prepare_datasets(recipe.data, tokenizer, tr.seed, say)
+    corpus = None
+    if recipe.data.corpus and recipe.method.name == "minillm":
+        corpus = data_mod.load_corpus(recipe.data.corpus, tokenizer, recipe.data.corpus_max_tokens)
+
+    dtype = models_mod.pick_dtype(m.dtype, device)
+    load_kw = dict(dtype=dtype, device=device, trust_remote_code=m.trust_remote_code, allow_pickle=m.allow_pickle)
+    student = models_mod.load_model(student_dir, **load_kw)
+    if m.lora.enabled:
+        student = _apply_lora(student, recipe, resume_dir)
+    elif resume_dir is not None:
+        _load_weights(student, resume_dir)
+    student.train()
+    _disable_dropout(student)  # distillation and our SFT run without dropout (reference setting)
+    teacher = None
+    if teacher_dir is not None:
+        teacher = models_mod.load_model(teacher_dir, **load_kw)
+        teacher.requires_grad_(False)
+    vocab = student.get_output_embeddings().weight.shape[0]
+
+    # ---- run dir + resolved recipe
+    recipe_text = dump_resolved(recipe, source)
+    if main:
+        if not resume and run_dir.exists() and recipe.output.overwrite:
+            import shutil
+
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(recipe_text, encoding="utf-8")
+    accelerator.wait_for_everyone()
+
+    params = [p for p in student.parameters() if p.requires_grad]
+    o = recipe.optim
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    student_wrapped, optimizer = accelerator.prepare(student, optimizer)
+
+    gen = torch.Generator(device=device)
+    gen.manual_seed(tr.seed)
+    torch.manual_seed(tr.seed)
+    signals = _Signals()
+    ctx = Ctx(
+        recipe=recipe, accelerator=accelerator, student=student_wrapped, teacher=teacher, tokenizer=tokenizer,
+        train=train_enc, dev=dev_enc, corpus=corpus, run_dir=run_dir, device=device, gen=gen, vocab=vocab,
+        stop_requested=signals.requested, print=say,
+    )
+    stepper = make_stepper(ctx)
+
+    start_step, bad_total = 0, 0
+    if resume_dir is not None:
+        state, tensors = ckpt.load_resume_state(resume_dir)
+        start_step, ctx.data_pos, bad_total = state["step"], state["data_pos"], state.get("bad_steps", 0)
+        optimizer.load_state_dict(ckpt.optimizer_from_tensors(tensors, state["optimizer"]))
+        _restore_rng(gen, tensors)
+        stepper.load_state(state.get("method", {}), tensors)
+        say(f"resumed from {resume_dir} (step {start_step})")
+
+    meta_base = {
+        "method": recipe.method.name, "method_settings": recipe.method.model_dump(),
+        "teacher": m.teacher, "teacher_dir": str(teacher_dir) if teacher_dir else None,
+        "student": m.student, "student_init": student_init,
+        "data": {"path": recipe.data.train, "sha256": _maybe_hash(recipe.data.train)},
+        "lora": m.lora.enabled, "base_model": str(student_dir) if m.lora.enabled else None,
+        "minillm_version": __version__,
+    }
+    say(f"run dir: {run_dir}  (setup {time.time() - t_setup:.1f}s, {len(train_enc)} train / {len(dev_enc)} dev examples, "
+        f"device {device}, dtype {str(dtype).replace('torch.', '')})")
+
+    def snapshot(step: int, bad: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        opt_tensors, opt_meta = ckpt.optimizer_to_tensors(optimizer.state_dict())
+        method_json, method_tensors = stepper.state()
+        state = {"step": step, "data_pos": ctx.data_pos, "bad_steps": bad, "optimizer": opt_meta, "method": method_json}
+        return state, {**opt_tensors, **_rng_tensors(gen), **method_tensors}
+
+    def save(step: int, state: dict[str, Any], tensors: dict[str, torch.Tensor], dev_metrics: dict[str, float]) -> Path | None:
+        path = None
+        if main:
+            meta = {**meta_base, **ctx.extra_meta, "step": step, "dev_metrics": dev_metrics}
+            path = ckpt.save_checkpoint(
+                run_dir, step, model=accelerator.unwrap_model(student_wrapped), tokenizer=tokenizer,
+                recipe_text=recipe_text, meta=meta, trainer_state=state, state_tensors=tensors, keep_last=tr.keep_last,
+            )
+        accelerator.wait_for_everyone()
+        return path
+
+    dev_metrics: dict[str, float] = {}
+    consecutive_bad = 0
+    step = start_step
+    last_saved = start_step if resume_dir is not None else -1
+    with signals, Progress(run_dir, tr.max_steps, f"minillm {recipe.method.name}", console, start_step, main) as progress:
+        while step < tr.max_steps:
+            # State at the start of the step: what we save if a signal interrupts this step.
+            safe_state = snapshot(step, bad_total)
+            lr = lr_at(step, recipe)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            t0 = time.time()
+            try:
+                metrics = stepper.step()
+            except _Interrupted:
+                optimizer.zero_grad(set_to_none=True)
+                _finish_interrupted(signals, step, last_saved, safe_state, save, dev_metrics, say)
+            grad_norm = _clip(accelerator, params, o.grad_clip)
+            loss_value = float(metrics.get("loss", 0.0))
+            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                consecutive_bad += 1
+                bad_total += 1
+                say(f"step {step + 1}: non-finite loss or gradient (loss={loss_value}, grad_norm={grad_norm}); step skipped")
+                if consecutive_bad >= tr.max_bad_steps:
+                    raise RunStopped(
+                        f"stopped: {consecutive_bad} consecutive steps with a non-finite loss or gradient "
+                        f"(last at step {step + 1}); lower optim.lr or check the data", exit_code=1)
+                step += 1
+                continue
+            consecutive_bad = 0
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            metrics.update(lr=lr, grad_norm=grad_norm, step_time=time.time() - t0, bad_steps=bad_total)
+            if step % tr.log_every == 0 or step == tr.max_steps:
+                progress.log(step, _reduce_metrics(accelerator, metrics))
+            if tr.dev_loss_every and step % tr.dev_loss_every == 0 and ctx.dev:
+                dev_metrics["dev/loss"] = dev_loss(ctx)
+                progress.log(step, {"dev/loss": dev_metrics["dev/loss"]})
+            if recipe.eval.every and step % recipe.eval.every == 0 and ctx.dev:
+                dev_metrics.update(dev_eval(ctx))
+                progress.log(step, {k: v for k, v in dev_metrics.items()})
+            if signals.requested():
+                state, tensors = snapshot(step, bad_total)
+                _finish_interrupted(signals, step, last_saved, (state, tensors), save, dev_metrics, say, completed=True)
+            if tr.save_every and step % tr.save_every == 0 and step < tr.max_steps:
+                save(step, *snapshot(step, bad_total), dev_metrics)
+                last_saved = step
+        final = save(step, *snapshot(step, bad_total), dev_metrics) if last_saved != step else ckpt.latest_step_dir(run_dir)
+    say(f"done: {tr.max_steps} steps; final checkpoint {final}")
+    return run_dir
+
+
+class _Interrupted(Exception):
+    """Raised by steppers (between decode steps or micro-batches) when a stop was requested."""
+
+
+def check_stop(ctx: Ctx) -> None:
+    """Call inside long method work (rollouts): abandons the step if a signal arrived."""
+    if ctx.stop_requested():
+        raise _Interrupted()
+
+
+def _finish_interrupted(signals: _Signals, step: int, last_saved: int, state_and_tensors: tuple, save: Callable,
+                        dev_metrics: dict[str, float], say: Callable[[str], None], completed: bool = False) -> None:
+    signum = signals.received or signal.SIGINT
+    name = signal.Signals(signum).name
+    path = None
+    if step > 0 and step != last_saved:
+        path = save(step, *state_and_tensors, dev_metrics)
+    where = f"checkpoint {path}" if path else "no new checkpoint (nothing completed since the last one)"
+    raise RunStopped(f"{name} received: stopped after step {step}; {where}; continue with --resume", 128 + signum)
+
+
+def _clip(accelerator: Any, params: list[torch.nn.Parameter], max_norm: float | None) -> float:
+    if max_norm is not None:
+        return float(accelerator.clip_grad_norm_(params, max_norm))
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+def _reduce_metrics(accelerator: Any, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Mean of numeric metrics over ranks (logged once, by the main process)."""
+    out = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    if accelerator.num_processes > 1 and out:
+        keys = sorted(out)
+        t = torch.tensor([out[k] for k in keys], device=accelerator.device, dtype=torch.float64)
+        t = accelerator.reduce(t, reduction="mean")
+        out = dict(zip(keys, t.tolist()))
+    return out
+
+
+def _maybe_hash(path: str | None) -> str | None:
+    if path and Path(path).is_file():
+        return data_mod.file_sha256(path)
+    return None
+
+
+def _disable_dropout(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def _load_weights(model: torch.nn.Module, step_dir: Path) -> None:
+    """Load full student weights written by `save_pretrained` (one file or an indexed set of shards)."""
+    from safetensors.torch import load_file
+
+    index = step_dir / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(str(step_dir / name)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Tied output embeddings are saved once; anything else missing is a real problem.
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    missing = [k for k in missing if not (tied and "lm_head" in k)]
+    if missing or unexpected:
+        raise UserError(f"{step_dir}: checkpoint does not match the student "
+                        f"({len(missing)} missing, {len(unexpected)} unexpected tensors)")
+
+
+def _apply_lora(student: torch.nn.Module, recipe: Recipe, resume_dir: Path | None) -> torch.nn.Module:
+    try:
+        import peft
+    except ImportError:
+        raise UserError("models.lora.enabled: LoRA needs peft (pip install 'minillm[lora]')") from None
+    if resume_dir is not None:
+        return peft.PeftModel.from_pretrained(student, str(resume_dir), is_trainable=True)
+    lc = recipe.models.lora
+    cfg = peft.LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
+                          task_type="CAUSAL_LM")
+    try:
+        return peft.get_peft_model(student, cfg)
+    except ValueError as e:
+        raise UserError(f"models.lora.target_modules: {e}") from None
+
+
+@torch.no_grad()
+def dev_loss(ctx: Ctx) -> float:
+    """Teacher-forced response-token cross-entropy on the dev split (token mean)."""
+    from minillm_cli import losses
+    from minillm_cli.methods.sft import response_logits
+
+    model = ctx.accelerator.unwrap_model(ctx.student)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    bs = ctx.recipe.train.batch_size
+    for i in range(0, len(ctx.dev), bs):
+        b = data_mod.collate_pairs(ctx.dev[i : i + bs], ctx.tokenizer.pad_token_id)
+        b = {k: v.to(ctx.device) for k, v in b.items()}
+        logp = losses.token_logprobs(response_logits(model, b), b["response_ids"], chunk_size=ctx.recipe.train.chunk_size)
+        total += float(-(logp * b["response_mask"]).sum())
+        count += int(b["response_mask"].sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def dev_eval(ctx: Ctx) -> dict[str, float]:
+    """Generation metrics on the dev split with one seed (logged as dev/ numbers)."""
+    from minillm_cli.evaluate.generate import evaluate_during_training
+
+    model = ctx.accelerator.unwrap_model(ctx.student)
+    return evaluate_during_training(model, ctx.tokenizer, ctx.dev, ctx.recipe.eval, ctx.device)

@@ -1,0 +1,79 @@
+"""On-policy token-level distillation (GKD, Agarwal et al. 2024).
+
+Per micro-batch, with probability `lmbda` the responses are sampled from the current student (our
+KV-cached sampler, `rollout.*` settings), otherwise the dataset's responses are used; the loss is the
+generalized JSD(beta) between teacher and student next-token distributions at every response token
+(beta = 0 forward KL, beta = 1 reverse KL), token mean over the global batch. No gradient flows
+through the sampling.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from minillm_cli import data as data_mod
+from minillm_cli import losses
+from minillm_cli.config import GkdMethod
+from minillm_cli.loop import Ctx, check_stop
+from minillm_cli.methods.sft import response_logits
+
+
+class GkdStepper:
+    """One optimizer step of GKD over `batch_size × grad_accum` prompts per rank."""
+
+    def __init__(self, ctx: Ctx) -> None:
+        self.ctx = ctx
+        self.cfg: GkdMethod = ctx.recipe.method  # type: ignore[assignment]
+
+    def _on_policy(self, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        from minillm_cli.rollout import sample
+
+        ctx, r = self.ctx, self.ctx.recipe.rollout
+        roll = sample(ctx.accelerator.unwrap_model(ctx.student), b["prompt_ids"], b["prompt_mask"], alpha=0.0,
+                      max_new_tokens=self.cfg.max_new_tokens, eos_token_id=ctx.tokenizer.eos_token_id,
+                      pad_token_id=ctx.tokenizer.pad_token_id, temperature=r.temperature, top_k=r.top_k,
+                      top_p=r.top_p, generator=ctx.gen)
+        return {**b, "response_ids": roll.response_ids, "response_mask": roll.response_mask}
+
+    def step(self) -> dict[str, Any]:
+        ctx, tr = self.ctx, self.ctx.recipe.train
+        t0 = time.time()
+        examples = ctx.next_examples(tr.batch_size * tr.grad_accum)
+        batches = []
+        on_policy = 0
+        for i in range(0, len(examples), tr.batch_size):
+            check_stop(ctx)
+            b = {k: v.to(ctx.device) for k, v in data_mod.collate_pairs(examples[i : i + tr.batch_size],
+                                                                          ctx.tokenizer.pad_token_id).items()}
+            coin = torch.rand((), generator=ctx.gen, device=ctx.device)
+            if float(coin) < self.cfg.lmbda:
+                b = self._on_policy(b)
+                on_policy += 1
+            batches.append(b)
+        count = sum(b["response_mask"].sum() for b in batches)
+        global_count = ctx.global_sum(torch.as_tensor(count, device=ctx.device)).clamp_min(1)
+        scale = ctx.world / global_count.float()
+        total = torch.zeros((), device=ctx.device)
+        for i, b in enumerate(batches):
+            check_stop(ctx)
+            logits = response_logits(ctx.student, b)  # (B, T, V)
+            with torch.no_grad():
+                t_logits = response_logits(ctx.teacher, b, vocab=logits.shape[-1])  # (B, T, V)
+            div = losses.generalized_jsd(logits, t_logits, b["response_mask"], beta=self.cfg.beta,
+                                         chunk_size=tr.chunk_size)  # (B, T)
+            loss_sum = (div * b["response_mask"]).sum()
+            ctx.backward(loss_sum * scale, last=i == len(batches) - 1)
+            total += loss_sum.detach()
+        tokens = int(global_count)
+        return {"loss": float(ctx.global_sum(total) / global_count), "on_policy_frac": on_policy / len(batches),
+                "resp_len": tokens / max(len(examples) * ctx.world, 1), "tokens": tokens,
+                "tok_per_s": tokens / max(time.time() - t0, 1e-9)}
+
+    def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        return {}, {}
+
+    def load_state(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        pass

@@ -1,0 +1,74 @@
+"""Word-level KD: `(1-k)·SFT + k·D(teacher, student)` per response token of the dataset's responses.
+
+D is forward KL by default (the classic KD baseline; its gradient equals that of the cross-entropy
+to the teacher's softmax at temperature 1); reverse KL, skew KL / skew reverse KL (DistiLLM), TVD and
+generalized JSD can be chosen with `method.loss`. Token mean over the global batch, like SFT.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from minillm_cli import losses
+from minillm_cli.config import KdMethod
+from minillm_cli.loop import Ctx, check_stop
+from minillm_cli.methods.sft import micro_batches, response_logits
+
+
+def divergence(cfg: KdMethod, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+               chunk_size: int) -> torch.Tensor:
+    """Per-token divergence chosen by `cfg.loss`: (B, T) fp32, 0 where mask is 0."""
+    kw: dict[str, Any] = {"chunk_size": chunk_size}
+    if cfg.loss == "forward_kl":
+        return losses.forward_kl(student_logits, teacher_logits, mask, **kw)
+    if cfg.loss == "reverse_kl":
+        return losses.reverse_kl(student_logits, teacher_logits, mask, **kw)
+    if cfg.loss == "skew_forward_kl":
+        return losses.skew_forward_kl(student_logits, teacher_logits, mask, alpha=cfg.skew_alpha, **kw)
+    if cfg.loss == "skew_reverse_kl":
+        return losses.skew_reverse_kl(student_logits, teacher_logits, mask, alpha=cfg.skew_alpha, **kw)
+    if cfg.loss == "tvd":
+        return losses.tvd(student_logits, teacher_logits, mask, **kw)
+    return losses.generalized_jsd(student_logits, teacher_logits, mask, beta=cfg.jsd_beta, **kw)
+
+
+class KdStepper:
+    """One optimizer step of word-level KD over `batch_size × grad_accum` examples per rank."""
+
+    def __init__(self, ctx: Ctx) -> None:
+        assert ctx.teacher is not None  # guaranteed by loop.resolve_models for teacher methods
+        self.ctx = ctx
+        self.cfg: KdMethod = ctx.recipe.method  # type: ignore[assignment]
+
+    def step(self) -> dict[str, Any]:
+        ctx, tr, k = self.ctx, self.ctx.recipe.train, self.cfg.kd_ratio
+        t0 = time.time()
+        batches, global_count = micro_batches(ctx, ctx.next_examples(tr.batch_size * tr.grad_accum))
+        scale = ctx.world / global_count.float()
+        sums = {"sft": torch.zeros((), device=ctx.device), "kd": torch.zeros((), device=ctx.device)}
+        for i, b in enumerate(batches):
+            check_stop(ctx)
+            mask = b["response_mask"]
+            logits = response_logits(ctx.student, b)  # (B, T, V)
+            with torch.no_grad():
+                t_logits = response_logits(ctx.teacher, b, vocab=logits.shape[-1])  # (B, T, V) sliced to shared ids
+            nll = -losses.token_logprobs(logits, b["response_ids"], chunk_size=tr.chunk_size)  # (B, T)
+            div = divergence(self.cfg, logits, t_logits, mask, tr.chunk_size)  # (B, T)
+            sft_sum, kd_sum = (nll * mask).sum(), (div * mask).sum()
+            ctx.backward(((1 - k) * sft_sum + k * kd_sum) * scale, last=i == len(batches) - 1)
+            sums["sft"] += sft_sum.detach()
+            sums["kd"] += kd_sum.detach()
+        sft_loss = float(ctx.global_sum(sums["sft"]) / global_count)
+        kd_loss = float(ctx.global_sum(sums["kd"]) / global_count)
+        tokens = int(global_count)
+        return {"loss": (1 - k) * sft_loss + k * kd_loss, "sft_loss": sft_loss, "kd_loss": kd_loss,
+                "tokens": tokens, "tok_per_s": tokens / max(time.time() - t0, 1e-9)}
+
+    def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        return {}, {}
+
+    def load_state(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        pass

@@ -1,0 +1,248 @@
+"""MiniLLM: reverse-KL distillation by policy gradient (Gu et al., ICLR 2024; algorithm.md §1-4).
+
+One buffer cycle:
+  1. Rollout (no grad): `num_rollouts` prompts per buffer (split over ranks), responses drawn from the
+     teacher-mixed p~ = alpha·p + (1-alpha)·q_old by our KV-cached sampler, which records per token
+     logq_old, log p~ (and the teacher's log p when it already runs for mixing).
+  2. Teacher scoring (no grad, once per buffer, not per PPO epoch): one teacher-forced forward over
+     prompt+response gives the teacher's next-token logits at every response position (for the
+     single-step term) and log p of the sampled tokens (for the reward).
+  3. Rewards r_t = log p - log q_old (clipped to ±reward_clip), length-normalised discounted returns,
+     whitened over the buffer of all ranks -> advantages A_t (losses.advantages).
+  4. `ppo_epochs` shuffled passes over the buffer; each optimizer step takes `batch_size × grad_accum`
+     rollouts per rank and minimises  L = L_pg + L_reg (+ pt_weight · L_pt with a corpus), where
+     L_pg = Σ m·max(-A·rho, -A·clip(rho, 1±eps)) / Σ m with rho = q_theta/p~, and
+     L_reg = Σ m·KL(q_theta(·|ctx) ‖ p(·|ctx)) / Σ m over the vocabulary (fp32, chunked).
+Every stabiliser can be switched off in the recipe (teacher_mix 0, single_step false, length_norm
+false, clip_eps null, whiten false) for the paper's ablations.
+
+Exact resume: the buffer's small tensors (tokens, masks, logq_old, log p~, advantages) and the
+position in the PPO schedule are saved; the teacher logits are recomputed on resume by the same
+deterministic forward over the same row chunks, so nothing of size N×T×V goes into checkpoints.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from minillm_cli import losses
+from minillm_cli import data as data_mod
+from minillm_cli.config import MiniLlmMethod
+from minillm_cli.loop import Ctx, check_stop
+from minillm_cli.methods.sft import response_logits
+
+BUFFER_KEYS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "logq", "log_mix", "logp", "adv", "reward")
+
+
+def _pad_cat(tensors: list[torch.Tensor], left: bool, value: float) -> torch.Tensor:
+    """Concatenate (b_i, L_i) tensors along rows, padding every one to max L (left or right)."""
+    width = max(t.shape[1] for t in tensors)
+    out = []
+    for t in tensors:
+        pad = width - t.shape[1]
+        if pad:
+            filler = torch.full((t.shape[0], pad), value, dtype=t.dtype, device=t.device)
+            t = torch.cat([filler, t] if left else [t, filler], dim=1)
+        out.append(t)
+    return torch.cat(out, dim=0)
+
+
+class MiniLlmStepper:
+    """Collects rollout buffers and takes PPO-style optimizer steps over them."""
+
+    def __init__(self, ctx: Ctx) -> None:
+        self.ctx = ctx
+        self.cfg: MiniLlmMethod = ctx.recipe.method  # type: ignore[assignment]
+        tr = ctx.recipe.train
+        self.per_step = tr.batch_size * tr.grad_accum  # rollouts per optimizer step per rank
+        self.local_rollouts = max(self.cfg.num_rollouts // ctx.world, 1)
+        if self.local_rollouts < self.per_step:
+            from minillm_cli.errors import UserError
+
+            raise UserError(
+                f"method.num_rollouts: {self.cfg.num_rollouts} rollouts cannot feed one optimizer step of "
+                f"train.batch_size × train.grad_accum × processes = {self.per_step * ctx.world}")
+        self.buffer: dict[str, torch.Tensor] | None = None
+        self.teacher_logits: torch.Tensor | None = None  # (N, T, V), recomputable from the buffer
+        self.schedule: list[list[int]] = []  # row indices of each remaining optimizer step of this buffer
+        self.corpus_pos = 0
+        self.buffer_stats: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------ rollouts
+    @torch.no_grad()
+    def _collect(self) -> None:
+        """Fill a new buffer (steps 1-3 of the module docstring) and plan its PPO schedule."""
+        from minillm_cli.rollout import sample
+
+        ctx, cfg, r = self.ctx, self.cfg, self.ctx.recipe.rollout
+        t0 = time.time()
+        student = ctx.accelerator.unwrap_model(ctx.student)
+        examples = ctx.next_examples(self.local_rollouts)
+        parts: list[dict[str, torch.Tensor]] = []
+        for i in range(0, len(examples), r.batch_size):
+            check_stop(ctx)
+            ids, mask = data_mod.collate_prompts(examples[i : i + r.batch_size], ctx.tokenizer.pad_token_id)
+            roll = sample(
+                student, ids.to(ctx.device), mask.to(ctx.device),
+                teacher=ctx.teacher if cfg.teacher_mix > 0 else None, alpha=cfg.teacher_mix,
+                max_new_tokens=cfg.max_new_tokens, eos_token_id=ctx.tokenizer.eos_token_id,
+                pad_token_id=ctx.tokenizer.pad_token_id, temperature=r.temperature, top_k=r.top_k,
+                top_p=r.top_p, generator=ctx.gen,
+            )
+            parts.append({"prompt_ids": roll.prompt_ids, "prompt_mask": roll.prompt_mask,
+                          "response_ids": roll.response_ids, "response_mask": roll.response_mask,
+                          "logq": roll.logq, "log_mix": roll.log_mix})
+        pad = ctx.tokenizer.pad_token_id
+        buf = {
+            "prompt_ids": _pad_cat([p["prompt_ids"] for p in parts], left=True, value=pad),
+            "prompt_mask": _pad_cat([p["prompt_mask"] for p in parts], left=True, value=0),
+            "response_ids": _pad_cat([p["response_ids"] for p in parts], left=False, value=pad),
+            "response_mask": _pad_cat([p["response_mask"] for p in parts], left=False, value=0),
+            "logq": _pad_cat([p["logq"] for p in parts], left=False, value=0.0),
+            "log_mix": _pad_cat([p["log_mix"] for p in parts], left=False, value=0.0),
+        }
+        t_roll = time.time() - t0
+        self.teacher_logits, buf["logp"] = self._score_teacher(buf)
+        mask = buf["response_mask"].float()
+        reward = (buf["logp"] - buf["logq"]) * mask  # (N, T): per-token log p - log q_old
+        if cfg.reward_clip is not None:
+            reward = reward.clamp(-cfg.reward_clip, cfg.reward_clip)
+        buf["reward"] = reward
+        buf["adv"] = losses.advantages(
+            reward, mask, gamma=cfg.gamma, include_current=cfg.include_current, length_norm=cfg.length_norm,
+            whiten=cfg.whiten, reduce_fn=ctx.global_sum,
+        )
+        self.buffer = buf
+        # PPO schedule: ppo_epochs shuffled passes; each step takes `per_step` rows (last one may be short).
+        n = buf["response_ids"].shape[0]
+        self.schedule = []
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(n, generator=ctx.gen, device=ctx.device).tolist()
+            self.schedule += [order[i : i + self.per_step] for i in range(0, n, self.per_step)]
+        gen_tokens = float(mask.sum())
+        seq_rkl = ((buf["logq"] - buf["logp"]) * mask).sum(-1)  # (N,) single-sample estimate of KL[q‖p] per sequence
+        self.buffer_stats = {
+            "reward": float(reward.sum() / mask.sum().clamp_min(1)),
+            "rkl": float(seq_rkl.mean()),
+            "resp_len": gen_tokens / n,
+            "rollout_time": t_roll,
+            "score_time": time.time() - t0 - t_roll,
+            "gen_tok_per_s": gen_tokens / max(t_roll, 1e-9),
+        }
+
+    @torch.no_grad()
+    def _score_teacher(self, buf: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher logits at every response position (N, T, V) and log p of the sampled tokens (N, T),
+        in fixed row chunks so that a resume recomputes exactly the same numbers."""
+        ctx = self.ctx
+        assert ctx.teacher is not None
+        rows = ctx.recipe.rollout.batch_size
+        logits_parts, logp_parts = [], []
+        for i in range(0, buf["response_ids"].shape[0], rows):
+            b = {k: buf[k][i : i + rows] for k in ("prompt_ids", "prompt_mask", "response_ids", "response_mask")}
+            t_logits = response_logits(ctx.teacher, b, vocab=ctx.vocab)  # (b, T, V)
+            logp = losses.token_logprobs(t_logits, b["response_ids"], chunk_size=ctx.recipe.train.chunk_size)
+            logits_parts.append(t_logits)
+            logp_parts.append(logp * b["response_mask"])
+        return torch.cat(logits_parts), torch.cat(logp_parts)
+
+    # ---------------------------------------------------------------------------- training
+    def step(self) -> dict[str, Any]:
+        ctx, cfg, tr = self.ctx, self.cfg, self.ctx.recipe.train
+        fresh = not self.schedule
+        if fresh:
+            self._collect()
+        assert self.buffer is not None and self.teacher_logits is not None
+        t0 = time.time()
+        rows = self.schedule.pop(0)
+        buf = self.buffer
+        micro = [rows[i : i + tr.batch_size] for i in range(0, len(rows), tr.batch_size)]
+        count = buf["response_mask"][rows].sum()
+        global_count = ctx.global_sum(count).clamp_min(1)
+        scale = ctx.world / global_count.float()
+        sums = {k: torch.zeros((), device=ctx.device) for k in ("pg", "reg", "clipped")}
+        for j, idx in enumerate(micro):
+            check_stop(ctx)
+            index = torch.tensor(idx, device=ctx.device)
+            mask = buf["response_mask"][index]
+            T = int(mask.sum(-1).max().clamp_min(1))  # trim right padding of this micro-batch
+            b = {
+                "prompt_ids": buf["prompt_ids"][index], "prompt_mask": buf["prompt_mask"][index],
+                "response_ids": buf["response_ids"][index, :T], "response_mask": mask[:, :T],
+            }
+            m = b["response_mask"].float()  # (B, T)
+            logits = response_logits(ctx.student, b)  # (B, T, V)
+            logq_new = losses.token_logprobs(logits, b["response_ids"], chunk_size=tr.chunk_size)  # (B, T)
+            logq_old = buf["logq"][index, :T]
+            log_w = logq_old - buf["log_mix"][index, :T]  # log(q_old / p~): the importance weight
+            pg_tok, clip_frac = losses.policy_loss(logq_new, logq_old, log_w, buf["adv"][index, :T], m,
+                                                   clip_eps=cfg.clip_eps)
+            loss_sum = (pg_tok * m).sum()
+            sums["pg"] += loss_sum.detach()
+            sums["clipped"] += clip_frac.detach() * m.sum()
+            if cfg.single_step:
+                reg = losses.reverse_kl(logits, self.teacher_logits[index, :T], m, chunk_size=tr.chunk_size)
+                reg_sum = (reg * m).sum()
+                sums["reg"] += reg_sum.detach()
+                loss_sum = loss_sum + reg_sum
+            last = j == len(micro) - 1 and not (ctx.corpus and cfg.pt_weight > 0)
+            ctx.backward(loss_sum * scale, last=last)
+        pg = float(ctx.global_sum(sums["pg"]) / global_count)
+        reg = float(ctx.global_sum(sums["reg"]) / global_count)
+        metrics: dict[str, Any] = {"pg_loss": pg, "reg_loss": reg,
+                                   "clip_frac": float(ctx.global_sum(sums["clipped"]) / global_count)}
+        loss = pg + reg
+        if ctx.corpus and cfg.pt_weight > 0:
+            pt = self._pt_step()
+            metrics["pt_loss"] = pt
+            loss += cfg.pt_weight * pt
+        train_time = time.time() - t0
+        metrics.update(self.buffer_stats if fresh else {k: v for k, v in self.buffer_stats.items()
+                                                        if k in ("reward", "rkl", "resp_len")})
+        metrics.update(loss=loss, train_time=train_time, tok_per_s=int(global_count) / max(train_time, 1e-9),
+                       new_buffer=int(fresh))
+        return metrics
+
+    def _pt_step(self) -> float:
+        """Pre-training term on `grad_accum` corpus micro-batches: (1-k)·LM + k·CE(teacher, student)."""
+        ctx, cfg, tr = self.ctx, self.cfg, self.ctx.recipe.train
+        assert ctx.corpus is not None
+        n = len(ctx.corpus)
+        batches = []
+        for _ in range(tr.grad_accum):
+            idx = data_mod.take_indices(n, tr.seed + 1, self.corpus_pos, tr.batch_size * ctx.world)
+            self.corpus_pos += len(idx)
+            mine = idx[ctx.rank :: ctx.world]
+            batches.append({k: v.to(ctx.device) for k, v in
+                            data_mod.collate_corpus([ctx.corpus[i] for i in mine], ctx.tokenizer.pad_token_id).items()})
+        count = sum((b["labels"][:, 1:] != -100).sum() for b in batches)
+        global_count = ctx.global_sum(torch.as_tensor(count, device=ctx.device)).clamp_min(1)
+        scale = ctx.world * cfg.pt_weight / global_count.float()
+        total = torch.zeros((), device=ctx.device)
+        for j, b in enumerate(batches):
+            logits = ctx.student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # (B, L, V)
+            with torch.no_grad():
+                t_logits = ctx.teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                t_logits = t_logits[..., : logits.shape[-1]]
+            pt_sum, _ = losses.pt_loss(logits, b["labels"], t_logits, kd_ratio=cfg.pt_kd_ratio,
+                                       chunk_size=tr.chunk_size)
+            ctx.backward(pt_sum * scale, last=j == len(batches) - 1)
+            total += pt_sum.detach()
+        return float(ctx.global_sum(total) / global_count)
+
+    # ------------------------------------------------------------------------------ resume
+    def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        tensors = {f"buf.{k}": v.detach().cpu() for k, v in (self.buffer or {}).items()}
+        return {"schedule": [list(s) for s in self.schedule], "corpus_pos": self.corpus_pos, "buffer_stats": dict(self.buffer_stats)}, tensors
+
+    def load_state(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        self.schedule = [list(s) for s in state.get("schedule", [])]
+        self.corpus_pos = int(state.get("corpus_pos", 0))
+        self.buffer_stats = dict(state.get("buffer_stats", {}))
+        buf = {k[4:]: v.to(self.ctx.device) for k, v in tensors.items() if k.startswith("buf.")}
+        if self.schedule and buf:
+            self.buffer = buf
+            self.teacher_logits, _ = self._score_teacher(buf)

@@ -1,0 +1,74 @@
+"""SFT: cross-entropy on response tokens only (prompt and padding masked), EOS trained.
+
+The loss of one optimizer step is the token mean over the whole global batch (all micro-batches of
+all ranks): each micro-batch contributes `sum / global_count`, so splitting a batch differently into
+micro-batches or ranks gives the same update.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from minillm_cli import data as data_mod
+from minillm_cli import losses
+from minillm_cli.loop import Ctx, check_stop
+
+
+def micro_batches(ctx: Ctx, examples: list[data_mod.Encoded]) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
+    """Collate this rank's examples into micro-batches (prompt/response layout, on the device) and
+    return them with the number of response tokens in the GLOBAL batch (all micro-batches, all ranks)."""
+    bs = ctx.recipe.train.batch_size
+    batches = []
+    count = torch.zeros((), dtype=torch.long)
+    for i in range(0, len(examples), bs):
+        b = data_mod.collate_pairs(examples[i : i + bs], ctx.tokenizer.pad_token_id)
+        count += b["response_mask"].sum()
+        batches.append({k: v.to(ctx.device) for k, v in b.items()})
+    return batches, ctx.global_sum(count.to(ctx.device)).clamp_min(1)
+
+
+def response_logits(model: torch.nn.Module, b: dict[str, torch.Tensor], vocab: int | None = None) -> torch.Tensor:
+    """Logits predicting each response token: (B, T, V), built for the response columns only."""
+    from minillm_cli.rollout import concat_prompt_response
+
+    input_ids, attention_mask, position_ids = concat_prompt_response(
+        b["prompt_ids"], b["prompt_mask"], b["response_ids"], b["response_mask"])
+    T = b["response_ids"].shape[1]
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                use_cache=False, logits_to_keep=T + 1)
+    logits = out.logits[:, :-1]  # (B, T, V): column P+t-1 predicts response token t
+    return logits[..., :vocab] if vocab is not None else logits
+
+
+class SftStepper:
+    """One optimizer step of SFT over `batch_size × grad_accum` examples per rank."""
+
+    def __init__(self, ctx: Ctx) -> None:
+        self.ctx = ctx
+
+    def step(self) -> dict[str, Any]:
+        ctx, tr = self.ctx, self.ctx.recipe.train
+        t0 = time.time()
+        batches, global_count = micro_batches(ctx, ctx.next_examples(tr.batch_size * tr.grad_accum))
+        # DDP averages gradients over ranks; multiply back so the result is sum / global_count.
+        scale = ctx.world / global_count.float()
+        total = torch.zeros((), device=ctx.device)
+        for i, b in enumerate(batches):
+            check_stop(ctx)
+            logits = response_logits(ctx.student, b)  # (B, T, V)
+            nll = -losses.token_logprobs(logits, b["response_ids"], chunk_size=tr.chunk_size)  # (B, T)
+            loss_sum = (nll * b["response_mask"]).sum()
+            ctx.backward(loss_sum * scale, last=i == len(batches) - 1)
+            total += loss_sum.detach()
+        tokens = int(global_count)
+        return {"loss": float(ctx.global_sum(total) / global_count), "tokens": tokens,
+                "tok_per_s": tokens / max(time.time() - t0, 1e-9)}
+
+    def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        return {}, {}
+
+    def load_state(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        pass

