@@ -6,6 +6,7 @@ every TAB, and `--help` should be instant): engine modules are imported inside c
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -34,7 +35,9 @@ OverridesArg = typer.Argument(None, help="Dotted overrides, e.g. optim.lr=1e-5 t
 
 
 def _fail(message: str, code: int) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # Under a launcher every process stops with the same error (ranks agree on setup errors): one prints it.
+    if os.environ.get("RANK", "0") == "0":
+        err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -58,18 +61,78 @@ def _split_recipe(recipe: Optional[str], overrides: Optional[list[str]]) -> tupl
     return recipe, overrides
 
 
+def _option_args(options: dict[str, Any]) -> list[str]:
+    """{"--max-steps": 5, "--resume": True, "--teacher": None} -> ["--max-steps", "5", "--resume"]."""
+    out: list[str] = []
+    for flag, value in options.items():
+        if value is True:
+            out.append(flag)
+        elif value is not None and value is not False:
+            out += [flag, str(value)]
+    return out
+
+
+def _accelerate_config_path(name: str) -> Path:
+    """A file, or the name of a shipped accelerate config (`fsdp` -> recipes/accelerate/fsdp.yaml)."""
+    from minillm_cli.config import RECIPES_DIR
+
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = RECIPES_DIR / "accelerate" / f"{Path(name).stem}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise UserError(f"--accelerate-config: {name}: no such file (shipped: ddp, fsdp, zero3)")
+
+
+def _launch(args: list[str], num_processes: Optional[int], accelerate_config: Optional[str]) -> None:
+    """Run `minillm ARGS` in several processes with accelerate's launcher; exit with its status."""
+    import socket
+    import subprocess
+
+    if "LOCAL_RANK" in os.environ:
+        raise UserError("--num-processes: this process was already started by a launcher; drop the option")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if accelerate_config is not None:
+        cmd += ["--config_file", str(_accelerate_config_path(accelerate_config))]
+    else:
+        # accelerate's multi-process (torchrun) launcher; without GPUs every process runs on the CPU
+        # and they talk over gloo (`--cpu` would start a single process).
+        cmd += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if num_processes is not None:
+        cmd += ["--num_processes", str(num_processes)]
+    with socket.socket() as sock:  # a free rendezvous port, so that concurrent runs do not collide
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd += ["--main_process_port", str(port), "-m", "minillm_cli.cli", *args]
+    console.print(f"launching: accelerate launch {' '.join(cmd[3:])}", highlight=False, soft_wrap=True)
+    code = subprocess.call(cmd)
+    if code:
+        raise typer.Exit(code)
+
+
 def _run_training(recipe_path: Optional[str], overrides: list[str], flags: dict[str, Any], method: str,
-                  resume: bool, dry_run: bool = False) -> None:
+                  resume: bool, dry_run: bool = False, num_processes: Optional[int] = None,
+                  accelerate_config: Optional[str] = None, relaunch_args: Optional[list[str]] = None) -> None:
     from minillm_cli.config import dump_resolved, load_recipe
 
     recipe, source = load_recipe(recipe_path, overrides, flags, default_method=method)
     if recipe.method.name != method and method == "sft":
         raise UserError(f"method.name: `minillm sft` runs method sft, the recipe says {recipe.method.name}; use `minillm distill`")
-    console.print(Syntax(dump_resolved(recipe, source), "yaml", theme="ansi_dark", background_color="default"))
+    if num_processes is not None and num_processes < 1:
+        raise UserError(f"--num-processes: must be >= 1, got {num_processes}")
+    launch = (num_processes or 1) > 1 or accelerate_config is not None
+    if launch and not dry_run:
+        # The recipe is valid (checked above, exit 2 otherwise); every process prints its own view.
+        _launch(relaunch_args or [], num_processes, accelerate_config)
+        return
+    if os.environ.get("RANK", "0") == "0":
+        console.print(Syntax(dump_resolved(recipe, source), "yaml", theme="ansi_dark", background_color="default"))
     if dry_run:
-        from minillm_cli.plan import print_plan
+        from minillm_cli.plan import print_plan, sharding_of
 
-        print_plan(recipe, console)
+        sharding = sharding_of(_accelerate_config_path(accelerate_config)) if accelerate_config else "none"
+        print_plan(recipe, console, num_processes=num_processes or 1, sharding=sharding)
         return
     from minillm_cli.loop import train
 
@@ -102,6 +165,10 @@ def distill(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its latest checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate the recipe and print the memory plan; train nothing."),
+    num_processes: Optional[int] = typer.Option(None, "--num-processes", help="Train in N processes (one per GPU; "
+                                                "CPU processes without GPUs), started by accelerate launch."),
+    accelerate_config: Optional[str] = typer.Option(None, "--accelerate-config", help="accelerate config file, or "
+                                                    "ddp / fsdp / zero3 for the shipped ones (recipes/accelerate/)."),
 ) -> None:
     """Distill a teacher into a student (MiniLLM by default; baselines with method=kd|seqkd|gkd).
 
@@ -111,12 +178,17 @@ def distill(
     recipe, rest = _split_recipe(recipe, overrides)
     flags = {"models.teacher": teacher, "models.student": student, "data.train": data, "output.dir": output,
              "method.name": method, "train.max_steps": max_steps, "output.overwrite": overwrite or None}
-    if recipe is None and not rest and all(v is None for v in flags.values()) and not resume and not dry_run:
+    if (recipe is None and not rest and all(v is None for v in flags.values()) and not resume and not dry_run
+            and num_processes is None and accelerate_config is None):
         from minillm_cli.quickstart import run_quickstart
 
         _guard(lambda: run_quickstart(console))
         return
-    _guard(lambda: _run_training(recipe, rest, flags, method or "minillm", resume, dry_run))
+    relaunch = ["distill", *_option_args({"--teacher": teacher, "--student": student, "--data": data, "--output": output,
+                                          "--method": method, "--max-steps": max_steps, "--resume": resume,
+                                          "--overwrite": overwrite}), "--", *([recipe] if recipe else []), *rest]
+    _guard(lambda: _run_training(recipe, rest, flags, method or "minillm", resume, dry_run, num_processes,
+                                 accelerate_config, relaunch))
 
 
 @app.command()
@@ -129,12 +201,50 @@ def sft(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (train.max_steps)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its latest checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
+    num_processes: Optional[int] = typer.Option(None, "--num-processes", help="Train in N processes (one per GPU; "
+                                                "CPU processes without GPUs), started by accelerate launch."),
+    accelerate_config: Optional[str] = typer.Option(None, "--accelerate-config", help="accelerate config file, or "
+                                                    "ddp / fsdp / zero3 for the shipped ones (recipes/accelerate/)."),
 ) -> None:
     """Supervised fine-tuning of a model on instruction data (response tokens only, EOS trained)."""
     recipe, rest = _split_recipe(recipe, overrides)
     flags = {"models.student": student, "data.train": data, "output.dir": output, "train.max_steps": max_steps,
              "output.overwrite": overwrite or None}
-    _guard(lambda: _run_training(recipe, rest, flags, "sft", resume))
+    relaunch = ["sft", *_option_args({"--student": student, "--data": data, "--output": output, "--max-steps": max_steps,
+                                      "--resume": resume, "--overwrite": overwrite}), "--",
+                *([recipe] if recipe else []), *rest]
+    _guard(lambda: _run_training(recipe, rest, flags, "sft", resume, num_processes=num_processes,
+                                 accelerate_config=accelerate_config, relaunch_args=relaunch))
+
+
+@app.command()
+def plan(
+    recipe: Optional[str] = RecipeArg,
+    overrides: Optional[list[str]] = OverridesArg,
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher: local dir, known name or cached hub id."),
+    student: Optional[str] = typer.Option(None, "--student", help="Student: local dir, known name or cached hub id."),
+    num_processes: int = typer.Option(1, "--num-processes", help="Training processes, one per device."),
+    sharding: str = typer.Option("none", "--sharding", help="none (a full copy per process), fsdp or zero3."),
+    device_memory: Optional[str] = typer.Option(None, "--device-memory", help="Memory of one device, e.g. 80GB: "
+                                                "say whether the run fits (exit 1 if not) and what would."),
+    activation_checkpointing: Optional[bool] = typer.Option(
+        None, "--activation-checkpointing/--no-activation-checkpointing", help="Default: on with fsdp, off otherwise."),
+) -> None:
+    """Estimate the memory per device of a training run from the models' config.json (no weights loaded)."""
+
+    def body() -> None:
+        from minillm_cli.config import load_recipe
+        from minillm_cli.plan import fits, parse_size, print_plan
+
+        path, rest = _split_recipe(recipe, overrides)
+        r, _ = load_recipe(path, rest, {"models.teacher": teacher, "models.student": student})
+        memory = parse_size(device_memory) if device_memory is not None else None
+        result = print_plan(r, console, num_processes=num_processes, sharding=sharding, device_memory=memory,
+                            activation_checkpointing=activation_checkpointing)
+        if memory is not None and not fits(result, memory):
+            raise typer.Exit(1)
+
+    _guard(body)
 
 
 @app.command("eval")

@@ -82,6 +82,21 @@ class ModelsConfig(Section):
     trainable_layers: int | None = Field(None, ge=1)
     """Train only the top N transformer blocks and the final norm (embeddings, output head and lower
     blocks frozen; the backward pass then stops at block L-N). None trains everything."""
+    teacher_placement: str = "shared"
+    """Where the frozen teacher lives in each training process:
+    `shared`: a full copy on the student's device (every process holds one);
+    `sharded`: sharded over the processes like the student (FSDP launches only; its forward passes are
+    collective, so not with teacher sampling: seqkd, minillm with teacher_mix > 0);
+    `cpu`: weights and forward passes on the CPU, logits copied to the student's device (frees
+    accelerator memory, slow for large teachers);
+    `device:N`: a full copy on local accelerator N (single-process runs), logits copied back."""
+
+    @field_validator("teacher_placement")
+    @classmethod
+    def _placement(cls, v: str) -> str:
+        if v in ("shared", "sharded", "cpu") or (v.startswith("device:") and v[7:].isdigit()):
+            return v
+        raise ValueError(f"must be shared, sharded, cpu or device:N, got {v!r}")
 
     @model_validator(mode="after")
     def _student_xor_init(self) -> "ModelsConfig":
@@ -108,6 +123,9 @@ class DataConfig(Section):
     template: Literal["auto", "chat", "instruction"] = "auto"
     """Prompt rendering: the model's chat template (chat), the paper's instruction template
     (instruction), or chat when the tokenizer has one (auto)."""
+    system_prompt: str | None = None
+    """A system message put before every chat-template prompt (None: the template's own default;
+    "" an empty one). Ignored by the instruction template."""
     max_prompt_tokens: int = Field(256, ge=1)
     max_total_tokens: int = Field(512, ge=2)
     overlong: Literal["drop", "truncate"] = "truncate"
@@ -270,6 +288,8 @@ class EvalConfig(Section):
     top_k: int = Field(0, ge=0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     no_repeat_ngram_size: int = Field(6, ge=0)
+    system_prompt: str | None = None
+    """System message for chat-template prompts; use the one the model was trained with."""
     max_prompt_tokens: int = Field(256, ge=1)
     max_new_tokens: int = Field(256, ge=1)
     batch_size: int = Field(16, ge=1)
@@ -477,7 +497,8 @@ def shipped_recipes() -> list[Path]:
     """All YAML recipes shipped in recipes/ (recursively), sorted."""
     if not RECIPES_DIR.is_dir():
         return []
-    return sorted(p for p in RECIPES_DIR.rglob("*.yaml") if "data" not in p.relative_to(RECIPES_DIR).parts)
+    skip = {"data", "accelerate"}  # data files and accelerate launch configs are not recipes
+    return sorted(p for p in RECIPES_DIR.rglob("*.yaml") if not skip & set(p.relative_to(RECIPES_DIR).parts))
 
 
 def is_pipeline(path: Path) -> bool:

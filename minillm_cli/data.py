@@ -264,6 +264,21 @@ def load_examples(source: str, fmt: str = "auto", split: str = "train", require_
     return examples
 
 
+def with_system(examples: list[Example], system_prompt: str | None) -> list[Example]:
+    """Put a system message before each chat prompt (no-op for None or rows that have one)."""
+    if system_prompt is None:
+        return examples
+    out = []
+    for ex in examples:
+        if ex.messages and ex.messages[0]["role"] == "system":
+            out.append(ex)
+            continue
+        msgs = [{"role": "system", "content": system_prompt}, *ex.messages]
+        out.append(Example(messages=msgs, response=ex.response, instruction=ex.instruction, input=ex.input,
+                           where=ex.where, references=ex.references))
+    return out
+
+
 # ------------------------------------------------------------------------------- tokenisation
 def resolve_template(template: str, tokenizer: Any) -> str:
     """`auto` -> `chat` when the tokenizer has a chat template, else `instruction`."""
@@ -443,6 +458,7 @@ def prepare_datasets(
     else:
         train, dev = split_dev(train, cfg.dev_fraction, seed)
     dev = dev[: cfg.dev_max_samples]
+    train, dev = with_system(train, cfg.system_prompt), with_system(dev, cfg.system_prompt)
     template = resolve_template(cfg.template, tokenizer)
     kw = dict(template=template, max_prompt_tokens=cfg.max_prompt_tokens, max_total_tokens=cfg.max_total_tokens,
               overlong=cfg.overlong)

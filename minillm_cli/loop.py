@@ -58,6 +58,14 @@ class Ctx:
     data_pos: int = 0
     """Examples consumed from the seeded training stream (all ranks together)."""
     extra_meta: dict[str, Any] = field(default_factory=dict)
+    sharded: bool = False
+    """The student's weights are sharded over the processes (FSDP, DeepSpeed ZeRO-3)."""
+    deepspeed: bool = False
+    """DeepSpeed owns the optimizer step (taken inside the backward of a step's last micro-batch)."""
+    weights_version: int = 0
+    """Optimizer steps applied in this process (tells `sampling_model` when its copy is stale)."""
+    _replica: torch.nn.Module | None = None
+    _replica_version: int = -1
 
     @property
     def world(self) -> int:
@@ -76,7 +84,16 @@ class Ctx:
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         """Backward one micro-batch; gradient sync across ranks only on the last one of the step."""
-        if last or self.world == 1:
+        if self.deepspeed:
+            # The engine steps its optimizer in a backward that ends gradient accumulation: only the
+            # step's last micro-batch may (our loss scaling already averages over micro-batches).
+            state = self.accelerator.gradient_state
+            state._set_sync_gradients(last)
+            try:
+                self.accelerator.backward(loss)
+            finally:
+                state._set_sync_gradients(True)
+        elif last or self.world == 1:
             self.accelerator.backward(loss)
         else:
             with self.accelerator.no_sync(self.student):
@@ -88,13 +105,41 @@ class Ctx:
             return value
         return self.accelerator.reduce(value.to(self.device), reduction="sum")
 
+    def sampling_model(self) -> torch.nn.Module:
+        """The student for sampling and no-grad evaluation, usable by this process alone.
+
+        Unsharded runs: the trained model itself. Sharded runs: a full local copy, refreshed from the
+        shards when an optimizer step changed them, so that decode loops of different lengths on
+        different ranks need no collective. Every rank must call it at the same point of the run
+        (a refresh gathers the shards).
+        """
+        model = self.accelerator.unwrap_model(self.student)
+        if not self.sharded:
+            return model
+        if self._replica is None:
+            from transformers import AutoModelForCausalLM
+
+            dtype = models_mod.pick_dtype(self.recipe.models.dtype, self.device)
+            with torch.device(self.device):  # initialise on the device: the weights are overwritten below
+                self._replica = AutoModelForCausalLM.from_config(model.config, dtype=dtype)
+            self._replica.requires_grad_(False)
+            self._replica.eval()
+        if self._replica_version != self.weights_version:
+            _gather_full_weights(self.student, self._replica, self.deepspeed)
+            self._replica_version = self.weights_version
+        return self._replica
+
 
 class _Signals:
     """First SIGINT/SIGTERM: ask the loop to stop after saving; second: exit at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, repeat_grace: float = 0.0) -> None:
         self.received: int | None = None
         self._old: dict[int, Any] = {}
+        # Under a launcher (torchrun) a Ctrl-C reaches each process twice, from the terminal and
+        # forwarded by the launcher: a repeat within `repeat_grace` seconds is the same request.
+        self.repeat_grace = repeat_grace
+        self._first_at = 0.0
 
     def __enter__(self) -> "_Signals":
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -109,10 +154,13 @@ class _Signals:
             signal.signal(sig, old)
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None and time.monotonic() - self._first_at < self.repeat_grace:
+            return
         if self.received is not None:
             # Checkpoints are written to a temporary name and renamed: exiting now corrupts nothing.
             os._exit(128 + signum)
         self.received = signum
+        self._first_at = time.monotonic()
 
     def requested(self) -> bool:
         return self.received is not None
@@ -215,47 +263,66 @@ def train(recipe: Recipe, source: dict[str, str], *, resume: bool = False, conso
     main = accelerator.is_main_process
     say = (lambda s: console.print(s, highlight=False)) if main else (lambda s: None)
 
-    # ---- run directory decision (nothing is written before every input has been checked)
+    # Every rank checks every input; all of them stop, with one message, if any rank failed,
+    # before the main process writes anything.
     run_dir = Path(recipe.output.dir) if recipe.output.dir else default_run_dir(recipe.method.name)
-    resume_dir: Path | None = None
-    if resume:
-        resume_dir = ckpt.latest_step_dir(run_dir)
-        if resume_dir is None:
-            raise UserError(f"--resume: no complete checkpoint in {run_dir}")
-    elif run_dir.exists() and any(run_dir.iterdir()) and not recipe.output.overwrite:
-        raise UserError(f"output.dir: {run_dir} already exists; pass --resume to continue it or --overwrite to replace it")
+    if accelerator.num_processes > 1 and not recipe.output.dir:  # rank 0's timestamp names the run
+        from accelerate.utils import broadcast_object_list
 
-    # ---- models and data
-    teacher_dir, student_dir, student_init = resolve_models(recipe, say)
-    tokenizer = models_mod.load_tokenizer(student_dir, trust_remote_code=m.trust_remote_code)
-    tokenizer.padding_side = "left"
-    if teacher_dir is not None:
-        t_tok = models_mod.load_tokenizer(teacher_dir, trust_remote_code=m.trust_remote_code)
-        models_mod.check_tokenizers(
-            t_tok, tokenizer,
-            teacher_vocab=models_mod.output_width(teacher_dir), student_vocab=models_mod.output_width(student_dir),
-        )
-    train_enc, dev_enc, _, _ = data_mod.prepare_datasets(recipe.data, tokenizer, tr.seed, say)
-    corpus = None
-    if recipe.data.corpus and recipe.method.name == "minillm":
-        corpus = data_mod.load_corpus(recipe.data.corpus, tokenizer, recipe.data.corpus_max_tokens)
+        run_dir = broadcast_object_list([run_dir])[0]
+    setup_error: Exception | None = None
+    try:
+        _check_launch(recipe, accelerator, resume)
+        # ---- run directory decision (nothing is written before every input has been checked)
+        resume_dir: Path | None = None
+        if resume:
+            resume_dir = ckpt.latest_step_dir(run_dir)
+            if resume_dir is None:
+                raise UserError(f"--resume: no complete checkpoint in {run_dir}")
+        elif run_dir.exists() and any(run_dir.iterdir()) and not recipe.output.overwrite:
+            raise UserError(f"output.dir: {run_dir} already exists; pass --resume to continue it or --overwrite to replace it")
 
-    dtype = models_mod.pick_dtype(m.dtype, device)
-    load_kw = dict(dtype=dtype, device=device, trust_remote_code=m.trust_remote_code, allow_pickle=m.allow_pickle)
-    student = models_mod.load_model(student_dir, **load_kw)
-    if m.lora.enabled:
-        student = _apply_lora(student, recipe, resume_dir)
-    elif resume_dir is not None:
-        _load_weights(student, resume_dir)
-    if m.trainable_layers is not None:
-        _freeze_below(student, m.trainable_layers)
-    student.train()
-    _disable_dropout(student)  # distillation and our SFT run without dropout (reference setting)
-    teacher = None
-    if teacher_dir is not None:
-        teacher = models_mod.load_model(teacher_dir, **load_kw)
-        teacher.requires_grad_(False)
-    vocab = student.get_output_embeddings().weight.shape[0]
+        # ---- models and data
+        teacher_dir, student_dir, student_init = resolve_models(recipe, say)
+        tokenizer = models_mod.load_tokenizer(student_dir, trust_remote_code=m.trust_remote_code)
+        tokenizer.padding_side = "left"
+        if teacher_dir is not None:
+            t_tok = models_mod.load_tokenizer(teacher_dir, trust_remote_code=m.trust_remote_code)
+            models_mod.check_tokenizers(
+                t_tok, tokenizer,
+                teacher_vocab=models_mod.output_width(teacher_dir), student_vocab=models_mod.output_width(student_dir),
+            )
+        train_enc, dev_enc, _, _ = data_mod.prepare_datasets(recipe.data, tokenizer, tr.seed, say)
+        corpus = None
+        if recipe.data.corpus and recipe.method.name == "minillm":
+            corpus = data_mod.load_corpus(recipe.data.corpus, tokenizer, recipe.data.corpus_max_tokens)
+
+        dtype = models_mod.pick_dtype(m.dtype, device)
+        load_kw = dict(dtype=dtype, device=device, trust_remote_code=m.trust_remote_code, allow_pickle=m.allow_pickle)
+        student = models_mod.load_model(student_dir, **load_kw)
+        if m.lora.enabled:
+            student = _apply_lora(student, recipe, resume_dir)
+        elif resume_dir is not None:
+            _load_weights(student, resume_dir)
+        if m.trainable_layers is not None:
+            _freeze_below(student, m.trainable_layers)
+        student.train()
+        _disable_dropout(student)  # distillation and our SFT run without dropout (reference setting)
+        teacher = None
+        if teacher_dir is not None:
+            teacher_device = _teacher_device(m.teacher_placement, device)
+            teacher = models_mod.load_model(teacher_dir, **{**load_kw, "device": teacher_device})
+            teacher.requires_grad_(False)
+            if m.teacher_placement == "cpu" or m.teacher_placement.startswith("device:"):
+                _outputs_to_caller(teacher, teacher_device)
+        vocab = student.get_output_embeddings().weight.shape[0]
+
+        resume_state = None
+        if resume_dir is not None:
+            resume_state = ckpt.load_resume_state(resume_dir, accelerator.process_index, accelerator.num_processes)
+    except Exception as e:  # re-raised by _agree_on_setup, on every rank
+        setup_error = e
+    _agree_on_setup(accelerator, setup_error)
 
     # ---- run dir + resolved recipe
     recipe_text = dump_resolved(recipe, source)
@@ -271,22 +338,35 @@ def train(recipe: Recipe, source: dict[str, str], *, resume: bool = False, conso
     params = [p for p in student.parameters() if p.requires_grad]
     o = recipe.optim
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    deepspeed, sharded = _is_deepspeed(accelerator), _is_sharded(accelerator)
+    if deepspeed:  # DeepSpeed sizes its engine from the micro-batch; accumulation is ours (Ctx.backward)
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = tr.batch_size
     student_wrapped, optimizer = accelerator.prepare(student, optimizer)
+    if teacher is not None and m.teacher_placement == "sharded":
+        # Not evaluation_mode: accelerate only shards (wraps in FSDP) a model prepared for training;
+        # the teacher has no trainable parameter and gets no optimizer, so it stays frozen.
+        teacher = accelerator.prepare_model(teacher)
+        teacher.eval()
+    clip_params = list(student_wrapped.parameters()) if sharded else params  # FSDP finds its model by them
 
     gen = torch.Generator(device=device)
-    gen.manual_seed(tr.seed)
+    gen.manual_seed(tr.seed + accelerator.process_index)  # each rank draws its own samples
     torch.manual_seed(tr.seed)
-    signals = _Signals()
+    world = accelerator.num_processes
+    signals = _Signals(repeat_grace=2.0 if world > 1 else 0.0)
     ctx = Ctx(
         recipe=recipe, accelerator=accelerator, student=student_wrapped, teacher=teacher, tokenizer=tokenizer,
         train=train_enc, dev=dev_enc, corpus=corpus, run_dir=run_dir, device=device, gen=gen, vocab=vocab,
-        stop_requested=signals.requested, print=say,
+        # Several processes stop together, at a step boundary (see the loop); one may stop mid-step.
+        stop_requested=signals.requested if world == 1 else (lambda: False), print=say,
+        sharded=sharded, deepspeed=deepspeed,
     )
     stepper = make_stepper(ctx)
 
     start_step, bad_total = 0, 0
     if resume_dir is not None:
-        state, tensors = ckpt.load_resume_state(resume_dir)
+        assert resume_state is not None
+        state, tensors = resume_state
         start_step, ctx.data_pos, bad_total = state["step"], state["data_pos"], state.get("bad_steps", 0)
         optimizer.load_state_dict(ckpt.optimizer_from_tensors(tensors, state["optimizer"]))
         _restore_rng(gen, tensors)
@@ -304,19 +384,29 @@ def train(recipe: Recipe, source: dict[str, str], *, resume: bool = False, conso
     say(f"run dir: {run_dir}  (setup {time.time() - t_setup:.1f}s, {len(train_enc)} train / {len(dev_enc)} dev examples, "
         f"device {device}, dtype {str(dtype).replace('torch.', '')})")
 
+    # Data parallel: the optimizer state is the same on every rank, rank 0 saves it. FSDP: each rank
+    # saves its own shard. DeepSpeed keeps the state in its own format (such runs cannot resume).
+    saves_optimizer = not deepspeed and (main or sharded)
+
     def snapshot(step: int, bad: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        opt_tensors, opt_meta = ckpt.optimizer_to_tensors(optimizer.state_dict())
+        opt_tensors, opt_meta = ckpt.optimizer_to_tensors(optimizer.state_dict()) if saves_optimizer else ({}, None)
         method_json, method_tensors = stepper.state()
-        state = {"step": step, "data_pos": ctx.data_pos, "bad_steps": bad, "optimizer": opt_meta, "method": method_json}
+        state = {"step": step, "data_pos": ctx.data_pos, "bad_steps": bad, "world_size": world, "optimizer": opt_meta,
+                 "method": method_json}
         return state, {**opt_tensors, **_rng_tensors(gen), **method_tensors}
 
     def save(step: int, state: dict[str, Any], tensors: dict[str, torch.Tensor], dev_metrics: dict[str, float]) -> Path | None:
         path = None
+        full_weights = accelerator.get_state_dict(student_wrapped) if sharded else None  # collective gather
+        if not main:  # each rank's RNG / rollout buffer; the main process moves it into the step dir
+            ckpt.stage_rank_state(run_dir, step, accelerator.process_index, tensors, state["method"])
+        accelerator.wait_for_everyone()
         if main:
             meta = {**meta_base, **ctx.extra_meta, "step": step, "dev_metrics": dev_metrics}
             path = ckpt.save_checkpoint(
                 run_dir, step, model=accelerator.unwrap_model(student_wrapped), tokenizer=tokenizer,
                 recipe_text=recipe_text, meta=meta, trainer_state=state, state_tensors=tensors, keep_last=tr.keep_last,
+                world_size=world, model_state_dict=full_weights,
             )
         accelerator.wait_for_everyone()
         return path
@@ -338,7 +428,7 @@ def train(recipe: Recipe, source: dict[str, str], *, resume: bool = False, conso
             except _Interrupted:
                 optimizer.zero_grad(set_to_none=True)
                 _finish_interrupted(signals, step, last_saved, safe_state, save, dev_metrics, say)
-            grad_norm = _clip(accelerator, params, o.grad_clip)
+            grad_norm = _clip(accelerator, clip_params, o.grad_clip, sharded or deepspeed)
             loss_value = float(metrics.get("loss", 0.0))
             if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
@@ -354,6 +444,7 @@ def train(recipe: Recipe, source: dict[str, str], *, resume: bool = False, conso
             consecutive_bad = 0
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            ctx.weights_version += 1
             step += 1
             metrics.update(lr=lr, grad_norm=grad_norm, step_time=time.time() - t0, bad_steps=bad_total)
             if step % tr.log_every == 0 or step == tr.max_steps:
@@ -364,7 +455,7 @@ def train(recipe: Recipe, source: dict[str, str], *, resume: bool = False, conso
             if recipe.eval.every and step % recipe.eval.every == 0 and ctx.dev:
                 dev_metrics.update(dev_eval(ctx))
                 progress.log(step, {k: v for k, v in dev_metrics.items()})
-            if signals.requested():
+            if _any_rank(accelerator, signals.requested()):
                 state, tensors = snapshot(step, bad_total)
                 _finish_interrupted(signals, step, last_saved, (state, tensors), save, dev_metrics, say, completed=True)
             if tr.save_every and step % tr.save_every == 0 and step < tr.max_steps:
@@ -396,7 +487,12 @@ def _finish_interrupted(signals: _Signals, step: int, last_saved: int, state_and
     raise RunStopped(f"{name} received: stopped after step {step}; {where}; continue with --resume", 128 + signum)
 
 
-def _clip(accelerator: Any, params: list[torch.nn.Parameter], max_norm: float | None) -> float:
+def _clip(accelerator: Any, params: list[torch.nn.Parameter], max_norm: float | None, sharded: bool = False) -> float:
+    if sharded:
+        # Each rank holds a part of the gradient: only accelerate (FSDP, DeepSpeed) knows the global
+        # norm; an infinite max_norm measures without clipping. DeepSpeed has already clipped.
+        norm = accelerator.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf)
+        return float(norm) if norm is not None else 0.0
     if max_norm is not None:
         return float(accelerator.clip_grad_norm_(params, max_norm))
     grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
@@ -412,6 +508,121 @@ def _reduce_metrics(accelerator: Any, metrics: dict[str, Any]) -> dict[str, Any]
         t = accelerator.reduce(t, reduction="mean")
         out = dict(zip(keys, t.tolist()))
     return out
+
+
+def _any_rank(accelerator: Any, flag: bool) -> bool:
+    """True on every rank when `flag` is true on at least one (a signal, say, reaches ranks at different times)."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+def _agree_on_setup(accelerator: Any, error: Exception | None) -> None:
+    """Raise on every rank if setup failed on any rank (the failing rank re-raises its own error).
+
+    Collective: every rank calls it once, after its checks and before the main process writes.
+    """
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        messages = gather_object([None if error is None else f"{type(error).__name__}: {error}"])  # one per rank
+        failed = [(rank, msg) for rank, msg in enumerate(messages) if msg is not None]
+        if failed and error is None:
+            rank, msg = failed[0]
+            text = msg.split(": ", 1)[1] if msg.startswith("UserError: ") else msg
+            raise UserError(f"rank {rank}: {text}")
+    if error is not None:
+        raise error
+
+
+def _is_deepspeed(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def _is_sharded(accelerator: Any) -> bool:
+    """Whether a prepared student holds only a shard of its weights in each process."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    return _is_deepspeed(accelerator) and accelerator.state.deepspeed_plugin.zero_stage == 3
+
+
+def _check_launch(recipe: Recipe, accelerator: Any, resume: bool) -> None:
+    """Refuse recipe / launch combinations the loop cannot run correctly (before any work)."""
+    m, name = recipe.models, recipe.method.name
+    world = accelerator.num_processes
+    fsdp = accelerator.distributed_type.name == "FSDP"
+    launch = "FSDP" if fsdp else "DeepSpeed" if _is_deepspeed(accelerator) else None
+    teacher_samples = name == "seqkd" or (name == "minillm" and getattr(recipe.method, "teacher_mix", 0) > 0)
+    placement = m.teacher_placement
+    if fsdp and getattr(accelerator, "is_fsdp2", False):
+        raise UserError("accelerate config: fsdp_version 2 is not supported; use recipes/accelerate/fsdp.yaml (version 1)")
+    if placement == "sharded":
+        if not fsdp:
+            raise UserError("models.teacher_placement: sharded needs an FSDP launch "
+                            "(accelerate launch --config_file recipes/accelerate/fsdp.yaml ...)")
+        if teacher_samples:
+            raise UserError(f"models.teacher_placement: a sharded teacher cannot sample ({name} samples from the "
+                            "teacher, and ranks decode for different lengths); use shared or cpu")
+    if placement.startswith("device:"):
+        if world > 1:
+            raise UserError(f"models.teacher_placement: {placement} is for single-process runs ({world} processes here)")
+        if accelerator.device.type == "cpu":
+            raise UserError(f"models.teacher_placement: {placement} needs accelerators; this run is on the CPU")
+        count = torch.cuda.device_count() if accelerator.device.type == "cuda" else 0
+        if int(placement[7:]) >= count:
+            raise UserError(f"models.teacher_placement: {placement} does not exist ({count} devices)")
+    if launch is not None and _is_sharded(accelerator):
+        if name == "gkd":
+            raise UserError(f"method.name: gkd samples from the student at every micro-batch, not supported under {launch}")
+        if m.lora.enabled:
+            raise UserError(f"models.lora: LoRA is not supported under {launch}; use recipes/accelerate/ddp.yaml")
+    if launch == "DeepSpeed":
+        clip = accelerator.state.deepspeed_plugin.deepspeed_config.get("gradient_clipping")
+        if resume:
+            raise UserError("--resume: DeepSpeed runs keep the optimizer in DeepSpeed's own format and cannot resume yet")
+        if (recipe.optim.grad_clip or 0.0) != float(clip or 0.0):
+            raise UserError(f"optim.grad_clip: {recipe.optim.grad_clip} differs from the DeepSpeed config's "
+                            f"gradient_clipping {clip} (DeepSpeed clips inside its step); make them equal")
+
+
+def _teacher_device(placement: str, student_device: torch.device) -> torch.device:
+    """Where `models.teacher_placement` loads the teacher (a sharded one first loads on the student's)."""
+    if placement == "cpu":
+        return torch.device("cpu")
+    if placement.startswith("device:"):
+        return torch.device(student_device.type, int(placement[7:]))
+    return student_device
+
+
+def _outputs_to_caller(model: torch.nn.Module, device: torch.device) -> None:
+    """Run `model` on `device` whatever device its inputs come from, and hand its outputs (logits)
+    back on the inputs' device: callers keep using the student's device for everything."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    add_hook_to_module(model, AlignDevicesHook(execution_device=device, io_same_device=True))
+
+
+def _gather_full_weights(sharded: torch.nn.Module, replica: torch.nn.Module, deepspeed: bool) -> None:
+    """Copy a sharded student's full weights into `replica` (collective: every rank calls it)."""
+    target = dict(replica.named_parameters())
+    if deepspeed:  # ZeRO-3: gather one tensor at a time (bounded extra memory)
+        import deepspeed as ds
+
+        for name, p in sharded.module.named_parameters():
+            with ds.zero.GatheredParameters([p]):
+                target[name].copy_(p.detach())
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with FSDP.summon_full_params(sharded, writeback=False):
+        # FSDP strips its own prefix from the names here; activation checkpointing adds another.
+        for name, p in sharded.named_parameters():
+            target[name.replace("_checkpoint_wrapped_module.", "")].copy_(p.detach())
 
 
 def _maybe_hash(path: str | None) -> str | None:
@@ -483,7 +694,7 @@ def dev_loss(ctx: Ctx) -> float:
     from minillm_cli import losses
     from minillm_cli.methods.sft import response_logits
 
-    model = ctx.accelerator.unwrap_model(ctx.student)
+    model = ctx.sampling_model()
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -502,5 +713,5 @@ def dev_eval(ctx: Ctx) -> dict[str, float]:
     """Generation metrics on the dev split with one seed (logged as dev/ numbers)."""
     from minillm_cli.evaluate.generate import evaluate_during_training
 
-    model = ctx.accelerator.unwrap_model(ctx.student)
+    model = ctx.sampling_model()
     return evaluate_during_training(model, ctx.tokenizer, ctx.dev, ctx.recipe.eval, ctx.device)

@@ -582,6 +582,7 @@ def run_eval(
 
     need_refs = [m for m in REFERENCE_METRICS if m in metric_names]
     examples, rows = read_eval_data(data, need_refs)
+    examples = data_mod.with_system(examples, cfg.system_prompt)
     if cfg.max_samples is not None:
         examples, rows = examples[: cfg.max_samples], rows[: cfg.max_samples]
     labels = read_labels(rows, examples, words) if "calibration" in metric_names else []

@@ -18,7 +18,7 @@ from minillm_cli import data as data_mod
 from minillm_cli import losses
 from minillm_cli.config import GkdMethod
 from minillm_cli.loop import Ctx, check_stop
-from minillm_cli.methods.sft import response_logits
+from minillm_cli.methods.sft import length_groups, response_logits, take_group
 
 
 class GkdStepper:
@@ -57,15 +57,19 @@ class GkdStepper:
         global_count = ctx.global_sum(torch.as_tensor(count, device=ctx.device)).clamp_min(1)
         scale = ctx.world / global_count.float()
         total = torch.zeros((), device=ctx.device)
-        for i, b in enumerate(batches):
+        # Rows of similar length go through the models together, each group with only the padding it
+        # needs (see `length_groups`): same per-token loss, less padded compute, smaller activations.
+        groups = [(b, g) for b in batches for g in length_groups(b["prompt_mask"], b["response_mask"])]
+        for i, (b, (rows, p, t)) in enumerate(groups):
             check_stop(ctx)
-            logits = response_logits(ctx.student, b)  # (B, T, V)
+            g = take_group(b, rows, p, t)
+            logits = response_logits(ctx.student, g)  # (b, t, V)
             with torch.no_grad():
-                t_logits = response_logits(ctx.teacher, b, vocab=logits.shape[-1])  # (B, T, V)
-            div = losses.generalized_jsd(logits, t_logits, b["response_mask"], beta=self.cfg.beta,
-                                         chunk_size=tr.chunk_size)  # (B, T)
-            loss_sum = (div * b["response_mask"]).sum()
-            ctx.backward(loss_sum * scale, last=i == len(batches) - 1)
+                t_logits = response_logits(ctx.teacher, g, vocab=logits.shape[-1])  # (b, t, V)
+            div = losses.generalized_jsd(logits, t_logits, g["response_mask"], beta=self.cfg.beta,
+                                         chunk_size=tr.chunk_size)  # (b, t)
+            loss_sum = (div * g["response_mask"]).sum()
+            ctx.backward(loss_sum * scale, last=i == len(groups) - 1)
             total += loss_sum.detach()
         tokens = int(global_count)
         return {"loss": float(ctx.global_sum(total) / global_count), "on_policy_frac": on_policy / len(batches),

@@ -79,7 +79,7 @@ class MiniLlmStepper:
 
         ctx, cfg, r = self.ctx, self.cfg, self.ctx.recipe.rollout
         t0 = time.time()
-        student = ctx.accelerator.unwrap_model(ctx.student)
+        student = ctx.sampling_model()  # a full local copy when the student is sharded
         examples = ctx.next_examples(self.local_rollouts)
         parts: list[dict[str, torch.Tensor]] = []
         for i in range(0, len(examples), r.batch_size):

@@ -43,6 +43,53 @@ def response_logits(model: torch.nn.Module, b: dict[str, torch.Tensor], vocab: i
     return logits[..., :vocab] if vocab is not None else logits
 
 
+GROUP_TOKENS = 512
+"""Padded tokens (rows × (prompt + response columns)) per row group of `length_groups`."""
+
+
+def length_groups(prompt_mask: torch.Tensor, response_mask: torch.Tensor,
+                  max_tokens: int = GROUP_TOKENS) -> list[tuple[torch.Tensor, int, int]]:
+    """Split a prompt/response batch into row groups of similar length, each with only the padding it needs.
+
+    Rows are sorted by real length (prompt + response tokens) and cut greedily, longest first, into
+    groups whose padded size rows × (P_g + T_g) stays within `max_tokens` (a group has at least one
+    row). A batch of prompts of very different lengths, left-padded to the longest, spends much of
+    its forward and backward compute on padding; processed group by group, the same tokens at the
+    same positions give the same per-token values (sums over groups = sums over the batch) with
+    little padding, and only one group's activations and logits are alive at a time.
+
+    Args:
+        prompt_mask: (B, P) 1 for real prompt tokens (left-padded).
+        response_mask: (B, T) 1 for response tokens (right-padded).
+        max_tokens: padded-token budget of a group.
+
+    Returns:
+        Per group `(rows, P_g, T_g)`: row indices (long), and the group keeps the last P_g prompt
+        columns and the first T_g response columns (see `take_group`).
+    """
+    p_len = prompt_mask.sum(-1).clamp_min(1).tolist()  # (B,) real prompt tokens
+    t_len = response_mask.sum(-1).clamp_min(1).tolist()  # (B,) real response tokens
+    order = sorted(range(len(p_len)), key=lambda i: p_len[i] + t_len[i], reverse=True)
+    groups: list[tuple[torch.Tensor, int, int]] = []
+    rows: list[int] = []
+    p_max = t_max = 0
+    for i in order:
+        p_new, t_new = max(p_max, p_len[i]), max(t_max, t_len[i])
+        if rows and (len(rows) + 1) * (p_new + t_new) > max_tokens:
+            groups.append((torch.tensor(rows, device=prompt_mask.device), p_max, t_max))
+            rows, p_new, t_new = [], p_len[i], t_len[i]
+        rows.append(i)
+        p_max, t_max = p_new, t_new
+    groups.append((torch.tensor(rows, device=prompt_mask.device), p_max, t_max))
+    return groups
+
+
+def take_group(b: dict[str, torch.Tensor], rows: torch.Tensor, p: int, t: int) -> dict[str, torch.Tensor]:
+    """Rows `rows` of a prompt/response batch with the last `p` prompt and the first `t` response columns."""
+    return {"prompt_ids": b["prompt_ids"][rows, -p:], "prompt_mask": b["prompt_mask"][rows, -p:],
+            "response_ids": b["response_ids"][rows, :t], "response_mask": b["response_mask"][rows, :t]}
+
+
 class SftStepper:
     """One optimizer step of SFT over `batch_size × grad_accum` examples per rank."""
 

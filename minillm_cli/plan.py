@@ -1,0 +1,438 @@
+"""Memory plan: what one training process holds on its device, estimated from model configs alone.
+
+`minillm plan RECIPE` and `minillm distill --dry-run` read the teacher's and student's config.json
+(hidden size, layers, intermediate size, vocabulary, heads) — never their weights — and add up, per
+device, for a launch of `num_processes` processes with a given sharding:
+
+    weights    teacher P_t·b (shared) | P_t·4/W (sharded by FSDP: fp32 shards) | 0 (cpu, device:N)
+               student P_s·b (none)   | P_s·4/W (fsdp)   | P_s·b/W (zero3)     + 2 gathered layers (sharded)
+    gradients  P_tr·b (none; + P_tr·b of DDP buckets when W > 1) | P_tr·4/W (fsdp, zero3)
+    AdamW      2·P_tr·b (none: torch keeps the moments in the parameter dtype) | 2·P_tr·4/W + P_tr·4/W
+               fp32 master weights (zero3) — fsdp's fp32 master weights are the student weights above
+    activations  B·L·layers·(10h + 4i)·b   (gated MLP; 10h + 2i otherwise)
+                 with activation checkpointing: B·L·(layers·h + 10h + 4i)·b
+    logits     B·T·V·b ×2 (student logits and their gradient) + B·T·V·b (teacher, where used)
+    rollouts   MiniLLM teacher-logit buffer (num_rollouts/W)·max_new_tokens·V·b, the small per-token
+               buffers, KV caches of one rollout batch, and (sharded) a full student copy for sampling
+
+with b the bytes of `models.dtype` (auto is planned as bf16, what an accelerator that supports it
+gets), W processes, B = train.batch_size, L the longest sequence of a micro-batch, T its response
+columns. Everything is summed as if alive at once: an upper bound of the peak, by design. Not
+modelled: the CUDA context and allocator fragmentation (the fit test keeps 10% in reserve),
+attention score matrices (fused attention kernels do not store them), host-side checkpoint copies.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from minillm_cli.config import Recipe
+from minillm_cli.errors import UserError
+
+GiB = 1024**3
+SHARDINGS = ("none", "fsdp", "zero3")
+RESERVE = 0.10
+"""Fraction of device memory kept for the CUDA context, allocator fragmentation and temporaries."""
+
+_DTYPE_BYTES = {"auto": 2, "bf16": 2, "fp16": 2, "fp32": 4}
+_LLAMA = {"model_type": "llama", "tie_word_embeddings": False}
+
+KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
+    # Offline numbers of well-known checkpoints (their config.json), so that the paper recipes plan
+    # without a download. Local directories and the Hugging Face cache are read first.
+    "huggyllama/llama-7b": {**_LLAMA, "hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 11008,
+                            "vocab_size": 32000, "num_attention_heads": 32},
+    "huggyllama/llama-13b": {**_LLAMA, "hidden_size": 5120, "num_hidden_layers": 40, "intermediate_size": 13824,
+                             "vocab_size": 32000, "num_attention_heads": 40},
+    "facebook/opt-1.3b": {"model_type": "opt", "hidden_size": 2048, "num_hidden_layers": 24, "ffn_dim": 8192,
+                          "vocab_size": 50272, "num_attention_heads": 32, "max_position_embeddings": 2048},
+    "facebook/opt-13b": {"model_type": "opt", "hidden_size": 5120, "num_hidden_layers": 40, "ffn_dim": 20480,
+                         "vocab_size": 50272, "num_attention_heads": 40, "max_position_embeddings": 2048},
+    "gpt2": {"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257, "n_positions": 1024},
+    "gpt2-xl": {"model_type": "gpt2", "n_embd": 1600, "n_layer": 48, "n_head": 25, "vocab_size": 50257,
+                "n_positions": 1024},
+    "smollm2-135m-instruct": {**_LLAMA, "hidden_size": 576, "num_hidden_layers": 30, "intermediate_size": 1536,
+                              "vocab_size": 49152, "num_attention_heads": 9, "num_key_value_heads": 3,
+                              "tie_word_embeddings": True},
+}
+KNOWN_CONFIGS["llama-7b"] = KNOWN_CONFIGS["huggyllama/llama-7b"]
+KNOWN_CONFIGS["llama-13b"] = KNOWN_CONFIGS["huggyllama/llama-13b"]
+KNOWN_CONFIGS["openai-community/gpt2"] = KNOWN_CONFIGS["gpt2"]
+KNOWN_CONFIGS["openai-community/gpt2-xl"] = KNOWN_CONFIGS["gpt2-xl"]
+
+# Families whose MLP is two matrices with biases (fc1/fc2) and whose embeddings are tied by default.
+_CLASSIC = ("gpt2", "opt", "gpt_neo", "gptj", "gpt_neox", "bloom", "falcon", "phi")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The sizes of a decoder-only transformer that decide its memory."""
+
+    name: str
+    hidden: int
+    layers: int
+    intermediate: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    gated_mlp: bool
+    """gate/up/down projections (LLaMA family) instead of fc1/fc2."""
+    tied: bool
+    """Output head shares the input embedding."""
+    positions: int = 0
+    """Rows of a learned position embedding (GPT-2, OPT); 0 for rotary models."""
+    config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * (self.hidden // self.heads)
+
+    def layer_params(self) -> int:
+        """Parameters of one transformer block."""
+        h, i, kv = self.hidden, self.intermediate, self.kv_dim
+        attn = 2 * h * h + 2 * h * kv  # q, o and k, v projections
+        if self.gated_mlp:
+            return attn + 3 * h * i + 2 * h  # + two RMSNorm weights
+        return attn + 2 * h * i + (2 * h + 2 * kv + i + h) + 4 * h  # + biases, two LayerNorms
+
+    @property
+    def params(self) -> int:
+        head = 0 if self.tied else self.vocab * self.hidden
+        return self.vocab * self.hidden + head + self.positions * self.hidden + self.layers * self.layer_params() + self.hidden
+
+    def activation_elements(self) -> int:
+        """Elements kept for the backward pass per token and block (inputs of norms, projections,
+        attention and MLP nonlinearity; fused attention keeps no score matrix)."""
+        return 10 * self.hidden + (4 if self.gated_mlp else 2) * self.intermediate
+
+
+def shape_from_config(cfg: dict[str, Any], name: str) -> Shape:
+    """Read the sizes out of a Hugging Face config dict (LLaMA-, GPT-2- and OPT-style key names)."""
+    cfg = {**cfg, **(cfg.get("text_config") or {})}
+
+    def first(*keys: str, default: Any = None) -> Any:
+        for k in keys:
+            if cfg.get(k) is not None:
+                return cfg[k]
+        if default is None:
+            raise UserError(f"{name}: config.json has none of {', '.join(keys)}")
+        return default
+
+    model_type = str(cfg.get("model_type", ""))
+    hidden = int(first("hidden_size", "n_embd", "d_model"))
+    heads = int(first("num_attention_heads", "n_head", "num_heads"))
+    classic = model_type in _CLASSIC
+    positions = 0
+    if model_type == "gpt2":
+        positions = int(first("n_positions", default=1024))
+    elif model_type == "opt":
+        positions = int(first("max_position_embeddings", default=2048)) + 2  # OPT offsets positions by 2
+    return Shape(
+        name=name,
+        hidden=hidden,
+        layers=int(first("num_hidden_layers", "n_layer", "num_layers")),
+        intermediate=int(first("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)),
+        vocab=int(first("vocab_size")),
+        heads=heads,
+        kv_heads=int(first("num_key_value_heads", default=heads)),
+        gated_mlp=not classic,
+        tied=bool(cfg.get("tie_word_embeddings", classic)),
+        positions=positions,
+        config=cfg,
+    )
+
+
+def read_config(spec: str) -> dict[str, Any]:
+    """The config.json of a model given as a local directory, a known name, or a cached hub id.
+
+    Raises:
+        UserError: nothing readable offline (a .gguf file, an alias or a hub id not in the cache).
+    """
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{spec}: not a model directory (no config.json)")
+        return json.loads((path / "config.json").read_text(encoding="utf-8"))
+    if spec in KNOWN_CONFIGS:
+        return dict(KNOWN_CONFIGS[spec])
+    if spec.count("/") == 1 and not path.exists():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(spec, "config.json")
+        if isinstance(cached, str):
+            return json.loads(Path(cached).read_text(encoding="utf-8"))
+    raise UserError(f"{spec}: cannot read its config.json offline (not a local model directory, not in the "
+                    f"Hugging Face cache, not one of the known models); pass a local model directory")
+
+
+def model_shape(spec: str) -> Shape:
+    """`shape_from_config(read_config(spec))`."""
+    return shape_from_config(read_config(spec), spec)
+
+
+def _student_shape(recipe: Recipe) -> Shape:
+    m = recipe.models
+    if m.student is not None:
+        return model_shape(m.student)
+    if m.student_init is None or m.teacher is None:
+        raise UserError("models.student: the plan needs a student (models.student, or student_init with a teacher)")
+    init, teacher_cfg = m.student_init, read_config(m.teacher)
+    teacher = shape_from_config(teacher_cfg, m.teacher)
+    if init.from_ == "teacher":
+        layers = len(init.layers) if init.layers is not None else init.keep
+        cfg = {**teacher.config, "num_hidden_layers": layers, "n_layer": layers}
+    else:
+        cfg = {**teacher.config, **init.config}
+    return shape_from_config(cfg, f"student built from {m.teacher}")
+
+
+# --------------------------------------------------------------------------------------- the plan
+@dataclass
+class MemoryPlan:
+    """Per-device memory of one training process, by component."""
+
+    rows: list[tuple[str, float, str]]
+    """(component, bytes, how it was counted)."""
+    num_processes: int
+    sharding: str
+    activation_checkpointing: bool
+    host_bytes: float = 0.0
+    """CPU memory for a teacher placed on the CPU."""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return sum(b for _, b, _ in self.rows)
+
+    def part(self, component: str) -> float:
+        return sum(b for name, b, _ in self.rows if name == component)
+
+
+def _trainable(recipe: Recipe, s: Shape) -> int:
+    m = recipe.models
+    if m.lora.enabled:
+        dims = {"q_proj": (s.hidden, s.hidden), "o_proj": (s.hidden, s.hidden), "k_proj": (s.hidden, s.kv_dim),
+                "v_proj": (s.hidden, s.kv_dim), "gate_proj": (s.hidden, s.intermediate),
+                "up_proj": (s.hidden, s.intermediate), "down_proj": (s.intermediate, s.hidden)}
+        per_layer = sum(sum(dims.get(t, (s.hidden, s.hidden))) for t in m.lora.target_modules)
+        return m.lora.r * per_layer * s.layers
+    if m.trainable_layers is not None:
+        return min(m.trainable_layers, s.layers) * s.layer_params() + s.hidden
+    return s.params
+
+
+def _sequence_lengths(recipe: Recipe) -> tuple[int, int]:
+    """(L, T): the longest sequence of a training micro-batch and its response columns (upper bounds)."""
+    d, method = recipe.data, recipe.method
+    if method.name == "minillm":
+        return d.max_prompt_tokens + method.max_new_tokens, method.max_new_tokens
+    if method.name == "gkd":
+        return max(d.max_total_tokens, d.max_prompt_tokens + method.max_new_tokens), max(
+            d.max_total_tokens - 1, method.max_new_tokens)
+    if method.name == "seqkd":
+        return d.max_prompt_tokens + method.max_new_tokens, method.max_new_tokens
+    return d.max_total_tokens, d.max_total_tokens - 1
+
+
+def plan_memory(recipe: Recipe, *, num_processes: int = 1, sharding: str = "none",
+                activation_checkpointing: bool | None = None) -> MemoryPlan:
+    """Estimate the per-device memory of training `recipe` on `num_processes` processes.
+
+    Args:
+        sharding: none (one full copy per process, DDP), fsdp (recipes/accelerate/fsdp.yaml: fp32
+            shards, bf16 compute) or zero3 (recipes/accelerate/zero3.yaml).
+        activation_checkpointing: default on with fsdp (the shipped config enables it), off otherwise.
+
+    Raises:
+        UserError: an unknown sharding, fewer than one process, or a model whose config is unreadable.
+    """
+    if sharding not in SHARDINGS:
+        raise UserError(f"--sharding: must be one of {', '.join(SHARDINGS)}, got {sharding!r}")
+    if num_processes < 1:
+        raise UserError(f"--num-processes: must be >= 1, got {num_processes}")
+    ac = sharding == "fsdp" if activation_checkpointing is None else activation_checkpointing
+    W, m, tr, name = num_processes, recipe.models, recipe.train, recipe.method.name
+    b = _DTYPE_BYTES[m.dtype]
+    s = _student_shape(recipe)
+    needs_teacher = name in ("kd", "seqkd", "gkd", "minillm")
+    t = model_shape(m.teacher) if needs_teacher and m.teacher is not None else None
+    P_tr = _trainable(recipe, s)
+    plan = MemoryPlan(rows=[], num_processes=W, sharding=sharding, activation_checkpointing=ac)
+    add = plan.rows.append
+
+    # ---- weights
+    if t is not None:
+        placement = m.teacher_placement
+        if placement == "sharded":
+            add(("teacher weights", t.params * 4 / W + 2 * t.layer_params() * b,
+                 f"{t.params / 1e9:.2f}B params, fp32 shards over {W} + 2 gathered blocks"))
+        elif placement == "cpu":
+            add(("teacher weights", 0.0, "on the CPU (see host memory)"))
+            plan.host_bytes += t.params * b
+        elif placement.startswith("device:"):
+            add(("teacher weights", 0.0, f"on accelerator {placement[7:]}: {t.params * b / GiB:.1f} GiB there"))
+        else:
+            add(("teacher weights", t.params * b, f"{t.params / 1e9:.2f}B params × {b} B, one copy per process"))
+    gathered = 2 * s.layer_params() * b  # the block being computed and the prefetched next one
+    if sharding == "none":
+        add(("student weights", s.params * b, f"{s.params / 1e9:.2f}B params × {b} B"))
+        add(("gradients", P_tr * b, f"{P_tr / 1e9:.3f}B trainable × {b} B"))
+        if W > 1:
+            add(("DDP gradient buckets", P_tr * b, "DDP's all-reduce buffers (one more gradient copy)"))
+        add(("optimizer (AdamW)", 2 * P_tr * b, f"2 moments in the parameter dtype ({b} B)"))
+    elif sharding == "fsdp":
+        add(("student weights", s.params * 4 / W + gathered, f"fp32 shards over {W} + 2 gathered blocks"))
+        add(("gradients", P_tr * 4 / W, f"fp32 shards over {W}"))
+        add(("optimizer (AdamW)", 2 * P_tr * 4 / W, f"2 fp32 moments, sharded over {W}"))
+    else:
+        add(("student weights", s.params * b / W + gathered, f"{b}-byte shards over {W} + 2 gathered blocks"))
+        add(("gradients", P_tr * 4 / W, f"fp32 shards over {W}"))
+        add(("optimizer (AdamW)", 3 * P_tr * 4 / W, f"fp32 master weights + 2 fp32 moments, sharded over {W}"))
+
+    # ---- one micro-batch: activations and logits
+    L, T = _sequence_lengths(recipe)
+    B = tr.batch_size
+    if ac:
+        act = B * L * (s.layers * s.hidden + s.activation_elements()) * b
+        how = f"checkpointed: block inputs + one block, B={B} × L={L}"
+    else:
+        act = B * L * s.layers * s.activation_elements() * b
+        how = f"B={B} × L={L} tokens × {s.layers} blocks × (10h+{4 if s.gated_mlp else 2}i)"
+    add(("activations", act, how))
+    logit = B * (T + 1) * s.vocab * b
+    teacher_logits = name in ("kd", "gkd", "minillm")
+    add(("logits (B×T×V)", logit * (3 if teacher_logits else 2),
+         f"B={B} × T={T + 1} × V={s.vocab}: student + its gradient" + (" + teacher" if teacher_logits else "")))
+
+    # ---- rollouts
+    if name == "minillm":
+        n = max(recipe.method.num_rollouts // W, 1)
+        mx = recipe.method.max_new_tokens
+        buf = n * mx * s.vocab * b
+        small = n * (mx * 7 * 4 + 2 * recipe.data.max_prompt_tokens * 8)
+        add(("rollout buffer", buf + small,
+             f"teacher logits {n} rollouts × {mx} tokens × V={s.vocab} × {b} B + per-token buffers"))
+    if name in ("minillm", "gkd", "seqkd"):
+        rb = recipe.rollout.batch_size if name != "seqkd" else recipe.method.batch_size
+        ctx_len = recipe.data.max_prompt_tokens + recipe.method.max_new_tokens
+        models = []
+        if name != "seqkd":
+            models.append(s)
+        if t is not None and (name == "seqkd" or (name == "minillm" and recipe.method.teacher_mix > 0)):
+            models.append(t)
+        kv = sum(rb * ctx_len * sh.layers * 2 * sh.kv_dim * b for sh in models)
+        add(("KV caches (sampling)", kv, f"{rb} sequences × {ctx_len} positions, {len(models)} model(s)"))
+        if sharding != "none" and name == "minillm":
+            add(("sampling copy of the student", s.params * b, "full student gathered once per buffer"))
+    if sharding != "none" and name == "gkd":
+        plan.notes.append("gkd is not supported with a sharded student (it samples at every micro-batch)")
+    return plan
+
+
+def sharding_of(accelerate_config: Path) -> str:
+    """The plan's sharding for an accelerate config file: fsdp, zero3 or none."""
+    import yaml
+
+    cfg = yaml.safe_load(Path(accelerate_config).read_text(encoding="utf-8")) or {}
+    kind = str(cfg.get("distributed_type", "")).upper()
+    if kind == "FSDP":
+        return "fsdp"
+    if kind == "DEEPSPEED" and int((cfg.get("deepspeed_config") or {}).get("zero_stage", 0)) == 3:
+        return "zero3"
+    return "none"
+
+
+# ------------------------------------------------------------------------------------- verdicts
+def parse_size(text: str) -> float:
+    """`80GB`, `80GiB`, `141 GB`, `24g` -> bytes (GB and GiB both mean 1024³ here: device specs do)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*", text.lower())
+    if match is None:
+        raise UserError(f"--device-memory: {text!r} is not a size like 80GB")
+    scale = {"": GiB, "k": 1024, "m": 1024**2, "g": GiB, "t": 1024**4}[match.group(2)]
+    return float(match.group(1)) * scale
+
+
+def fits(plan: MemoryPlan, device_memory: float) -> bool:
+    """Whether the plan's total stays within the device memory minus the reserve."""
+    return plan.total <= device_memory * (1 - RESERVE)
+
+
+def suggestions(recipe: Recipe, plan: MemoryPlan, device_memory: float, limit: int = 3) -> list[str]:
+    """Changes that make the run fit, least disruptive first (each with its new per-device total)."""
+    W, sharding, ac = plan.num_processes, plan.sharding, plan.activation_checkpointing
+    tr = recipe.train
+    candidates: list[tuple[str, Recipe, int, str, bool]] = []
+    bs, accum = tr.batch_size, tr.grad_accum
+    while bs > 1:  # halve the micro-batch, double accumulation: the same global batch
+        bs, accum = bs // 2, accum * 2
+        r = recipe.model_copy(deep=True)
+        r.train.batch_size, r.train.grad_accum = bs, accum
+        candidates.append((f"train.batch_size={bs} train.grad_accum={accum}", r, W, sharding, ac))
+    teacher_can_shard = recipe.method.name != "seqkd" and getattr(recipe.method, "teacher_mix", 0) == 0
+    if recipe.models.teacher is not None and sharding == "fsdp" and teacher_can_shard:
+        r = recipe.model_copy(deep=True)
+        r.models.teacher_placement = "sharded"
+        candidates.append(("models.teacher_placement=sharded", r, W, sharding, ac))
+    for shard in ("fsdp", "zero3"):
+        if shard != sharding and W > 1:
+            candidates.append((f"--sharding {shard} ({W} processes)", recipe, W, shard, shard == "fsdp" or ac))
+    for more in (2 * W, 4 * W, 8 * W):
+        shard = sharding if sharding != "none" else "fsdp"
+        candidates.append((f"--num-processes {more} --sharding {shard}", recipe, more, shard, shard == "fsdp" or ac))
+    if recipe.models.teacher is not None and recipe.models.teacher_placement != "cpu":
+        r = recipe.model_copy(deep=True)
+        r.models.teacher_placement = "cpu"  # last: a large teacher is slow on the CPU
+        candidates.append(("models.teacher_placement=cpu (slow)", r, W, sharding, ac))
+    out = []
+    for text, r, n, shard, a in candidates:
+        p = plan_memory(r, num_processes=n, sharding=shard, activation_checkpointing=a)
+        if fits(p, device_memory):
+            out.append(f"{text}: {p.total / GiB:.1f} GiB per device")
+        if len(out) == limit:
+            break
+    return out
+
+
+def print_plan(recipe: Recipe, console: Console, *, num_processes: int = 1, sharding: str = "none",
+               device_memory: float | None = None, activation_checkpointing: bool | None = None) -> MemoryPlan:
+    """Print the memory plan table, whether it fits `device_memory` and what would make it fit."""
+    plan = plan_memory(recipe, num_processes=num_processes, sharding=sharding,
+                       activation_checkpointing=activation_checkpointing)
+    m = recipe.models
+    title = (f"memory per device: {recipe.method.name}, {num_processes} process(es), sharding {sharding}, "
+             f"dtype {'bf16 (auto)' if m.dtype == 'auto' else m.dtype}, "
+             f"activation checkpointing {'on' if plan.activation_checkpointing else 'off'}")
+    table = Table(title=title, show_header=True, expand=False)
+    table.add_column("component")
+    table.add_column("GiB", justify="right")
+    table.add_column("counted as")
+    for name, size, how in plan.rows:
+        table.add_row(name, f"{size / GiB:.2f}", how)
+    table.add_row("[bold]total[/]", f"[bold]{plan.total / GiB:.2f}[/]", "all at once: an upper bound of the peak")
+    console.print(table)
+    if plan.host_bytes:
+        console.print(f"host memory for the CPU teacher: {plan.host_bytes / GiB:.1f} GiB per process", highlight=False)
+    for note in plan.notes:
+        console.print(f"note: {note}", highlight=False)
+    if device_memory is not None:
+        usable = device_memory * (1 - RESERVE)
+        if fits(plan, device_memory):
+            console.print(f"fits: {plan.total / GiB:.1f} GiB of {usable / GiB:.1f} GiB usable "
+                          f"({device_memory / GiB:.0f} GiB less {RESERVE:.0%} reserve)", highlight=False)
+        else:
+            console.print(f"does not fit: {plan.total / GiB:.1f} GiB > {usable / GiB:.1f} GiB usable "
+                          f"({device_memory / GiB:.0f} GiB less {RESERVE:.0%} reserve)", highlight=False)
+            tips = suggestions(recipe, plan, device_memory)
+            for tip in tips:
+                console.print(f"  try {tip}", highlight=False)
+            if not tips:
+                console.print("  nothing tried fits (smaller micro-batches, teacher placement, sharding, "
+                              "up to 8× the processes)", highlight=False)
+    return plan

