@@ -11,7 +11,8 @@ on the same teacher, student, prompts and settings, and prints one table:
 
 Per side: median seconds per optimizer step over the measured steps (after `--warmup` steps), generated
 tokens per second, peak RSS, a per-phase profile of the step and an MFU-style figure (model FLOPs of
-the step over the machine's measured fp32 matmul rate, itself measured by a child process here).
+the step over the machine's fp32 matmul rate, measured by a child process before and after the
+sides: the higher of the two).
 
 Usage (from the repository root; see bench/README.md):
 
@@ -270,7 +271,7 @@ def run_trl(args: argparse.Namespace, out: dict[str, Any]) -> None:
 
 
 def run_matmul(args: argparse.Namespace, out: dict[str, Any]) -> None:
-    """The machine's fp32 matmul rate with `--threads` threads: best of several (n, n) @ (n, n)."""
+    """The machine's fp32 matmul rate with `--threads` threads: best of 10 (n, n) @ (n, n)."""
     import torch
 
     torch.set_num_threads(args.threads)
@@ -278,7 +279,7 @@ def run_matmul(args: argparse.Namespace, out: dict[str, Any]) -> None:
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.matmul(a, b)  # warm-up
     best = math.inf
-    for _ in range(5):
+    for _ in range(10):
         t0 = time.perf_counter()
         torch.matmul(a, b)
         best = min(best, time.perf_counter() - t0)
@@ -494,6 +495,9 @@ def main() -> None:
             t0 = time.time()
             records[side].append(spawn(args, side))
             print(f"  repeat {rep + 1}: {side} done in {time.time() - t0:.0f}s", flush=True)
+    # Measured before and after the sides; the higher figure is the machine's rate (the lower one
+    # was disturbed by other load, which would flatter the MFU figures).
+    matmul = max(matmul, spawn(args, "matmul")["matmul_flops_per_s"])
     summary = {s: summarize(records[s], args.warmup, matmul) for s in sides}
     print(report(summary, matmul, args), flush=True)
     if args.json:

@@ -38,6 +38,10 @@ def _fail(message: str, code: int) -> None:
     # Under a launcher every process stops with the same error (ranks agree on setup errors): one prints it.
     if os.environ.get("RANK", "0") == "0":
         err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    else:
+        import time
+
+        time.sleep(1.0)  # the launcher stops every process once one exits: leave rank 0 time to print
     raise typer.Exit(code)
 
 
@@ -108,6 +112,8 @@ def _launch(args: list[str], num_processes: Optional[int], accelerate_config: Op
     console.print(f"launching: accelerate launch {' '.join(cmd[3:])}", highlight=False, soft_wrap=True)
     code = subprocess.call(cmd)
     if code:
+        err_console.print(f"the multi-process run stopped with exit code {code}; its own message is above the "
+                          "launcher's report", highlight=False, soft_wrap=True)
         raise typer.Exit(code)
 
 

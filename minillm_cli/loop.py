@@ -553,9 +553,11 @@ def _is_sharded(accelerator: Any) -> bool:
 
 def _check_launch(recipe: Recipe, accelerator: Any, resume: bool) -> None:
     """Refuse recipe / launch combinations the loop cannot run correctly (before any work)."""
+    from accelerate.utils import DistributedType
+
     m, name = recipe.models, recipe.method.name
     world = accelerator.num_processes
-    fsdp = accelerator.distributed_type.name == "FSDP"
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
     launch = "FSDP" if fsdp else "DeepSpeed" if _is_deepspeed(accelerator) else None
     teacher_samples = name == "seqkd" or (name == "minillm" and getattr(recipe.method, "teacher_mix", 0) > 0)
     placement = m.teacher_placement

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -213,9 +214,49 @@ def reverse_kl(
 ) -> Tensor:
     """Reverse KL per token: `KL[q ‖ p] = Σ_v q_v (log q_v − log p_v)` (mode-seeking; MiniLLM's L_reg).
 
+    The chunked path uses the closed-form gradient of `_ReverseKlChunk` (same values, one pass over
+    each chunk in the backward instead of autograd through a recomputed graph).
+
     Args and returns as `forward_kl`.
     """
-    return _divergence(lambda log_q, log_p: _kl_rows(log_q, log_p), student_logits, teacher_logits, mask, chunk_size)
+    if chunk_size is None or student_logits.dim() != 3 or student_logits.shape[1] == 0:
+        return _divergence(lambda log_q, log_p: _kl_rows(log_q, log_p), student_logits, teacher_logits, mask,
+                           chunk_size)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+    teacher_logits = _check_logits(student_logits, teacher_logits)
+    valid = _valid(mask, student_logits)  # (B, T)
+    parts = zip(*(x.split(chunk_size, dim=1) for x in (student_logits, teacher_logits, valid)))
+    return torch.cat([_ReverseKlChunk.apply(s, t, m) for s, t, m in parts], dim=1)  # (B, T)
+
+
+class _ReverseKlChunk(torch.autograd.Function):
+    """Reverse KL of one chunk of positions with its gradient in closed form.
+
+        KL_t = Σ_v q_v (log q_v − log p_v),    ∂KL_t / ∂s_v = q_v (log q_v − log p_v − KL_t)
+
+    for student logits s (q = softmax(s)). Only the chunk's inputs and its (B, c) result are kept for
+    the backward pass, which rebuilds log q and log p once and writes the gradient directly (autograd
+    through a checkpointed chunk would recompute the forward and then backpropagate through each of
+    its (B, c, V) intermediates). Masked positions give 0 in value and gradient; -inf logits get a
+    zero gradient (q_v = 0 there), as in the autograd path.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, s: Tensor, t: Tensor, m: Tensor) -> Tensor:
+        log_q, log_p = _log_softmax(s, m), _log_softmax(t, m)  # (B, c, V) fp32 each
+        kl = torch.where(m, _kl_rows(log_q, log_p), 0.0)  # (B, c)
+        ctx.save_for_backward(s, t, m, kl)
+        return kl
+
+    @staticmethod
+    def backward(ctx: Any, grad_kl: Tensor) -> tuple[Tensor, None, None]:
+        s, t, m, kl = ctx.saved_tensors
+        log_q = _log_softmax(s, m)  # (B, c, V)
+        weight = torch.where(m, grad_kl, 0.0).unsqueeze(-1)  # (B, c, 1): 0 at masked positions
+        grad = log_q.sub(_log_softmax(t, m)).sub_(kl.unsqueeze(-1))  # log q − log p − KL
+        grad.mul_(log_q.exp_()).mul_(weight)  # (B, c, V)
+        return grad.to(s.dtype), None, None
 
 
 def generalized_jsd(

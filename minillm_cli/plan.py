@@ -9,8 +9,10 @@ device, for a launch of `num_processes` processes with a given sharding:
     gradients  P_tr·b (none; + P_tr·b of DDP buckets when W > 1) | P_tr·4/W (fsdp, zero3)
     AdamW      2·P_tr·b (none: torch keeps the moments in the parameter dtype) | 2·P_tr·4/W + P_tr·4/W
                fp32 master weights (zero3) — fsdp's fp32 master weights are the student weights above
-    activations  B·L·layers·(10h + 4i)·b   (gated MLP; 10h + 2i otherwise)
-                 with activation checkpointing: B·L·(layers·h + 10h + 4i)·b
+    activations  B·L·layers·(10h + k·i)·b, k = 4 (gated MLP), 5 (GPT-2), 1 (OPT): the tensors autograd
+                 keeps per token and block (measured on transformers' blocks, fused attention, no
+                 dropout); with activation checkpointing B·L·(layers·h + 10h + k·i)·b
+    working    2·B·L·(10h + k·i)·b: one block's forward temporaries / backward activation gradients
     logits     B·T·V·b ×2 (student logits and their gradient) + B·T·V·b (teacher, where used)
     rollouts   MiniLLM teacher-logit buffer (num_rollouts/W)·max_new_tokens·V·b, the small per-token
                buffers, KV caches of one rollout batch, and (sharded) a full student copy for sampling
@@ -46,7 +48,7 @@ _LLAMA = {"model_type": "llama", "tie_word_embeddings": False}
 
 KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
     # Offline numbers of well-known checkpoints (their config.json), so that the paper recipes plan
-    # without a download. Local directories and the Hugging Face cache are read first.
+    # without a download. A local directory is read first, these names next, the hub cache last.
     "huggyllama/llama-7b": {**_LLAMA, "hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 11008,
                             "vocab_size": 32000, "num_attention_heads": 32},
     "huggyllama/llama-13b": {**_LLAMA, "hidden_size": 5120, "num_hidden_layers": 40, "intermediate_size": 13824,
@@ -105,12 +107,15 @@ class Shape:
     @property
     def params(self) -> int:
         head = 0 if self.tied else self.vocab * self.hidden
-        return self.vocab * self.hidden + head + self.positions * self.hidden + self.layers * self.layer_params() + self.hidden
+        final_norm = self.hidden if self.gated_mlp else 2 * self.hidden  # RMSNorm weight / LayerNorm weight + bias
+        return self.vocab * self.hidden + head + self.positions * self.hidden + self.layers * self.layer_params() + final_norm
 
     def activation_elements(self) -> int:
-        """Elements kept for the backward pass per token and block (inputs of norms, projections,
-        attention and MLP nonlinearity; fused attention keeps no score matrix)."""
-        return 10 * self.hidden + (4 if self.gated_mlp else 2) * self.intermediate
+        """Elements autograd keeps per token and block: about 10h for the norms, projections and
+        fused attention, k·i for the MLP (gate, up, activation, product: k = 4; GPT-2's tanh GELU:
+        5; OPT's ReLU: 1). Measured with saved-tensor hooks on transformers' blocks (tests/test_plan.py)."""
+        k = 4 if self.gated_mlp else {"gpt2": 5, "opt": 1}.get(self.config.get("model_type", ""), 4)
+        return 10 * self.hidden + k * self.intermediate
 
 
 def shape_from_config(cfg: dict[str, Any], name: str) -> Shape:
@@ -299,13 +304,13 @@ def plan_memory(recipe: Recipe, *, num_processes: int = 1, sharding: str = "none
     # ---- one micro-batch: activations and logits
     L, T = _sequence_lengths(recipe)
     B = tr.batch_size
+    block = B * L * s.activation_elements() * b  # one block's saved activations for the micro-batch
     if ac:
-        act = B * L * (s.layers * s.hidden + s.activation_elements()) * b
-        how = f"checkpointed: block inputs + one block, B={B} × L={L}"
+        add(("activations", B * L * s.layers * s.hidden * b + block,
+             f"checkpointed: block inputs + one block, B={B} × L={L}"))
     else:
-        act = B * L * s.layers * s.activation_elements() * b
-        how = f"B={B} × L={L} tokens × {s.layers} blocks × (10h+{4 if s.gated_mlp else 2}i)"
-    add(("activations", act, how))
+        add(("activations", s.layers * block, f"B={B} × L={L} tokens × {s.layers} blocks"))
+    add(("working memory", 2 * block, "one block's temporaries (forward) / activation gradients (backward)"))
     logit = B * (T + 1) * s.vocab * b
     teacher_logits = name in ("kd", "gkd", "minillm")
     add(("logits (B×T×V)", logit * (3 if teacher_logits else 2),

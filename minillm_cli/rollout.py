@@ -54,6 +54,9 @@ class Rollout:
     """(B, T) fp32, log p(y_t | ·) of the teacher; None when no teacher was given."""
     log_mix: Tensor
     """(B, T) fp32, log p̃(y_t) = log((1−α)·e^logq + α·e^logp)."""
+    teacher_logprobs: Tensor | None = None
+    """(B, T, V) fp32, the teacher's full next-token log-probs at every response position (over the
+    student's ids); only with `keep_teacher_logprobs`. Arbitrary where `response_mask` is 0."""
 
 
 def concat_prompt_response(
@@ -142,6 +145,25 @@ def _input_device(model: torch.nn.Module) -> torch.device:
     return getattr(model, "module", model).get_input_embeddings().weight.device
 
 
+PREFILL_GROUP_TOKENS = 512
+"""Padded prompt tokens per group of the grouped prefill (see `_CachedLM._grouped_prefill`)."""
+
+_PLAIN_HEAD_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+"""Architectures whose logits are exactly `lm_head(last hidden state)` (no bias, scale or soft-capping)."""
+
+
+def _backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, Tensor] | None:
+    """(decoder stack, output head weight) of a plain-head causal LM, else None (then the full model runs)."""
+    config = getattr(model, "config", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    decoder = getattr(model, "model", None)
+    if (getattr(config, "model_type", None) not in _PLAIN_HEAD_TYPES or type(head) is not torch.nn.Linear
+            or head.bias is not None or not isinstance(decoder, torch.nn.Module)
+            or getattr(decoder, "get_output_embeddings", lambda: None)() is not None):  # e.g. a PEFT wrapper
+        return None
+    return decoder, head.weight
+
+
 class _CachedLM:
     """A model plus its own KV cache; `step` returns fp32 log-probs of the next token."""
 
@@ -150,21 +172,75 @@ class _CachedLM:
         self.device = _input_device(model)
         self.out_device = out_device
         self.cache: Any = None
+        self.split = _backbone_and_head(model)
 
     def step(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
         """Feed (B, L) new tokens (L = P at prefill, 1 when decoding) with the (B, past + L) mask;
         return (B, V) next-token log-probs."""
-        kwargs = {_cache_kwarg(): self.cache} if self.cache is not None else {}
-        out = self.model(
-            input_ids=input_ids.to(self.device),
-            attention_mask=attention_mask.to(self.device),
-            position_ids=position_ids.to(self.device),
-            use_cache=True,
-            logits_to_keep=1,  # never build (B, P, V) logits at prefill
-            **kwargs,
-        )
-        self.cache = _output_cache(out)
-        return out.logits[:, -1].to(self.out_device).float().log_softmax(-1)  # (B, V)
+        logits = None
+        if self.cache is None and self.split is not None:
+            logits = self._grouped_prefill(input_ids, attention_mask, position_ids)
+        if logits is None:
+            logits, self.cache = self._forward(input_ids, attention_mask, position_ids, self.cache)
+        return logits.to(self.out_device).float().log_softmax(-1)  # (B, V)
+
+    def _forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                 cache: Any) -> tuple[Tensor, Any]:
+        """(B, V) logits after the last column and the KV cache extended by the (B, L) new tokens."""
+        kwargs = {_cache_kwarg(): cache} if cache is not None else {}
+        inputs = dict(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                      position_ids=position_ids.to(self.device), use_cache=True, **kwargs)
+        if self.split is None:
+            out = self.model(**inputs, logits_to_keep=1)  # never build (B, P, V) logits at prefill
+            return out.logits[:, -1], _output_cache(out)
+        # The same logits as the model's head, computed as W @ h^T: with a handful of rows this
+        # orientation of the (V, H) matmul runs about twice as fast on CPU as h @ W^T.
+        decoder, weight = self.split
+        out = decoder(**inputs)
+        hidden = out.last_hidden_state[:, -1]  # (B, H)
+        return (weight @ hidden.to(weight.dtype).T).T, _output_cache(out)
+
+    def _grouped_prefill(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor | None:
+        """Prefill left-padded prompts in groups of similar length, each without the padding it does
+        not need, and join the groups' KV caches (zeros in the padded slots, which the attention mask
+        hides). Prompts of very different lengths otherwise spend much of the prefill on padding.
+        Returns the (B, V) logits, or None (nothing done) when grouping gains nothing or the model's
+        cache is not a plain per-layer key/value cache."""
+        from transformers.cache_utils import DynamicLayer
+
+        B, P = input_ids.shape
+        lengths = attention_mask.sum(-1).clamp_min(1).tolist()  # (B,) real prompt tokens
+        groups: list[list[int]] = []
+        for i in sorted(range(B), key=lambda i: -lengths[i]):
+            if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= PREFILL_GROUP_TOKENS:
+                groups[-1].append(i)  # rows are sorted: the group's first row is its longest
+            else:
+                groups.append([i])
+        if len(groups) == 1 or sum(len(g) * lengths[g[0]] for g in groups) > 0.9 * B * P:
+            return None
+        logits, joined = None, None
+        parts = []
+        for rows in groups:
+            index, n = torch.tensor(rows, device=input_ids.device), lengths[rows[0]]
+            part, cache = self._forward(input_ids[index, -n:], attention_mask[index, -n:], position_ids[index, -n:],
+                                        None)  # (b, V)
+            layers = getattr(cache, "layers", None)
+            if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+                return None
+            if logits is None:
+                logits = part.new_empty(B, part.shape[-1])  # (B, V)
+            logits[index] = part
+            parts.append((index, n, layers))
+            joined = cache if joined is None else joined  # the first group's cache object holds the result
+        for j, layer in enumerate(parts[0][2]):
+            keys = layer.keys.new_zeros(B, layer.keys.shape[1], P, layer.keys.shape[3])  # (B, kv heads, P, d)
+            values = layer.values.new_zeros(B, layer.values.shape[1], P, layer.values.shape[3])
+            for index, n, layers in parts:
+                keys[index, :, P - n :] = layers[j].keys
+                values[index, :, P - n :] = layers[j].values
+            layer.keys, layer.values = keys, values
+        self.cache = joined
+        return logits
 
 
 def _sampling_logits(log_mix: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
@@ -188,6 +264,19 @@ def _sampling_logits(log_mix: Tensor, temperature: float, top_k: int, top_p: flo
     return logits
 
 
+def _draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One id per row of (B, V) non-negative weights, by inverse transform sampling.
+
+    One uniform per row against the fp64 cumulative sum (`torch.multinomial` draws V random numbers
+    per row instead, ~8 ms for 8 × 49k ids on CPU: a sizeable share of a decode step). Ids of weight 0
+    are never drawn; fp64 keeps every positive fp32 weight a positive step of the sum.
+    """
+    cdf = probs.double().cumsum(-1)  # (B, V)
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device, generator=generator)
+    token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # (B, 1): first id with cdf > u·total
+    return token.squeeze(-1).clamp_max(probs.shape[-1] - 1)
+
+
 def _eos_tensor(eos_token_id: int | Sequence[int], device: torch.device) -> Tensor:
     ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     return torch.tensor(ids, dtype=torch.long, device=device)
@@ -208,6 +297,7 @@ def sample(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    keep_teacher_logprobs: bool = False,
 ) -> Rollout:
     """Sample responses for a batch of left-padded prompts from p̃ = α·p_teacher + (1−α)·q_student.
 
@@ -231,6 +321,9 @@ def sample(
         top_k: keep the k most likely ids of the tempered mixture (0 = off).
         top_p: nucleus mass in (0, 1] (1 = off).
         generator: RNG of every draw, for reproducible and resumable rollouts.
+        keep_teacher_logprobs: also return the teacher's full log-probs at every response position
+            (B × max_new_tokens × V fp32), which the teacher computes anyway when it is given: a caller
+            that needs them (MiniLLM's single-step term) is spared a second teacher forward.
 
     Returns:
         A `Rollout` with responses of width T ≤ `max_new_tokens`.
@@ -274,6 +367,7 @@ def sample(
         response_mask = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
         logq_out = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
         logp_out = torch.zeros_like(logq_out) if p_lm is not None else None
+        teacher_out: Tensor | None = None  # (B, max_new_tokens, V), allocated at the first step
         log_mix_out = torch.zeros_like(logq_out)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         rows = torch.arange(B, device=device)
@@ -310,7 +404,7 @@ def sample(
                 probs = log_mix.exp()  # (B, V) already normalised: sample p̃ itself
             else:
                 probs = _sampling_logits(log_mix, temperature, top_k, top_p).softmax(-1)  # (B, V)
-            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+            token = _draw(probs, generator)  # (B,)
             token = token.masked_fill(finished, pad_token_id)
             alive = ~finished  # (B,) sequences that still produce response tokens at step t
 
@@ -320,6 +414,10 @@ def sample(
             logq_out[:, t] = torch.where(alive, logq[rows, token], 0.0)
             if logp_out is not None:
                 logp_out[:, t] = torch.where(alive, logp[rows, token], 0.0)
+            if keep_teacher_logprobs and logp is not None:
+                if teacher_out is None:
+                    teacher_out = logp.new_empty(B, max_new_tokens, vocab)
+                teacher_out[:, t] = logp
             log_mix_out[:, t] = torch.where(alive, log_mix[rows, token], 0.0)
             steps = t + 1
 
@@ -340,4 +438,5 @@ def sample(
         logq=logq_out[:, :steps],
         logp=logp_out[:, :steps] if logp_out is not None else None,
         log_mix=log_mix_out[:, :steps],
+        teacher_logprobs=teacher_out[:, :steps] if teacher_out is not None else None,
     )

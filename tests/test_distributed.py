@@ -151,13 +151,21 @@ def test_ranks_agree_on_an_error_of_one_rank(monkeypatch):
     _agree_on_setup(TwoRanks(), None)
 
 
-def test_teacher_on_the_cpu_gives_the_same_run(tmp_path, tiny_dir, tiny_data):
+def test_teacher_on_the_cpu_gives_the_same_run(tmp_path, tiny_dir, tiny_data, monkeypatch):
     """`teacher_placement: cpu` runs the teacher through a device-moving hook (a no-op move here)."""
+    from minillm_cli import loop
+
+    hooked = []
+    real = loop._outputs_to_caller
+    monkeypatch.setattr(loop, "_outputs_to_caller", lambda model, device: (hooked.append(device), real(model, device)))
     extra = ["train.batch_size=4", "method.max_new_tokens=6", "method.num_rollouts=8", "method.ppo_epochs=1",
              "rollout.batch_size=4"]
     shared = _one_process(tiny_dir, tiny_data, tmp_path / "shared", "minillm", 2, extra)
+    assert hooked == []
     cpu = _one_process(tiny_dir, tiny_data, tmp_path / "cpu", "minillm", 2, [*extra, "models.teacher_placement=cpu"])
-    assert [r["loss"] for r in _metrics(cpu)] == [r["loss"] for r in _metrics(shared)]
+    assert hooked == [torch.device("cpu")]
+    losses = [r["loss"] for r in _metrics(cpu)]
+    assert len(losses) == 2 and losses == [r["loss"] for r in _metrics(shared)]
 
 
 @pytest.mark.parametrize("placement, needle", [

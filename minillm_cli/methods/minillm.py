@@ -6,7 +6,8 @@ One buffer cycle:
      logq_old, log p~ (and the teacher's log p when it already runs for mixing).
   2. Teacher scoring (no grad, once per buffer, not per PPO epoch): one teacher-forced forward over
      prompt+response gives the teacher's next-token logits at every response position (for the
-     single-step term) and log p of the sampled tokens (for the reward).
+     single-step term) and log p of the sampled tokens (for the reward). Skipped when the buffer feeds
+     one optimizer step only and the rollout was teacher-mixed: the rollout's teacher log-probs are used.
   3. Rewards r_t = log p - log q_old (clipped to ±reward_clip), length-normalised discounted returns,
      whitened over the buffer of all ranks -> advantages A_t (losses.advantages).
   4. `ppo_epochs` shuffled passes over the buffer; each optimizer step takes `batch_size × grad_accum`
@@ -32,19 +33,19 @@ from minillm_cli import losses
 from minillm_cli import data as data_mod
 from minillm_cli.config import MiniLlmMethod
 from minillm_cli.loop import Ctx, check_stop
-from minillm_cli.methods.sft import response_logits
+from minillm_cli.methods.sft import length_groups, response_logits, take_group
 
 BUFFER_KEYS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "logq", "log_mix", "logp", "adv", "reward")
 
 
 def _pad_cat(tensors: list[torch.Tensor], left: bool, value: float) -> torch.Tensor:
-    """Concatenate (b_i, L_i) tensors along rows, padding every one to max L (left or right)."""
+    """Concatenate (b_i, L_i, ...) tensors along rows, padding every one to max L (left or right)."""
     width = max(t.shape[1] for t in tensors)
     out = []
     for t in tensors:
         pad = width - t.shape[1]
         if pad:
-            filler = torch.full((t.shape[0], pad), value, dtype=t.dtype, device=t.device)
+            filler = torch.full((t.shape[0], pad, *t.shape[2:]), value, dtype=t.dtype, device=t.device)
             t = torch.cat([filler, t] if left else [t, filler], dim=1)
         out.append(t)
     return torch.cat(out, dim=0)
@@ -81,6 +82,11 @@ class MiniLlmStepper:
         t0 = time.time()
         student = ctx.sampling_model()  # a full local copy when the student is sharded
         examples = ctx.next_examples(self.local_rollouts)
+        # A teacher-mixed rollout runs the teacher at every position anyway. When this buffer feeds a
+        # single optimizer step (no checkpoint can fall inside it, so nothing has to be recomputed on
+        # resume), its log-probs serve as the reward's log p and the single-step term's teacher
+        # logits, and the separate teacher forward of `_score_teacher` is skipped.
+        keep = cfg.teacher_mix > 0 and cfg.ppo_epochs == 1 and self.local_rollouts <= self.per_step
         parts: list[dict[str, torch.Tensor]] = []
         for i in range(0, len(examples), r.batch_size):
             check_stop(ctx)
@@ -90,11 +96,12 @@ class MiniLlmStepper:
                 teacher=ctx.teacher if cfg.teacher_mix > 0 else None, alpha=cfg.teacher_mix,
                 max_new_tokens=cfg.max_new_tokens, eos_token_id=ctx.tokenizer.eos_token_id,
                 pad_token_id=ctx.tokenizer.pad_token_id, temperature=r.temperature, top_k=r.top_k,
-                top_p=r.top_p, generator=ctx.gen,
+                top_p=r.top_p, generator=ctx.gen, keep_teacher_logprobs=keep and cfg.single_step,
             )
             parts.append({"prompt_ids": roll.prompt_ids, "prompt_mask": roll.prompt_mask,
                           "response_ids": roll.response_ids, "response_mask": roll.response_mask,
-                          "logq": roll.logq, "log_mix": roll.log_mix})
+                          "logq": roll.logq, "log_mix": roll.log_mix, "logp": roll.logp,
+                          "teacher": roll.teacher_logprobs})
         pad = ctx.tokenizer.pad_token_id
         buf = {
             "prompt_ids": _pad_cat([p["prompt_ids"] for p in parts], left=True, value=pad),
@@ -105,7 +112,12 @@ class MiniLlmStepper:
             "log_mix": _pad_cat([p["log_mix"] for p in parts], left=False, value=0.0),
         }
         t_roll = time.time() - t0
-        self.teacher_logits, buf["logp"] = self._score_teacher(buf)
+        if keep:
+            buf["logp"] = _pad_cat([p["logp"] for p in parts], left=False, value=0.0)
+            self.teacher_logits = (_pad_cat([p["teacher"] for p in parts], left=False, value=0.0)
+                                   if cfg.single_step else None)  # (N, T, V) teacher log-probs
+        else:
+            self.teacher_logits, buf["logp"] = self._score_teacher(buf)
         mask = buf["response_mask"].float()
         reward = (buf["logp"] - buf["logq"]) * mask  # (N, T): per-token log p - log q_old
         if cfg.reward_clip is not None:
@@ -155,7 +167,7 @@ class MiniLlmStepper:
         fresh = not self.schedule
         if fresh:
             self._collect()
-        assert self.buffer is not None and self.teacher_logits is not None
+        assert self.buffer is not None and (self.teacher_logits is not None or not cfg.single_step)
         t0 = time.time()
         rows = self.schedule.pop(0)
         buf = self.buffer
@@ -164,15 +176,16 @@ class MiniLlmStepper:
         global_count = ctx.global_sum(count).clamp_min(1)
         scale = ctx.world / global_count.float()
         sums = {k: torch.zeros((), device=ctx.device) for k in ("pg", "reg", "clipped")}
-        for j, idx in enumerate(micro):
-            check_stop(ctx)
+        # Rows of similar length go through the student together, each group with only the padding it
+        # needs (see `length_groups`): same per-token losses, less padded compute, smaller activations.
+        groups = []
+        for idx in micro:
             index = torch.tensor(idx, device=ctx.device)
-            mask = buf["response_mask"][index]
-            T = int(mask.sum(-1).max().clamp_min(1))  # trim right padding of this micro-batch
-            b = {
-                "prompt_ids": buf["prompt_ids"][index], "prompt_mask": buf["prompt_mask"][index],
-                "response_ids": buf["response_ids"][index, :T], "response_mask": mask[:, :T],
-            }
+            groups += [(index[g], p, t) for g, p, t in
+                       length_groups(buf["prompt_mask"][index], buf["response_mask"][index])]
+        for j, (index, P, T) in enumerate(groups):
+            check_stop(ctx)
+            b = take_group(buf, index, P, T)
             m = b["response_mask"].float()  # (B, T)
             logits = response_logits(ctx.student, b)  # (B, T, V)
             logq_new = losses.token_logprobs(logits, b["response_ids"], chunk_size=tr.chunk_size)  # (B, T)
@@ -188,7 +201,7 @@ class MiniLlmStepper:
                 reg_sum = (reg * m).sum()
                 sums["reg"] += reg_sum.detach()
                 loss_sum = loss_sum + reg_sum
-            last = j == len(micro) - 1 and not (ctx.corpus and cfg.pt_weight > 0)
+            last = j == len(groups) - 1 and not (ctx.corpus and cfg.pt_weight > 0)
             ctx.backward(loss_sum * scale, last=last)
         pg = float(ctx.global_sum(sums["pg"]) / global_count)
         reg = float(ctx.global_sum(sums["reg"]) / global_count)
