@@ -47,7 +47,7 @@ def test_shortened_quickstart_end_to_end(tmp_path):
     assert "distilled" in text and "MiniLLM stage" in text and "minillm export" in text
     report = json.loads((run / "eval.json").read_text())
     names = [m["name"] for m in report["models"]]
-    assert len(names) == 3 and names[0].endswith("(teacher)")
+    assert len(names) == 4 and names[0].endswith("(teacher)")  # teacher, initial, warmed-up, distilled
     for stage in ("teacher_sft", "warmup", "distill"):
         assert (run / stage / "latest").exists(), stage
     meta = json.loads(next((run / "distill").glob("step-*/meta.json")).read_text())
