@@ -635,19 +635,16 @@ def _maybe_hash(path: str | None) -> str | None:
 
 def _freeze_below(model: torch.nn.Module, top: int) -> None:
     """Freeze everything except the top `top` transformer blocks and the final norm."""
-    import re
-
-    names = [n for n, _ in model.named_parameters()]
-    layer_ids = sorted({int(m.group(2)) for n in names if (m := re.search(r"(\.layers\.|\.h\.)(\d+)\.", n))})
+    block = {name: int(m.group(2)) for name, _ in model.named_parameters() if (m := models_mod.LAYER_KEY.match(name))}
+    layer_ids = sorted(set(block.values()))
     if not layer_ids:
         raise UserError("models.trainable_layers: cannot find the transformer blocks (*.layers.N / *.h.N) of the student")
     if top > len(layer_ids):
         raise UserError(f"models.trainable_layers: {top} is more than the student's {len(layer_ids)} blocks")
     keep = set(layer_ids[-top:])
     for name, p in model.named_parameters():
-        m = re.search(r"(\.layers\.|\.h\.)(\d+)\.", name)
-        final_norm = m is None and ("norm" in name or "ln_f" in name)
-        p.requires_grad_(bool(m and int(m.group(2)) in keep) or final_norm)
+        final_norm = name not in block and ("norm" in name or "ln_f" in name)
+        p.requires_grad_(block.get(name, -1) in keep or final_norm)
 
 
 def _disable_dropout(model: torch.nn.Module) -> None:

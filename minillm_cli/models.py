@@ -464,7 +464,7 @@ def check_tokenizers(teacher_tok: Any, student_tok: Any, *, teacher_vocab: int, 
 
 
 # -------------------------------------------------------------------------------- student init
-_LAYER_KEY = re.compile(r"^((?:[^.]+\.)*?(?:layers|h))\.(\d+)\.(.+)$")
+LAYER_KEY = re.compile(r"^((?:[^.]+\.)*?(?:layers|h))\.(\d+)\.(.+)$")
 
 
 def _evenly_spaced(n_layers: int, keep: int) -> list[int]:
@@ -539,7 +539,7 @@ def init_student_from_teacher(
         raise UserError(f"models.student_init.layers: {layers} must be strictly increasing")
 
     where = _read_safetensors_keys(teacher_dir)
-    matches = {k: _LAYER_KEY.match(k) for k in where}
+    matches = {k: LAYER_KEY.match(k) for k in where}
     prefixes = {m.group(1) for m in matches.values() if m}
     found = {int(m.group(2)) for m in matches.values() if m}
     if len(prefixes) != 1 or found != set(range(n)):

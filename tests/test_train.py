@@ -216,3 +216,11 @@ def test_second_signal_exits_at_once_without_corrupting(tmp_path, tiny_dir, tiny
         _weights(step)
     latest = latest_step_dir(tmp_path / "run")
     assert latest is not None and (latest / "meta.json").exists()
+
+
+def test_trainable_layers_freezes_everything_below_the_top_blocks(tmp_path, tiny_dir, tiny_data):
+    run = _run(tiny_dir, tiny_data, tmp_path / "run", "sft", 2, ["optim.lr=1e-2", "models.trainable_layers=1"])
+    before = load_file(str(tiny_dir / "student" / "model.safetensors"))
+    after = _weights(run / "step-000002")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("model.layers.1.") or k == "model.norm.weight" for k in changed)
