@@ -22,6 +22,79 @@ if TYPE_CHECKING:
 STEP_PREFIX = "step-"
 
 
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file, or None when its header and length are consistent.
+
+    Reads only the header (8-byte little-endian length, then JSON): a truncated file, a file of
+    another format and an empty one are told apart without loading any tensor.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"truncated or empty ({size} bytes; not a safetensors file)"
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                return "not a safetensors file, or truncated (its header runs past the end of the file)"
+            header = json.loads(f.read(n))
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return "not a safetensors file (unreadable header)"
+    try:
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError):
+        return "not a safetensors file (malformed header)"
+    expected = 8 + n + max(ends, default=0)
+    if expected > size:
+        return f"truncated ({size} bytes, its header describes {expected})"
+    if expected < size:
+        return f"corrupt ({size} bytes, its header describes {expected})"
+    return None
+
+
+def check_weights(model_dir: Path) -> None:
+    """Raise a UserError naming the first unreadable safetensors file of a model or step directory."""
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        problem = safetensors_problem(f)
+        if problem is not None:
+            raise UserError(f"{f}: {problem}")
+
+
+def step_problem(step_dir: Path) -> str | None:
+    """Why a step directory cannot be resumed from (a file missing, truncated or unreadable), or None."""
+    for name in ("meta.json", "trainer_state.json", "recipe.yaml"):
+        try:
+            text = (step_dir / name).read_text(encoding="utf-8")
+            if name.endswith(".json"):
+                json.loads(text)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            return f"{name}: unreadable ({getattr(e, 'strerror', None) or e})"
+    weights = list(step_dir.glob("model*.safetensors")) + list(step_dir.glob("adapter_model.safetensors"))
+    if not weights:
+        return "no weights (model.safetensors)"
+    if not (step_dir / rank_state_name(0)).is_file():
+        return f"no resume state ({rank_state_name(0)})"
+    for f in sorted(step_dir.glob("*.safetensors")):
+        problem = safetensors_problem(f)
+        if problem is not None:
+            return f"{f.name}: {problem}"
+    return None
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """ENOSPC, whether raised as an OSError or wrapped by safetensors' writer (a plain Exception)."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(error) or "os error 28" in str(error)
+
+
+def _is_io_error(error: BaseException) -> bool:
+    # safetensors reports write failures as SafetensorError("... I/O error: ..."), not as OSError.
+    return isinstance(error, OSError) or "I/O error" in str(error) or is_disk_full(error)
+
+
 def step_name(step: int) -> str:
     return f"{STEP_PREFIX}{step:06d}"
 
@@ -55,8 +128,12 @@ def stage_rank_state(run_dir: Path, step: int, rank: int, tensors: dict[str, "to
                   metadata={"method": json.dumps(method_state)})
         with open(path, "rb") as f:
             os.fsync(f.fileno())
-    except OSError as e:
-        raise UserError(f"rank {rank}: could not write its resume state {path}: {e.strerror or e}") from None
+    except Exception as e:
+        if not _is_io_error(e):
+            raise
+        shutil.rmtree(path.parent, ignore_errors=True)
+        what = "disk full" if is_disk_full(e) else (getattr(e, "strerror", None) or str(e))
+        raise UserError(f"rank {rank}: could not write its resume state {path}: {what}") from None
     return path
 
 
@@ -79,11 +156,15 @@ def _fsync_dir(path: Path) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a small file so that readers see the old or the new content, never a mix."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
 
 
@@ -168,17 +249,21 @@ def save_checkpoint(
             staged.parent.rmdir()
         _fsync_tree(tmp)
         if final.exists():  # re-saving the same step (e.g. final save after a periodic one)
-            shutil.rmtree(final)
+            _discard(final)
         os.rename(tmp, final)
         _fsync_dir(run_dir)
         write_text_atomic(run_dir / "latest", final.name + "\n")
-    except OSError as e:
+    except Exception as e:
+        if not _is_io_error(e):
+            raise
         shutil.rmtree(tmp, ignore_errors=True)
+        for rank in range(1, world_size):
+            shutil.rmtree(_staged_state(run_dir, step, rank).parent, ignore_errors=True)
         prev = latest_step_dir(run_dir)
-        kept = f"; the previous checkpoint {prev.name} is intact" if prev else ""
-        if e.errno == errno.ENOSPC:
+        kept = f"; the previous checkpoint {prev.name} is intact" if prev else "; no earlier checkpoint exists"
+        if is_disk_full(e):
             raise UserError(f"disk full while saving checkpoint {final}{kept}") from None
-        raise UserError(f"could not save checkpoint {final}: {e.strerror or e}{kept}") from None
+        raise UserError(f"could not save checkpoint {final}: {getattr(e, 'strerror', None) or e}{kept}") from None
     prune_steps(run_dir, keep_last)
     return final
 
@@ -202,15 +287,54 @@ def latest_step_dir(run_dir: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
+def _discard(path: Path) -> None:
+    """Delete a directory so that a crash midway leaves nothing that looks like a step: it is first
+    renamed to a `.tmp-` name (atomic), which the next prune removes if this one is cut short."""
+    trash = path.with_name(f".tmp-trash-{path.name}-{os.getpid()}")
+    try:
+        os.rename(path, trash)
+    except OSError:
+        trash = path
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def prune_steps(run_dir: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` step dirs (never the one `latest` names) and stale temps."""
+    """Delete all but the newest `keep_last` step dirs (never the one `latest` names), step dirs left
+    half-deleted by a crash (no meta.json) and stale temporary dirs.
+
+    Only the process that holds the run's lock calls this (`rundir.claim`), so any `.tmp-*` entry
+    not made by this process is debris of a dead one.
+    """
     keep = latest_step_dir(run_dir)
-    for p in list_steps(run_dir)[:-keep_last]:
+    complete = list_steps(run_dir)
+    for p in complete[:-keep_last]:
         if p != keep:
+            _discard(p)
+    for p in run_dir.glob(f"{STEP_PREFIX}*"):
+        if p.is_dir() and not (p / "meta.json").exists() and p != keep:
+            _discard(p)
+    for p in run_dir.glob(".tmp-*"):
+        if not p.name.endswith(f"-{os.getpid()}") or p.name.startswith(".tmp-trash-"):
             shutil.rmtree(p, ignore_errors=True)
-    for p in run_dir.glob(".tmp-step-*"):
-        if not p.name.endswith(f"-{os.getpid()}"):
-            shutil.rmtree(p, ignore_errors=True)
+
+
+def check_world_size(step_dir: Path, world_size: int) -> dict[str, Any]:
+    """The step's trainer_state.json, if it was saved by `world_size` processes.
+
+    Raises:
+        UserError: unreadable, or saved by another number of processes (each process's sampling RNG
+            and rollout buffer are in its own file).
+    """
+    try:
+        trainer_state = json.loads((step_dir / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot resume from {step_dir}: resume state unreadable ({e})") from None
+    saved_world = int(trainer_state.get("world_size", 1))
+    if saved_world != world_size:
+        raise UserError(f"cannot resume from {step_dir} with {world_size} process(es): it was saved by {saved_world} "
+                        f"(each process's sampling RNG and rollout buffer are in its own file); "
+                        f"resume with --num-processes {saved_world}")
+    return trainer_state
 
 
 def load_resume_state(step_dir: Path, rank: int = 0, world_size: int = 1) -> tuple[dict[str, Any], dict[str, "torch.Tensor"]]:
@@ -226,15 +350,7 @@ def load_resume_state(step_dir: Path, rank: int = 0, world_size: int = 1) -> tup
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    try:
-        trainer_state = json.loads((step_dir / "trainer_state.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot resume from {step_dir}: resume state unreadable ({e})") from None
-    saved_world = int(trainer_state.get("world_size", 1))
-    if saved_world != world_size:
-        raise UserError(f"cannot resume from {step_dir} with {world_size} process(es): it was saved by {saved_world} "
-                        f"(each process's sampling RNG and rollout buffer are in its own file); "
-                        f"resume with --num-processes {saved_world}")
+    trainer_state = check_world_size(step_dir, world_size)
     try:
         tensors = load_file(str(step_dir / rank_state_name(rank)))
         if rank > 0:

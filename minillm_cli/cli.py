@@ -37,7 +37,11 @@ OverridesArg = typer.Argument(None, help="Dotted overrides, e.g. optim.lr=1e-5 t
 def _fail(message: str, code: int) -> None:
     # Under a launcher every process stops with the same error (ranks agree on setup errors): one prints it.
     if os.environ.get("RANK", "0") == "0":
-        err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        from rich.text import Text
+
+        # The message holds paths, column lists and user text: never read it as rich markup. One line.
+        message = " ".join(line.strip() for line in message.splitlines() if line.strip())
+        err_console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
     else:
         import time
 
@@ -55,6 +59,11 @@ def _guard(fn: Callable[[], Any]) -> Any:
         _fail(str(e), e.exit_code)
     except KeyboardInterrupt:
         _fail("interrupted before training started; nothing was written", 130)
+    except OSError as e:  # the environment, not a bug: a full disk, a read-only or vanished path
+        import errno
+
+        what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        _fail(f"{e.filename}: {what}" if e.filename else what, 2)
 
 
 def _split_recipe(recipe: Optional[str], overrides: Optional[list[str]]) -> tuple[Optional[str], list[str]]:
@@ -119,10 +128,22 @@ def _launch(args: list[str], num_processes: Optional[int], accelerate_config: Op
 
 def _run_training(recipe_path: Optional[str], overrides: list[str], flags: dict[str, Any], method: str,
                   resume: bool, dry_run: bool = False, num_processes: Optional[int] = None,
-                  accelerate_config: Optional[str] = None, relaunch_args: Optional[list[str]] = None) -> None:
-    from minillm_cli.config import dump_resolved, load_recipe
+                  accelerate_config: Optional[str] = None, relaunch_args: Optional[list[str]] = None,
+                  extend: bool = False) -> None:
+    from minillm_cli.config import dump_resolved, load_recipe, output_dir_of
+    from minillm_cli.rundir import saved_recipe
 
-    recipe, source = load_recipe(recipe_path, overrides, flags, default_method=method)
+    base = None
+    if extend and not resume:
+        raise UserError("--extend continues a run with more steps: use it with --resume")
+    if resume:
+        # --resume alone continues the run as it was started: its saved recipe is the base, and what
+        # is given now only overrides it (and is checked against it before any work).
+        out = output_dir_of(recipe_path, overrides, flags)
+        if out is None:
+            raise UserError("--resume: name the run to continue with -o RUN")
+        base = saved_recipe(Path(out))
+    recipe, source = load_recipe(recipe_path, overrides, flags, default_method=method, base=base)
     if recipe.method.name != method and method == "sft":
         raise UserError(f"method.name: `minillm sft` runs method sft, the recipe says {recipe.method.name}; use `minillm distill`")
     if num_processes is not None and num_processes < 1:
@@ -142,7 +163,7 @@ def _run_training(recipe_path: Optional[str], overrides: list[str], flags: dict[
         return
     from minillm_cli.loop import train
 
-    train(recipe, source, resume=resume, console=console)
+    train(recipe, source, resume=resume, extend=extend, console=console)
 
 
 def _version(value: bool) -> None:
@@ -168,8 +189,11 @@ def distill(
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Run directory."),
     method: Optional[str] = typer.Option(None, "--method", help="minillm (default), kd, seqkd, gkd or sft."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (train.max_steps)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its latest checkpoint."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its latest intact "
+                                "checkpoint, with its saved recipe."),
+    extend: bool = typer.Option(False, "--extend", help="With --resume: allow a larger train.max_steps (constant "
+                                "schedule only)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory (only a minillm run)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate the recipe and print the memory plan; train nothing."),
     num_processes: Optional[int] = typer.Option(None, "--num-processes", help="Train in N processes (one per GPU; "
                                                 "CPU processes without GPUs), started by accelerate launch."),
@@ -185,16 +209,17 @@ def distill(
     flags = {"models.teacher": teacher, "models.student": student, "data.train": data, "output.dir": output,
              "method.name": method, "train.max_steps": max_steps, "output.overwrite": overwrite or None}
     if (recipe is None and not rest and all(v is None for v in flags.values()) and not resume and not dry_run
-            and num_processes is None and accelerate_config is None):
+            and not extend and num_processes is None and accelerate_config is None):
         from minillm_cli.quickstart import run_quickstart
 
         _guard(lambda: run_quickstart(console))
         return
     relaunch = ["distill", *_option_args({"--teacher": teacher, "--student": student, "--data": data, "--output": output,
                                           "--method": method, "--max-steps": max_steps, "--resume": resume,
-                                          "--overwrite": overwrite}), "--", *([recipe] if recipe else []), *rest]
+                                          "--extend": extend, "--overwrite": overwrite}),
+                "--", *([recipe] if recipe else []), *rest]
     _guard(lambda: _run_training(recipe, rest, flags, method or "minillm", resume, dry_run, num_processes,
-                                 accelerate_config, relaunch))
+                                 accelerate_config, relaunch, extend))
 
 
 @app.command()
@@ -205,8 +230,11 @@ def sft(
     data: Optional[str] = typer.Option(None, "--data", help="Training data file (jsonl/json/csv/parquet) or hub id."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Run directory."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (train.max_steps)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its latest checkpoint."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its latest intact "
+                                "checkpoint, with its saved recipe."),
+    extend: bool = typer.Option(False, "--extend", help="With --resume: allow a larger train.max_steps (constant "
+                                "schedule only)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory (only a minillm run)."),
     num_processes: Optional[int] = typer.Option(None, "--num-processes", help="Train in N processes (one per GPU; "
                                                 "CPU processes without GPUs), started by accelerate launch."),
     accelerate_config: Optional[str] = typer.Option(None, "--accelerate-config", help="accelerate config file, or "
@@ -217,10 +245,10 @@ def sft(
     flags = {"models.student": student, "data.train": data, "output.dir": output, "train.max_steps": max_steps,
              "output.overwrite": overwrite or None}
     relaunch = ["sft", *_option_args({"--student": student, "--data": data, "--output": output, "--max-steps": max_steps,
-                                      "--resume": resume, "--overwrite": overwrite}), "--",
+                                      "--resume": resume, "--extend": extend, "--overwrite": overwrite}), "--",
                 *([recipe] if recipe else []), *rest]
     _guard(lambda: _run_training(recipe, rest, flags, "sft", resume, num_processes=num_processes,
-                                 accelerate_config=accelerate_config, relaunch_args=relaunch))
+                                 accelerate_config=accelerate_config, relaunch_args=relaunch, extend=extend))
 
 
 @app.command()
@@ -268,7 +296,8 @@ def eval_cmd(
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the full report as JSON to this file ('-' = stdout)."),
     samples_out: Optional[str] = typer.Option(None, "--samples", help="Write generated samples as jsonl to this file."),
     plot_out: Optional[str] = typer.Option(None, "--plot", help="Write the exposure-bias PNG plot to this file."),
-    fail_under: Optional[list[str]] = typer.Option(None, "--fail-under", help="metric=value (or model:metric=value): exit 1 if below."),
+    fail_under: Optional[list[str]] = typer.Option(None, "--fail-under", help="metric=value (or model:metric=value): exit 1 if below; metric@baseline=value gates the difference to --baseline (lower end of its 95% interval)."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="Model to compare the others with: per-metric difference with a 95% paired bootstrap interval."),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="eval.* recipe overrides, e.g. --set top_p=0.9."),
 ) -> None:
     """Evaluate checkpoints side by side with the paper's protocol (Rouge-L over 5 seeds and more)."""
@@ -280,7 +309,7 @@ def eval_cmd(
             models=models, data=data, teacher=teacher, metrics=metrics, seeds=seeds, greedy=greedy,
             max_samples=max_samples, max_new_tokens=max_new_tokens, batch_size=batch_size, label_words=label_words,
             json_out=json_out, samples_out=samples_out, plot_out=plot_out, fail_under=fail_under or [],
-            overrides=overrides or [], console=console,
+            baseline=baseline, overrides=overrides or [], console=console,
         )
         if code:
             raise typer.Exit(code)

@@ -24,7 +24,7 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 class Section(BaseModel):
     """Base config: unknown keys are errors, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------- models
@@ -40,7 +40,7 @@ class StudentInit(Section):
     config: dict[str, Any] = Field(default_factory=dict)
     """Config overrides for `from: fresh`, e.g. {num_hidden_layers: 4, hidden_size: 256}."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _one_choice(self) -> "StudentInit":
@@ -362,27 +362,76 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """The safe loader, but a key given twice in one mapping is an error (plain YAML keeps the last
+    one silently: a second `method:` section would drop the first without a word)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        try:
+            duplicate = key in seen
+            seen.add(key)
+        except TypeError:  # an unhashable key: the constructor below reports it
+            continue
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (each key may appear once)", key_node.start_mark)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def read_recipe_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML recipe (safe loader). A name without a path is looked up among shipped recipes."""
+    """Read a YAML recipe (safe loader, duplicate keys refused). A name without a path is looked up
+    among shipped recipes."""
     p = Path(path)
-    if not p.exists():
+    try:
+        exists = p.exists()
+    except (OSError, ValueError):  # e.g. an embedded NUL byte
+        raise UserError(f"recipe file not found: {str(path)!r}") from None
+    if not exists:
         shipped = find_shipped(str(path))
         if shipped is None:
             raise UserError(f"recipe file not found: {path} (see `minillm recipes` for shipped ones)")
         p = shipped
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.load(p.read_text(encoding="utf-8-sig"), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"recipe {p}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())  # one line
+        raise UserError(f"recipe {p}{where}: invalid YAML ({problem})") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"recipe {p}: cannot read ({e})") from None
+    except RecursionError:
+        raise UserError(f"recipe {p}: nested too deeply") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise UserError(f"recipe {p}: top level must be a mapping of sections, got {type(data).__name__}")
     return data
+
+
+def _check_text(tree: Any, key: str = "") -> None:
+    """Every string must be valid Unicode: YAML and JSON escapes can make a lone surrogate
+    (`"\\ud83d"`), which no tokenizer or file writer accepts."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            _check_text(k, key)
+            _check_text(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            _check_text(v, f"{key}[{i}]")
+    elif isinstance(tree, str):
+        try:
+            tree.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise UserError(f"{key or '<recipe>'}: invalid Unicode in {tree[:40]!r} (a lone surrogate "
+                            f"{tree[e.start:e.end]!r}; write the character itself)") from None
 
 
 def _format_errors(err: ValidationError, raw: dict[str, Any]) -> str:
@@ -402,17 +451,44 @@ def _format_errors(err: ValidationError, raw: dict[str, Any]) -> str:
     return "invalid recipe: " + "; ".join(problems)
 
 
+def check_minillm_sampler(rollout: RolloutConfig) -> None:
+    """Reject sampler settings under which MiniLLM's samples and scores would disagree (see methods/minillm.py).
+
+    Raises:
+        UserError: `rollout.top_k` or `rollout.top_p` is not off, naming the key.
+    """
+    for key, value, off in (("top_k", rollout.top_k, 0), ("top_p", rollout.top_p, 1.0)):
+        if value != off:
+            raise UserError(
+                f"rollout.{key}: {value} is not supported with method minillm (ids outside the cut would never "
+                f"be sampled and get no gradient); use rollout.{key}={off:g}, or rollout.temperature, which "
+                "trains the tempered student")
+
+
 def validate(tree: dict[str, Any]) -> Recipe:
     """Validate a nested dict into a Recipe; every problem is reported with its dotted key."""
+    _check_text(tree)
     tree = dict(tree)
     if isinstance(tree.get("method"), str):
         tree["method"] = {"name": tree["method"]}
     if isinstance(tree.get("method"), dict) and "name" not in tree["method"]:
         tree["method"] = {"name": "minillm", **tree["method"]}
     try:
-        return Recipe.model_validate(tree)
+        recipe = Recipe.model_validate(tree)
     except ValidationError as e:
         raise UserError(_format_errors(e, tree)) from None
+    if recipe.method.name == "minillm":
+        check_minillm_sampler(recipe.rollout)
+    return recipe
+
+
+def _merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
+    """Deep-merge recipe `src` into `dst` (a section given as a scalar, like `method: kd`, replaces)."""
+    for key, value in src.items():
+        if isinstance(value, dict) and isinstance(dst.get(key), dict):
+            _merge(dst[key], value)
+        else:
+            dst[key] = value
 
 
 def load_recipe(
@@ -420,23 +496,35 @@ def load_recipe(
     overrides: list[str] | None = None,
     flags: dict[str, Any] | None = None,
     default_method: str = "minillm",
+    base: str | Path | None = None,
 ) -> tuple[Recipe, dict[str, str]]:
-    """Build the run's recipe: defaults < file < overrides < named flags.
+    """Build the run's recipe: defaults < base < file < overrides < named flags.
 
     Args:
         path: YAML file, a shipped recipe name, or None for defaults only.
         overrides: `section.key=value` strings (values parsed as YAML).
         flags: dotted key -> value from named CLI flags (None values are ignored).
         default_method: method used when neither file nor overrides name one.
+        base: the saved recipe of a run being resumed: what the run was started with, so that only
+            what the user gives now changes (and is then compared with it by the loop).
 
     Returns:
-        The validated recipe and a map dotted-key -> source ("recipe", "override", "flag") for
-        every value that did not come from the defaults.
+        The validated recipe and a map dotted-key -> source ("run", "recipe", "override", "flag")
+        for every value that did not come from the defaults.
     """
-    tree: dict[str, Any] = read_recipe_file(path) if path is not None else {}
+    tree: dict[str, Any] = {}
+    source: dict[str, str] = {}
+    if base is not None:
+        tree = read_recipe_file(base)
+        source = {k: "run" for k in _leaves(tree)}
+    base_method = tree["method"].get("name") if isinstance(tree.get("method"), dict) else None
     if path is not None:
-        _anchor_paths(tree, _recipe_location(path))
-    source = {k: "recipe" for k in _leaves(tree)}
+        file_tree = read_recipe_file(path)
+        _anchor_paths(file_tree, _recipe_location(path))
+        source.update({k: "recipe" for k in _leaves(file_tree)})
+        if isinstance(file_tree.get("method"), str):
+            file_tree["method"] = {"name": file_tree["method"]}
+        _merge(tree, file_tree)
     if "method" not in tree:
         tree["method"] = {"name": default_method}
     elif isinstance(tree["method"], str):
@@ -449,7 +537,28 @@ def load_recipe(
         if value is not None:
             _set_dotted(tree, key, value)
             source[key] = "flag"
+    method = tree.get("method")
+    if base_method is not None and isinstance(method, dict) and method.get("name") != base_method:
+        # Another method than the saved run's: its settings do not carry over (the loop then
+        # refuses the resume, naming method.name).
+        tree["method"] = {k: v for k, v in method.items() if source.get(f"method.{k}") != "run"}
     return validate(tree), source
+
+
+def output_dir_of(path: str | Path | None, overrides: list[str] | None, flags: dict[str, Any] | None) -> str | None:
+    """`output.dir` as the user gives it (flag > override > recipe file), read before validation:
+    `--resume` needs the run's saved recipe to validate the rest against."""
+    if flags and flags.get("output.dir") is not None:
+        return str(flags["output.dir"])
+    for text in reversed(overrides or []):
+        key, value = parse_override(text)
+        if key == "output.dir" and value is not None:
+            return str(value)
+    if path is not None:
+        node = read_recipe_file(path).get("output")
+        if isinstance(node, dict) and node.get("dir") is not None:
+            return str(node["dir"])
+    return None
 
 
 PATH_KEYS = (("data", "train"), ("data", "dev"), ("data", "corpus"), ("models", "teacher"), ("models", "student"))
@@ -467,8 +576,11 @@ def _anchor_paths(tree: dict[str, Any], recipe_path: Path) -> None:
     for section, key in PATH_KEYS:
         node = tree.get(section)
         value = node.get(key) if isinstance(node, dict) else None
-        if isinstance(value, str) and value and not Path(value).is_absolute() and (base / value).exists():
-            node[key] = str(base / value)
+        try:
+            if isinstance(value, str) and value and not Path(value).is_absolute() and (base / value).exists():
+                node[key] = str(base / value)
+        except (OSError, ValueError):  # not a usable path (e.g. a NUL byte): validation names it later
+            continue
 
 
 def dump_resolved(recipe: Recipe, source: dict[str, str]) -> str:

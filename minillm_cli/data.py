@@ -99,7 +99,7 @@ def file_sha256(path: str | Path) -> str:
 
 def _read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a UTF-8 BOM (Excel, Notepad) is not part of the data
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -107,6 +107,8 @@ def _read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise UserError(f"{path}:{lineno}: JSON nested too deeply") from None
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             rows.append((f"{path}:{lineno}", row))
@@ -115,9 +117,11 @@ def _read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:
 
 def _read_json(path: Path) -> list[tuple[str, dict[str, Any]]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    except RecursionError:
+        raise UserError(f"{path}: JSON nested too deeply") from None
     if isinstance(data, dict):  # {"data": [...]} or similar single-key wrappers
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -134,10 +138,13 @@ def _read_json(path: Path) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _read_csv(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
         # line 1 is the header; DictReader.line_num is the physical line of the row's end
-        return [(f"{path}:{reader.line_num}", dict(row)) for row in reader]
+        try:
+            return [(f"{path}:{reader.line_num}", dict(row)) for row in reader]
+        except csv.Error as e:
+            raise UserError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
 
 
 def _read_parquet(path: Path) -> list[tuple[str, dict[str, Any]]]:
@@ -168,7 +175,11 @@ def read_rows(source: str, split: str = "train") -> list[tuple[str, dict[str, An
     if source.startswith("hub:"):
         return _read_hub(source[4:], split)
     path = Path(source).expanduser()
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except (OSError, ValueError):  # an embedded NUL byte, a name too long
+        raise UserError(f"data file not found: {source!r}") from None
+    if not exists:
         if "/" in source and not source.startswith((".", "/", "~")) and path.suffix == "":
             return _read_hub(source, split)
         raise UserError(f"data file not found: {source}")
@@ -210,6 +221,17 @@ def _text(row: dict[str, Any], key: str, where: str, required: bool = True) -> s
         return ""
     if not isinstance(value, str):
         raise UserError(f"{where}: column '{key}' must be a string, got {type(value).__name__}")
+    return _valid_text(value, f"{where}: column '{key}'")
+
+
+def _valid_text(value: str, what: str) -> str:
+    """JSON escapes can spell a lone surrogate (`"\\ud83d"`, half of an emoji): not Unicode text,
+    and no tokenizer accepts it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{what} holds invalid Unicode (a lone surrogate {value[e.start:e.end]!r}, "
+                        "e.g. half of an emoji's escape pair)") from None
     return value
 
 
@@ -226,9 +248,11 @@ def row_to_example(row: dict[str, Any], fmt: str, where: str) -> Example:
         msgs = row.get("messages")
         if not isinstance(msgs, list) or not msgs:
             raise UserError(f"{where}: 'messages' must be a non-empty list")
-        for m in msgs:
+        for i, m in enumerate(msgs):
             if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
                 raise UserError(f"{where}: every message needs string 'role' and 'content'")
+            _valid_text(m["role"], f"{where}: messages[{i}].role")
+            _valid_text(m["content"], f"{where}: messages[{i}].content")
         if msgs[-1]["role"] != "assistant" or len(msgs) < 2:
             raise UserError(f"{where}: the last message must be the assistant's response, after a user turn")
         context = [dict(role=m["role"], content=m["content"]) for m in msgs[:-1]]
@@ -241,7 +265,9 @@ def row_to_example(row: dict[str, Any], fmt: str, where: str) -> Example:
         raise UserError(f"{where}: empty instruction/prompt")
     user = ins if not inp.strip() else f"{ins}\n\n{inp}"
     refs = row.get("references")
-    references = [r for r in refs if isinstance(r, str)] if isinstance(refs, list) and refs else [out]
+    references = [_valid_text(r, f"{where}: column 'references'") for r in refs if isinstance(r, str)] \
+        if isinstance(refs, list) and refs else [out]
+    references = references or [out]
     return Example(
         messages=[{"role": "user", "content": user}], response=out, instruction=ins, input=inp, where=where,
         references=references,
@@ -414,12 +440,16 @@ def load_corpus(path: str, tokenizer: Any, max_tokens: int) -> list[list[int]]:
         raise UserError(f"data.corpus: file not found: {path}")
     segments: list[list[int]] = []
     eos = tokenizer.eos_token_id
-    with open(p, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            ids = tokenizer(line.strip(), add_special_tokens=False)["input_ids"] + [eos]
-            segments += [ids[i : i + max_tokens] for i in range(0, len(ids), max_tokens)]
+    try:
+        with open(p, encoding="utf-8-sig") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                text = _valid_text(line.strip(), f"data.corpus: {path}:{lineno}")
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+                segments += [ids[i : i + max_tokens] for i in range(0, len(ids), max_tokens)]
+    except UnicodeDecodeError:
+        raise UserError(f"data.corpus: {path}: not UTF-8 text") from None
     segments = [s for s in segments if len(s) >= 8]
     if not segments:
         raise UserError(f"data.corpus: {path} holds no usable text")

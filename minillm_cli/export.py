@@ -289,8 +289,24 @@ def _check_out(out: Path, step_dir: Path, overwrite: bool) -> None:
     target = out.resolve()
     if target == source or target in source.parents:
         raise UserError(f"--out {out}: contains the step being exported ({step_dir}); choose another directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--out {out}: directory exists and is not empty; pass --overwrite to replace it")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"--out {out}: directory exists and is not empty; pass --overwrite to replace it")
+        if not _is_export(out):
+            names = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())
+            shown = ", ".join(names[:5]) + (f", … ({len(names) - 5} more)" if len(names) > 5 else "")
+            raise UserError(f"--overwrite: {out} is not an earlier minillm export (it holds {shown}); refusing to "
+                            "delete it: choose another --out")
+        if Path.cwd().resolve() == target or target in Path.cwd().resolve().parents:
+            raise UserError(f"--overwrite: refusing to delete {out}: it contains the current directory")
+
+
+def _is_export(path: Path) -> bool:
+    """An export written by minillm: its model card says so (see `_model_card`)."""
+    try:
+        return _CARD_SIGNATURE in (path / "README.md").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def _load_source(step_dir: Path, meta: dict[str, Any], is_lora: bool) -> tuple[Any, Any, str]:
@@ -302,6 +318,9 @@ def _load_source(step_dir: Path, meta: dict[str, Any], is_lora: bool) -> tuple[A
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from minillm_cli.checkpoint import check_weights
+
+    check_weights(step_dir)  # name a truncated or garbage file before transformers trips over it
     tokenizer = AutoTokenizer.from_pretrained(step_dir)
     if is_lora:
         base = _base_model_dir(step_dir, meta)
@@ -326,6 +345,9 @@ def _load_adapter(adapter_dir: Path, base: Path) -> Any:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from minillm_cli.checkpoint import check_weights
+
+    check_weights(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     return PeftModel.from_pretrained(model, adapter_dir).eval()
 
@@ -658,6 +680,9 @@ def _fmt(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
+_CARD_SIGNATURE = "A student distilled with minillm"
+
+
 def _model_card(step_dir: Path, meta: dict[str, Any], opts: ExportOptions, dtype: str, is_lora: bool, files: list[str]) -> str:
     """README.md: where the model came from (teacher, init, method settings, data hash, steps, dev
     metrics, tool version) and how it was exported."""
@@ -691,7 +716,7 @@ def _model_card(step_dir: Path, meta: dict[str, Any], opts: ExportOptions, dtype
     tags = list(dict.fromkeys(["minillm", "distillation", str(method_name)]))  # no duplicate for method minillm
     front = {"library_name": "peft" if is_lora and not opts.merge_lora else "transformers", "tags": tags}
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {opts.out.name}", ""]
-    lines += [f"A student distilled with minillm ({method_name}) from {_fmt(meta.get('teacher'))}.", ""]
+    lines += [f"{_CARD_SIGNATURE} ({method_name}) from {_fmt(meta.get('teacher'))}.", ""]
     lines += ["## Provenance", "", "| | |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in rows if v is not None]
     lines += ["", "## Method settings", "", "```yaml", yaml.safe_dump({"method": method}, sort_keys=False).strip(), "```", ""]
     lines += ["## Final dev metrics", ""]

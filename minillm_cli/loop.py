@@ -27,7 +27,8 @@ from minillm_cli import __version__
 from minillm_cli import checkpoint as ckpt
 from minillm_cli import data as data_mod
 from minillm_cli import models as models_mod
-from minillm_cli.config import Recipe, dump_resolved
+from minillm_cli import rundir
+from minillm_cli.config import Recipe, dump_resolved, read_recipe_file, validate
 from minillm_cli.errors import RunStopped, UserError
 from minillm_cli.progress import Progress
 
@@ -213,6 +214,14 @@ def make_stepper(ctx: Ctx) -> Any:
     return cls(ctx)
 
 
+def _resolve(key: str, name: str) -> Path:
+    """`models_mod.resolve_model`, its errors prefixed with the recipe key they are about."""
+    try:
+        return models_mod.resolve_model(name)
+    except UserError as e:
+        raise UserError(f"{key}: {e}") from None
+
+
 def resolve_models(recipe: Recipe, say: Callable[[str], None]) -> tuple[Path | None, Path, dict[str, Any]]:
     """Resolve teacher and student to local model directories (building the student if asked).
 
@@ -222,9 +231,9 @@ def resolve_models(recipe: Recipe, say: Callable[[str], None]) -> tuple[Path | N
     needs_teacher = recipe.method.name in TEACHER_METHODS
     if needs_teacher and m.teacher is None:
         raise UserError(f"models.teacher: method {recipe.method.name} needs a teacher (set it or pass --teacher)")
-    teacher_dir = models_mod.resolve_model(m.teacher) if m.teacher is not None else None
+    teacher_dir = _resolve("models.teacher", m.teacher) if m.teacher is not None else None
     if m.student is not None:
-        return teacher_dir, models_mod.resolve_model(m.student), {"from": "model", "path": m.student}
+        return teacher_dir, _resolve("models.student", m.student), {"from": "model", "path": m.student}
     if m.student_init is None:
         raise UserError("models.student: no student given (set models.student, models.student_init or --student)")
     if teacher_dir is None:
@@ -244,8 +253,57 @@ def resolve_models(recipe: Recipe, say: Callable[[str], None]) -> tuple[Path | N
     return teacher_dir, out, record
 
 
-def train(recipe: Recipe, source: dict[str, str], *, resume: bool = False, console: Console | None = None) -> Path:
-    """Run one training job (any method) described by `recipe`; returns the run directory."""
+def _inputs(recipe: Recipe) -> dict[str, Path]:
+    """The run's local inputs (recipe key -> path), which an --overwrite must never delete."""
+    keys = {"data.train": recipe.data.train, "data.dev": recipe.data.dev, "data.corpus": recipe.data.corpus,
+            "models.teacher": recipe.models.teacher, "models.student": recipe.models.student}
+    out = {}
+    for key, value in keys.items():
+        try:
+            if value and Path(value).expanduser().exists():
+                out[key] = Path(value).expanduser()
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _check_resume(recipe: Recipe, resume_dir: Path, extend: bool) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """Compare the recipe asked for now with the checkpoint's (see `rundir.check_resume`).
+
+    Returns the new extension record (or None) and the run's earlier ones, from the step's meta.json.
+    """
+    try:
+        saved = validate(read_recipe_file(resume_dir / "recipe.yaml"))
+        meta = json.loads((resume_dir / "meta.json").read_text(encoding="utf-8"))
+    except UserError as e:
+        raise UserError(f"--resume: the saved recipe of {resume_dir} is unusable ({e})") from None
+    extension = rundir.check_resume(saved, recipe, meta, extend=extend)
+    return extension, list(meta.get("extended", []))
+
+
+def train(recipe: Recipe, source: dict[str, str], *, resume: bool = False, extend: bool = False,
+          console: Console | None = None) -> Path:
+    """Run one training job (any method) described by `recipe`; returns the run directory.
+
+    Args:
+        resume: continue the run in `output.dir` from its newest intact checkpoint; the recipe must
+            be the run's own (`rundir.check_resume`).
+        extend: with `resume`, allow a larger `train.max_steps` when the schedule does not depend on it.
+    """
+    claims: list[rundir.Claim] = []
+    try:
+        return _train(recipe, source, resume, extend, console, claims)
+    except BaseException:
+        for claim in claims:
+            claim.abandon()  # a setup that failed (or was interrupted) leaves nothing it created
+        raise
+    finally:
+        for claim in claims:
+            claim.release()  # the run directory's lock: free for the next process
+
+
+def _train(recipe: Recipe, source: dict[str, str], resume: bool, extend: bool, console: Console | None,
+           claims: list[rundir.Claim]) -> Path:
     from accelerate import Accelerator
 
     import transformers
@@ -261,7 +319,8 @@ def train(recipe: Recipe, source: dict[str, str], *, resume: bool = False, conso
     accelerator = Accelerator(cpu=device.type == "cpu")
     device = accelerator.device
     main = accelerator.is_main_process
-    say = (lambda s: console.print(s, highlight=False)) if main else (lambda s: None)
+    # Messages hold paths and user text: printed as they are, never read as rich markup.
+    say = (lambda s: console.print(s, highlight=False, markup=False)) if main else (lambda s: None)
 
     # Every rank checks every input; all of them stop, with one message, if any rank failed,
     # before the main process writes anything.
@@ -271,16 +330,22 @@ def train(recipe: Recipe, source: dict[str, str], *, resume: bool = False, conso
 
         run_dir = broadcast_object_list([run_dir])[0]
     setup_error: Exception | None = None
+    claim: rundir.Claim | None = None
+    extension: dict[str, Any] | None = None
+    extended: list[dict[str, Any]] = []
     try:
         _check_launch(recipe, accelerator, resume)
-        # ---- run directory decision (nothing is written before every input has been checked)
+        # ---- run directory: owned by the main process from here on (a lock; nothing deleted yet)
+        if main:
+            claim = rundir.claim(run_dir, resume=resume, overwrite=recipe.output.overwrite, protected=_inputs(recipe))
+            claims.append(claim)
         resume_dir: Path | None = None
         if resume:
-            resume_dir = ckpt.latest_step_dir(run_dir)
-            if resume_dir is None:
-                raise UserError(f"--resume: no complete checkpoint in {run_dir}")
-        elif run_dir.exists() and any(run_dir.iterdir()) and not recipe.output.overwrite:
-            raise UserError(f"output.dir: {run_dir} already exists; pass --resume to continue it or --overwrite to replace it")
+            resume_dir, skipped = rundir.resumable_step(run_dir)
+            for note in skipped:
+                say(f"--resume: skipping damaged checkpoint {note}")
+            ckpt.check_world_size(resume_dir, accelerator.num_processes)
+            extension, extended = _check_resume(recipe, resume_dir, extend)
 
         # ---- models and data
         teacher_dir, student_dir, student_init = resolve_models(recipe, say)
@@ -324,15 +389,24 @@ def train(recipe: Recipe, source: dict[str, str], *, resume: bool = False, conso
         setup_error = e
     _agree_on_setup(accelerator, setup_error)
 
-    # ---- run dir + resolved recipe
+    # ---- run dir + resolved recipe (a resumed run keeps its recipe unless --extend changed it)
     recipe_text = dump_resolved(recipe, source)
     if main:
-        if not resume and run_dir.exists() and recipe.output.overwrite:
-            import shutil
-
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(recipe_text, encoding="utf-8")
+        assert claim is not None
+        try:
+            claim.prepare()
+            if resume_dir is None or extension is not None:
+                ckpt.write_text_atomic(run_dir / "recipe.yaml", recipe_text)
+            if resume_dir is not None:
+                dropped = rundir.trim_metrics(run_dir, int(resume_state[0]["step"]))
+                if dropped:
+                    say(f"metrics.jsonl: dropped {dropped} records of steps after the checkpoint (not saved before the stop)")
+        except OSError as e:
+            what = "disk full" if ckpt.is_disk_full(e) else (e.strerror or str(e))
+            raise UserError(f"output.dir: cannot write the run directory {run_dir}: {what}") from None
+    if extension is not None:
+        extended = [*extended, {**extension, "at_step": int(resume_state[0]["step"])}]
+        say(f"--extend: train.max_steps {extension['from']} → {extension['to']} (recorded in meta.json)")
     accelerator.wait_for_everyone()
 
     params = [p for p in student.parameters() if p.requires_grad]
@@ -373,11 +447,14 @@ def train(recipe: Recipe, source: dict[str, str], *, resume: bool = False, conso
         stepper.load_state(state.get("method", {}), tensors)
         say(f"resumed from {resume_dir} (step {start_step})")
 
+    hashes = rundir.data_hashes(recipe.data)
     meta_base = {
         "method": recipe.method.name, "method_settings": recipe.method.model_dump(),
         "teacher": m.teacher, "teacher_dir": str(teacher_dir) if teacher_dir else None,
         "student": m.student, "student_init": student_init,
-        "data": {"path": recipe.data.train, "sha256": _maybe_hash(recipe.data.train)},
+        "data": {"path": recipe.data.train, "sha256": hashes["train"], "dev_sha256": hashes["dev"],
+                 "corpus_sha256": hashes["corpus"]},
+        "extended": extended,
         "lora": m.lora.enabled, "base_model": str(student_dir) if m.lora.enabled else None,
         "minillm_version": __version__,
     }
@@ -397,6 +474,11 @@ def train(recipe: Recipe, source: dict[str, str], *, resume: bool = False, conso
 
     def save(step: int, state: dict[str, Any], tensors: dict[str, torch.Tensor], dev_metrics: dict[str, float]) -> Path | None:
         path = None
+        if _any_rank(accelerator, not _weights_finite(student_wrapped)):
+            prev = ckpt.latest_step_dir(run_dir)
+            kept = f"the last checkpoint {prev.name} is intact" if prev else "no checkpoint was saved"
+            raise RunStopped(f"stopped at step {step}: the student's weights are no longer finite (NaN or inf), "
+                             f"so they were not saved; {kept}; lower optim.lr (now {recipe.optim.lr:g})", exit_code=1)
         full_weights = accelerator.get_state_dict(student_wrapped) if sharded else None  # collective gather
         if not main:  # each rank's RNG / rollout buffer; the main process moves it into the step dir
             ckpt.stage_rank_state(run_dir, step, accelerator.process_index, tensors, state["method"])
@@ -442,7 +524,14 @@ def train(recipe: Recipe, source: dict[str, str], *, resume: bool = False, conso
                 step += 1
                 continue
             consecutive_bad = 0
-            optimizer.step()
+            try:
+                optimizer.step()
+            except RuntimeError as e:
+                if "overflow" not in str(e):
+                    raise
+                raise RunStopped(f"stopped at step {step + 1}: the optimizer's update overflows the weights' dtype "
+                                 f"(optim.lr={o.lr:g} is far too large); nothing of this step was saved",
+                                 exit_code=1) from None
             optimizer.zero_grad(set_to_none=True)
             ctx.weights_version += 1
             step += 1
@@ -483,8 +572,20 @@ def _finish_interrupted(signals: _Signals, step: int, last_saved: int, state_and
     path = None
     if step > 0 and step != last_saved:
         path = save(step, *state_and_tensors, dev_metrics)
+    if path is None and last_saved < 0:
+        # Nothing was ever saved: there is nothing to resume, and the next start may reuse the directory.
+        raise RunStopped(f"{name} received: stopped before the first step completed; nothing was saved, so there "
+                         "is nothing to resume: run the same command again to start over", 128 + signum)
     where = f"checkpoint {path}" if path else "no new checkpoint (nothing completed since the last one)"
     raise RunStopped(f"{name} received: stopped after step {step}; {where}; continue with --resume", 128 + signum)
+
+
+def _weights_finite(model: torch.nn.Module) -> bool:
+    """Whether every parameter of this process is finite (one fused reduction per dtype group)."""
+    params = [p.detach() for p in model.parameters() if p.numel()]
+    if not params:
+        return True
+    return all(bool(torch.isfinite(n)) for n in torch._foreach_norm(params))
 
 
 def _clip(accelerator: Any, params: list[torch.nn.Parameter], max_norm: float | None, sharded: bool = False) -> float:
@@ -627,12 +728,6 @@ def _gather_full_weights(sharded: torch.nn.Module, replica: torch.nn.Module, dee
             target[name.replace("_checkpoint_wrapped_module.", "")].copy_(p.detach())
 
 
-def _maybe_hash(path: str | None) -> str | None:
-    if path and Path(path).is_file():
-        return data_mod.file_sha256(path)
-    return None
-
-
 def _freeze_below(model: torch.nn.Module, top: int) -> None:
     """Freeze everything except the top `top` transformer blocks and the final norm."""
     block = {name: int(m.group(2)) for name, _ in model.named_parameters() if (m := models_mod.LAYER_KEY.match(name))}
@@ -662,6 +757,13 @@ def _load_weights(model: torch.nn.Module, step_dir: Path) -> None:
     state: dict[str, torch.Tensor] = {}
     for name in files:
         state.update(load_file(str(step_dir / name)))
+    ckpt.check_weights(step_dir)
+    expected = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state.items()
+             if k in expected and v.shape != expected[k].shape]
+    if wrong:
+        raise UserError(f"{step_dir}: checkpoint does not match the student (shape of {wrong[0]}"
+                        f"{f' and {len(wrong) - 1} more' if len(wrong) > 1 else ''}); resume with the run's own student")
     missing, unexpected = model.load_state_dict(state, strict=False)
     # Tied output embeddings are saved once; anything else missing is a real problem.
     tied = getattr(model.config, "tie_word_embeddings", False)

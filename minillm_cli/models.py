@@ -110,9 +110,14 @@ def resolve_model(
         return path
     if path.exists():
         raise UserError(f"{path} is neither a model directory nor a .gguf file")
-    if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1:
+    first = Path(name_or_path).parts[0] if Path(name_or_path).parts else ""
+    if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") != 1 or Path(first).is_dir():
+        # A path (`models/x` where `models/` is a local folder, `./x`, `a/b/c`), not `org/name`.
         raise UserError(f"{path}: no such file or directory")
-    return _hub_snapshot(name_or_path)
+    try:
+        return _hub_snapshot(name_or_path)
+    except UserError as e:
+        raise UserError(f"{name_or_path}: no such local directory ({path.absolute()}), and {e}") from None
 
 
 def _alias_gguf(alias: str) -> Path:
@@ -399,6 +404,9 @@ def load_model(
         raise UserError(
             f"{path} has only pickle weights (pytorch_model.bin); pass models.allow_pickle: true if you trust it"
         )
+    from minillm_cli.checkpoint import check_weights
+
+    check_weights(path)  # a truncated or garbage file is named here, not deep inside transformers
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
@@ -407,8 +415,13 @@ def load_model(
             use_safetensors=None if allow_pickle else True,
             trust_remote_code=trust_remote_code,
         )
-    except ValueError as e:
-        raise UserError(f"{path}: cannot load as a causal LM ({str(e).splitlines()[0][:160]})") from None
+    except (ValueError, OSError, RuntimeError, KeyError, TypeError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(f"{path}: cannot load as a causal LM ({first})") from None
+    except Exception as e:  # safetensors' own error type (not importable by a stable name)
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise UserError(f"{path}: unreadable weights ({str(e)[:160]})") from None
     return model.to(device).eval()
 
 
@@ -482,6 +495,9 @@ def _read_safetensors_keys(model_dir: Path) -> dict[str, Path]:
     files = sorted(model_dir.glob("model*.safetensors"))
     if not files:
         raise UserError(f"{model_dir}: building a student needs safetensors weights (found none)")
+    from minillm_cli.checkpoint import check_weights
+
+    check_weights(model_dir)
     where = {}
     for f in files:
         with safe_open(str(f), framework="pt") as st:

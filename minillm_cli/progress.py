@@ -3,6 +3,7 @@ and always `metrics.jsonl` in the run directory (one JSON object per logged step
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import sys
@@ -13,6 +14,8 @@ from typing import Any
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+
+from minillm_cli.errors import UserError
 
 # Metrics shown in the live view / plain lines, in this order, when present.
 SHOWN = ("loss", "lr", "reward", "rkl", "pg_loss", "reg_loss", "pt_loss", "clip_frac", "resp_len", "tok_per_s")
@@ -84,8 +87,12 @@ class Progress:
             return
         self.step = step
         record = {"step": step, "time": round(time.time() - self.t0, 3), **metrics}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            raise UserError(f"cannot write {self.path} at step {step}: {what}") from None
         self.last.update(metrics)
         if not show:
             return
@@ -95,9 +102,9 @@ class Progress:
             parts = [f"step {step}/{self.total}"] + [f"{k}={_fmt(metrics[k])}" for k in SHOWN if k in metrics]
             parts += [f"{k}={_fmt(v)}" for k, v in metrics.items() if k.startswith("dev/")]
             parts.append(f"elapsed={_duration(time.time() - self.t0)} eta={_duration(self._eta())}")
-            self.console.print(" ".join(parts), highlight=False, soft_wrap=True)
+            self.console.print(" ".join(parts), highlight=False, markup=False, soft_wrap=True)
             sys.stdout.flush()
 
     def message(self, text: str) -> None:
         if self.enabled:
-            self.console.print(text, highlight=False)
+            self.console.print(text, highlight=False, markup=False)

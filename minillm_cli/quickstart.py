@@ -9,8 +9,10 @@ Pipeline (recipes/quickstart.yaml):
   4. MiniLLM distillation from the warmed-up student;
   5. evaluation of the teacher, the initial (pruned, untrained) student, the student after its SFT
      warm-up and the distilled student on the held-out split; a table with the gain of the whole
-     pipeline AND of the MiniLLM stage alone (distilled minus warmed-up), so neither is hidden;
-     and the command that exports the distilled checkpoint.
+     pipeline AND of the MiniLLM stage alone (distilled minus warmed-up, with its 95% paired
+     bootstrap interval over the held-out prompts: `minillm eval --baseline`), so neither is hidden
+     and a stage change inside the noise reads "within noise"; and the command that exports the
+     distilled checkpoint.
 """
 
 from __future__ import annotations
@@ -136,7 +138,7 @@ def run_quickstart(console: Console, recipe_path: Path = QUICKSTART, overrides: 
     sets = [f"{k}={json.dumps(v)}" for k, v in e.model_dump().items() if k not in ("every", "metrics") and v is not None]
     report_path = run_dir / "eval.json"
     run_eval(models=[str(student_dir), str(initial), str(distilled)], data=q.test, teacher=teacher, metrics=",".join(e.metrics),
-             json_out=str(report_path), overrides=sets, console=console)
+             json_out=str(report_path), overrides=sets, baseline=str(initial), console=console)
     _print_gain(console, json.loads(report_path.read_text()), student_dir, initial, distilled)
     minutes = (time.time() - t0) / 60
     console.print(f"\nquickstart finished in {minutes:.1f} min. Distilled checkpoint: {distilled}")
@@ -153,13 +155,15 @@ def _train_stage(console: Console, recipe: Any) -> None:
 
 def _print_gain(console: Console, report: dict[str, Any], init: Path, warmed: Path, distilled: Path) -> None:
     """Teacher / initial / warmed-up / distilled side by side, with the pipeline's gain and the
-    MiniLLM stage's own change (distilled minus warmed-up)."""
+    MiniLLM stage's own change (distilled minus warmed-up) with its paired 95% interval, from the
+    report's comparison against the warmed-up student (`run_eval(baseline=...)`)."""
     rows = {m["name"]: m["metrics"] for m in report["models"]}
+    stage = (report.get("comparison") or {}).get("models", {}).get(str(distilled), {})
     teacher = next((n for n in rows if n.endswith("(teacher)")), None)
     cols = [("initial student", str(init)), ("after SFT warm-up", str(warmed)), ("distilled", str(distilled))]
     table = Table(title="held-out split (test): the quickstart's students against the teacher")
     table.add_column("metric")
-    for label in (["teacher"] if teacher else []) + [c[0] for c in cols] + ["gain", "MiniLLM stage"]:
+    for label in (["teacher"] if teacher else []) + [c[0] for c in cols] + ["gain", "MiniLLM stage (95% CI)"]:
         table.add_column(label, justify="right")
     lower_better = ("loss", "kl", "ece")
 
@@ -169,17 +173,30 @@ def _print_gain(console: Console, report: dict[str, Any], init: Path, warmed: Pa
             return "-"
         return f"{v['mean']:.2f}" + (f" ± {v['std']:.2f}" if v.get("std") is not None else "")
 
+    def colour(m: str, d: float) -> str:
+        return "green" if (d < 0 if any(s in m for s in lower_better) else d > 0) else "red"
+
     def delta(a_name: str, b_name: str, m: str) -> str:
         a, b = rows[a_name].get(m), rows[b_name].get(m)
         if not (a and b and a["mean"] is not None and b["mean"] is not None):
             return "-"
         d = b["mean"] - a["mean"]
-        good = d < 0 if any(s in m for s in lower_better) else d > 0
-        return f"[{'green' if good else 'red'}]{d:+.2f}[/]"
+        return f"[{colour(m, d)}]{d:+.2f}[/]"
+
+    def stage_change(m: str) -> str:
+        d = stage.get(m)
+        if d is None or d["low"] is None or d["high"] is None:
+            return delta(str(warmed), str(distilled), m)  # no per-prompt interval for this metric
+        text = f"{d['diff']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
+        if d["within_noise"]:
+            return f"[yellow]{text} within noise[/]"
+        return f"[{colour(m, d['diff'])}]{text}[/]"
 
     for m in rows[str(distilled)]:
         table.add_row(m, *([cell(teacher, m)] if teacher else []), *[cell(n, m) for _, n in cols],
-                      delta(str(init), str(distilled), m), delta(str(warmed), str(distilled), m))
+                      delta(str(init), str(distilled), m), stage_change(m))
     console.print(table)
-    console.print("gain = distilled - initial (the whole pipeline); MiniLLM stage = distilled - after warm-up. "
-                  "rougeL: higher is better; fkl/rkl (KL to the teacher on student- or teacher-sampled text): lower.")
+    console.print("gain = distilled - initial (the whole pipeline); MiniLLM stage = distilled - after warm-up, "
+                  "with its 95% paired bootstrap interval over the held-out prompts (seeds paired; 'within noise' "
+                  "when it covers 0). rougeL: higher is better; fkl/rkl (KL to the teacher on student- or "
+                  "teacher-sampled text): lower.")

@@ -2,17 +2,25 @@
 
 This is our own decoding loop (no `model.generate`): one prefill forward over the left-padded
 prompts per model, then one token per step, each model keeping its own KV cache and both fed the
-same sampled tokens. Per sampled token it records the untempered, unfiltered log-probs that define
-the MiniLLM objective and the importance weight `w_t = q_old(y_t) / p̃(y_t)`:
+same sampled tokens.
 
-    logq_t    = log q_old(y_t | x, y_<t)                        (student, temperature 1, full vocab)
-    logp_t    = log p(y_t | x, y_<t)                            (teacher, sliced to the student's ids)
-    log_mix_t = log((1−α)·exp(logq_t) + α·exp(logp_t))          (= logq_t when α = 0)
+Sampling and recording use ONE distribution. With temperature T, every sampled model's logits are
+divided by T before its softmax (as in the MiniLLM reference code): the student becomes
+q̃ = softmax(z_q / T), the teacher's share of the mixture softmax(z_p / T), and tokens are drawn from
 
-Temperature, top-k and top-p only shape the distribution the token is *drawn* from, and they act on
-the mixture: temperature T re-normalises p̃^(1/T) (for α = 0 or 1 this is the usual softmax of
-logits / T), then top-k keeps the k most likely ids, then top-p keeps the smallest set of ids whose
-probability reaches p. Filtered ids get probability 0 and are simply never drawn.
+    p̃ = (1−α)·q̃ + α·softmax(z_p / T),   then top-k / top-p applied to p̃ and re-normalised.
+
+Per sampled token we record
+
+    logq_t    = log q̃_old(y_t | x, y_<t)      the student as sampled (tempered; = log q_old at T = 1)
+    logp_t    = log p(y_t | x, y_<t)          the teacher itself (temperature 1, sliced to the student's ids)
+    log_mix_t = log of the probability y_t was actually drawn with (p̃ after the top-k / top-p cut)
+
+so that `w_t = exp(logq_t − log_mix_t)` is exactly the importance weight of the drawn token.
+At the defaults (T = 1, top-k 0, top-p 1) these are the untempered model log-probs and
+`log_mix_t = log((1−α)·exp(logq_t) + α·exp(logp_t))`. With top-k / top-p, `logq_t` is the
+student's probability BEFORE the cut, so an objective defined on q̃ cannot be estimated from such
+samples (ids outside the kept set are never drawn): MiniLLM rejects those settings.
 
 Batch layout shared with the training step (see `concat_prompt_response`): the prompt is LEFT-padded
 (width P), the response RIGHT-padded (width T); response token t sits at column P + t of the
@@ -49,11 +57,12 @@ class Rollout:
     response_mask: Tensor
     """(B, T) long, 1 up to AND including the first EOS, 0 after."""
     logq: Tensor
-    """(B, T) fp32, log q_old(y_t | ·) of the student at sampling time."""
+    """(B, T) fp32, log q̃_old(y_t | ·) of the student at sampling time, tempered: log_softmax(z_q / T)."""
     logp: Tensor | None
-    """(B, T) fp32, log p(y_t | ·) of the teacher; None when no teacher was given."""
+    """(B, T) fp32, log p(y_t | ·) of the teacher at temperature 1; None when no teacher was given."""
     log_mix: Tensor
-    """(B, T) fp32, log p̃(y_t) = log((1−α)·e^logq + α·e^logp)."""
+    """(B, T) fp32, log-probability with which y_t was drawn: log p̃(y_t) with p̃ the mixture of the
+    tempered models, re-normalised over the ids top-k / top-p kept (= logq when α = 0 and no cut)."""
     teacher_logprobs: Tensor | None = None
     """(B, T, V) fp32, the teacher's full next-token log-probs at every response position (over the
     student's ids); only with `keep_teacher_logprobs`. Arbitrary where `response_mask` is 0."""
@@ -243,13 +252,11 @@ class _CachedLM:
         return logits
 
 
-def _sampling_logits(log_mix: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
-    """Shape the (B, V) mixture log-probs into the logits actually sampled from.
-
-    Temperature first (log p̃ / T, i.e. p̃^(1/T) after re-normalisation), then top-k, then top-p;
-    removed ids get −inf. The most likely id always survives, so every row keeps mass.
-    """
-    logits = log_mix / temperature if temperature != 1.0 else log_mix  # (B, V)
+def _filter(log_mix: Tensor, top_k: int, top_p: float) -> Tensor:
+    """Top-k, then top-p, applied to (B, V) mixture log-probs; returns the re-normalised (B, V)
+    log-probs actually sampled from (removed ids get −inf). The most likely id always survives,
+    so every row keeps mass."""
+    logits = log_mix  # (B, V)
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -261,7 +268,12 @@ def _sampling_logits(log_mix: Tensor, temperature: float, top_k: int, top_p: flo
         drop_sorted = mass_before >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    return logits
+    return logits.log_softmax(-1)
+
+
+def _temper(logprobs: Tensor, temperature: float) -> Tensor:
+    """log_softmax(z / T) from (B, V) log-probs log_softmax(z) (the same thing: the shift cancels)."""
+    return logprobs if temperature == 1.0 else (logprobs / temperature).log_softmax(-1)
 
 
 def _draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -302,7 +314,8 @@ def sample(
     """Sample responses for a batch of left-padded prompts from p̃ = α·p_teacher + (1−α)·q_student.
 
     The mixture is formed in probability space in fp32 over the student's ids (a wider teacher head
-    is sliced to them). With α = 0 the teacher is not needed to sample; if one is given anyway its
+    is sliced to them), from the TEMPERED models (see the module docstring), and top-k / top-p cut
+    the mixture; `log_mix` is the log-probability of the drawn token under exactly that distribution. With α = 0 the teacher is not needed to sample; if one is given anyway its
     log-probs are still recorded (the MiniLLM reward needs them), from the same single forward per
     step. The student (and teacher) run in eval mode (dropout off); their previous modes are
     restored afterwards. Decoding stops once every sequence has emitted EOS; finished sequences are
@@ -317,8 +330,8 @@ def sample(
         max_new_tokens: at most this many response tokens per prompt.
         eos_token_id: id (or ids) that end a response.
         pad_token_id: id written (and fed) after a sequence's EOS.
-        temperature: > 0; samples from p̃^(1/T) re-normalised.
-        top_k: keep the k most likely ids of the tempered mixture (0 = off).
+        temperature: > 0; divides the logits of the student (and of the teacher's share) before mixing.
+        top_k: keep the k most likely ids of the mixture (0 = off).
         top_p: nucleus mass in (0, 1] (1 = off).
         generator: RNG of every draw, for reproducible and resumable rollouts.
         keep_teacher_logprobs: also return the teacher's full log-probs at every response position
@@ -392,18 +405,19 @@ def sample(
                     # Padding rows of a wider teacher head: renormalise over the shared ids.
                     logp = logp[:, :vocab].log_softmax(-1)
 
-            # log p̃ = log((1−α)·q + α·p), in log space so that tiny probabilities stay exact.
+            # The sampled models: tempered student q̃ and tempered teacher share (= the models at T = 1).
+            logq_t = _temper(logq, temperature)  # (B, V) log q̃
+            # log p̃ = log((1−α)·q̃ + α·p_T), in log space so that tiny probabilities stay exact.
             if alpha == 0.0:
-                log_mix = logq
+                log_mix = logq_t
             elif alpha == 1.0:
-                log_mix = logp
+                log_mix = _temper(logp, temperature)
             else:
-                log_mix = torch.logaddexp(logq + math.log1p(-alpha), logp + math.log(alpha))  # (B, V)
-
-            if temperature == 1.0 and top_k == 0 and top_p == 1.0:
-                probs = log_mix.exp()  # (B, V) already normalised: sample p̃ itself
-            else:
-                probs = _sampling_logits(log_mix, temperature, top_k, top_p).softmax(-1)  # (B, V)
+                log_mix = torch.logaddexp(logq_t + math.log1p(-alpha),
+                                          _temper(logp, temperature) + math.log(alpha))  # (B, V)
+            if top_k != 0 or top_p != 1.0:
+                log_mix = _filter(log_mix, top_k, top_p)  # (B, V) what is really sampled, −inf = cut
+            probs = log_mix.exp()  # (B, V) normalised
             token = _draw(probs, generator)  # (B,)
             token = token.masked_fill(finished, pad_token_id)
             alive = ~finished  # (B,) sequences that still produce response tokens at step t
@@ -411,7 +425,7 @@ def sample(
             response_ids[:, t] = token
             response_mask[:, t] = alive.long()
             # `where`, not a product: a masked −inf must become 0, not NaN.
-            logq_out[:, t] = torch.where(alive, logq[rows, token], 0.0)
+            logq_out[:, t] = torch.where(alive, logq_t[rows, token], 0.0)
             if logp_out is not None:
                 logp_out[:, t] = torch.where(alive, logp[rows, token], 0.0)
             if keep_teacher_logprobs and logp is not None:

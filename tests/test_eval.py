@@ -184,6 +184,39 @@ def test_fail_under_gates(tiny_dir: Path, eval_file: Path) -> None:
     assert run_eval(fail_under=["rougeL=0"], **kw) == 0
 
 
+def test_baseline_paired_comparison_end_to_end(tiny_dir: Path, eval_file: Path, tmp_path: Path) -> None:
+    # The student is evaluated as a model AND as the teacher: the two rows see the same prompts and
+    # seeds, so they generate the same text and their paired differences are exactly 0.
+    student, teacher = str(tiny_dir / "student"), str(tiny_dir / "teacher")
+    out = tmp_path / "r.json"
+    kw = dict(data=str(eval_file), metrics="rougeL,loss,dist4", console=_quiet(), **FAST)
+    code = run_eval(models=[student, teacher], baseline=student, json_out=str(out), teacher=student,
+                    fail_under=["rougeL@baseline=-100"], **kw)
+    assert code == 0
+    report = json.loads(out.read_text())
+    c = report["comparison"]
+    assert c["baseline"] == student and set(c["models"]) == {f"{student} (teacher)", teacher}
+    same = c["models"][f"{student} (teacher)"]
+    assert set(same) == {"rougeL", "loss"}  # dist4 is not a mean over prompts: no interval
+    for d in same.values():
+        assert (d["diff"], d["low"], d["high"], d["within_noise"], d["prompts"]) == (0.0, 0.0, 0.0, True, 4)
+    other = c["models"][teacher]
+    means = {m["name"]: m["metrics"] for m in report["models"]}
+    for metric, d in other.items():  # the difference of the reported means, inside its interval
+        assert d["diff"] == pytest.approx(means[teacher][metric]["mean"] - means[student][metric]["mean"])
+        assert d["low"] <= d["diff"] <= d["high"]
+    # gates on the difference: the identical row is not better than the baseline by 0.01
+    assert run_eval(models=[student], baseline=student, teacher=student, fail_under=["rougeL@baseline=0"], **kw) == 0
+    assert run_eval(models=[student], baseline=student, teacher=student,
+                    fail_under=["rougeL@baseline=0.01"], **kw) == 1
+    with pytest.raises(UserError, match="not one of the evaluated models"):
+        run_eval(models=[student], baseline="nope", **kw)
+    with pytest.raises(UserError, match="needs --baseline"):
+        run_eval(models=[student], fail_under=["rougeL@baseline=0"], **kw)
+    with pytest.raises(UserError, match="dist4 is not a mean over prompts"):
+        run_eval(models=[student, teacher], baseline=student, fail_under=["dist4@baseline=0"], **kw)
+
+
 def test_reference_loss_is_mean_of_per_sample_token_means(tiny_dir: Path, eval_file: Path) -> None:
     tok = load_tokenizer(tiny_dir / "student")
     model = load_model(tiny_dir / "student", dtype=torch.float32, device=torch.device("cpu"))
@@ -235,7 +268,7 @@ def _cli(args: list[str]) -> tuple[int, str]:
     return result.exit_code, result.stderr
 
 
-@pytest.mark.parametrize("case", ["unknown_metric", "empty", "no_reference", "not_a_model"])
+@pytest.mark.parametrize("case", ["unknown_metric", "empty", "no_reference", "not_a_model", "bad_baseline"])
 def test_cli_bad_input_exits_2_with_one_line(case: str, tiny_dir: Path, eval_file: Path, tmp_path: Path) -> None:
     model, data, extra = str(tiny_dir / "student"), str(eval_file), []
     if case == "unknown_metric":
@@ -243,6 +276,8 @@ def test_cli_bad_input_exits_2_with_one_line(case: str, tiny_dir: Path, eval_fil
     elif case == "empty":
         data, expect = str(tmp_path / "empty.jsonl"), "empty"
         Path(data).write_text("")
+    elif case == "bad_baseline":
+        extra, expect = ["--baseline", "sft-run"], "--baseline 'sft-run': not one of the evaluated models"
     elif case == "no_reference":
         data, expect = str(tmp_path / "noref.jsonl"), "missing reference column 'output'"
         Path(data).write_text(json.dumps({"instruction": "Say hi."}) + "\n")

@@ -309,9 +309,17 @@ def test_refuses_non_empty_out_and_leaves_it_untouched(run_dir: Path, tmp_path: 
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
-    export(run_dir, ExportOptions(out=out, overwrite=True))
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the old copy was deleted
+    # --overwrite replaces only an earlier minillm export, never a directory of the user's
+    with pytest.raises(UserError, match="not an earlier minillm export .*keep.txt"):
+        export(run_dir, ExportOptions(out=out, overwrite=True))
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
+
+    other = tmp_path / "other"
+    export(run_dir, ExportOptions(out=other))
+    (other / "stale.txt").write_text("from the earlier export")
+    export(run_dir, ExportOptions(out=other, overwrite=True))
+    assert not (other / "stale.txt").exists() and (other / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "out"]  # the old copy was deleted
 
 
 def test_failed_verification_leaves_nothing(run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -324,12 +332,12 @@ def test_failed_verification_leaves_nothing(run_dir: Path, tmp_path: Path, monke
 
 def test_failed_verification_keeps_previous_export(run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
+    export(run_dir, ExportOptions(out=out))
+    before = sorted(p.name for p in out.iterdir())
     monkeypatch.setitem(export_mod.GGUF_REL_TOL, "q8_0", 0.0)
     with pytest.raises(UserError, match="differs from the source"):
         export(run_dir, ExportOptions(out=out, format="gguf", gguf_type="q8_0", overwrite=True))
-    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    assert sorted(p.name for p in out.iterdir()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 

@@ -16,6 +16,7 @@ from minillm_cli.evaluate.metrics import (
     exposure_bias_curve,
     mean_std,
     normalize_answer,
+    paired_bootstrap,
     rouge_l,
 )
 
@@ -159,3 +160,82 @@ def test_mean_std() -> None:
     assert mean_std([5.0]) == (5.0, None)
     with pytest.raises(ValueError):
         mean_std([])
+
+
+# --- paired bootstrap ----------------------------------------------------------------------------
+
+def test_paired_bootstrap_identical_models_is_exactly_zero() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0, 100, size=(3, 20))  # 3 seeds × 20 prompts
+    d = paired_bootstrap(x, x.copy())
+    assert (d.diff, d.low, d.high, d.prompts) == (0.0, 0.0, 0.0, 20)
+    assert d.within_noise
+
+
+def test_paired_bootstrap_constant_shift_is_exactly_that_shift() -> None:
+    # Prompts differ wildly (0..100), the model is 2.5 better on every prompt and seed: pairing removes
+    # the prompt variance entirely, so every resample gives 2.5.
+    rng = np.random.default_rng(2)
+    base = rng.uniform(0, 100, size=(2, 50))
+    d = paired_bootstrap(base + 2.5, base)
+    assert d.diff == pytest.approx(2.5) and d.low == pytest.approx(2.5) and d.high == pytest.approx(2.5)
+    assert not d.within_noise
+
+
+def test_paired_bootstrap_two_prompts_by_hand_is_within_noise() -> None:
+    # Differences per prompt: 0 and 2. A resample of 2 prompts has mean difference 0 (p = 1/4),
+    # 1 (p = 1/2) or 2 (p = 1/4); the 2.5 / 97.5 percentiles are therefore 0 and 2.
+    d = paired_bootstrap([[10.0, 32.0]], [[10.0, 30.0]])
+    assert d.diff == pytest.approx(1.0)
+    assert (d.low, d.high) == (pytest.approx(0.0), pytest.approx(2.0))
+    assert d.within_noise  # the interval reaches 0: "within noise"
+
+
+def test_paired_bootstrap_clear_gain_excludes_zero() -> None:
+    # Every prompt gains 1, 2 or 3: any mean of them lies in [1, 3].
+    gain = np.tile([1.0, 2.0, 3.0], 10)
+    base = np.linspace(0, 50, 30)
+    d = paired_bootstrap(base + gain, base)
+    assert d.diff == pytest.approx(2.0)
+    assert 1.0 <= d.low < 2.0 < d.high <= 3.0 and not d.within_noise
+
+
+def test_paired_bootstrap_keeps_the_seeds_of_a_prompt_together() -> None:
+    # Seed 1 is 1 better, seed 2 is 1 worse, on every prompt: averaged over the seeds of each prompt
+    # the difference is 0 everywhere, so the interval is [0, 0]. (Resampling seeds apart from their
+    # prompt would invent a spread.)
+    base = np.array([[10.0, 20.0, 40.0], [15.0, 25.0, 35.0]])
+    d = paired_bootstrap(base + np.array([[1.0], [-1.0]]), base)
+    assert d.diff == pytest.approx(0.0, abs=1e-12)
+    assert d.low == pytest.approx(0.0, abs=1e-12) and d.high == pytest.approx(0.0, abs=1e-12)
+
+
+def test_paired_bootstrap_token_means_weight_by_tokens() -> None:
+    # A token-mean metric: per prompt the sum over its tokens and the token count. Model: sums 1 and 0
+    # over 1 and 3 tokens -> 1/4 (a per-prompt mean would say 1/2); baseline: 0.
+    d = paired_bootstrap([[1.0, 0.0]], [[0.0, 0.0]], weights=[[1.0, 3.0]], baseline_weights=[[1.0, 3.0]])
+    assert d.diff == pytest.approx(0.25)
+    # Resamples {1,1}: 1, {1,2}: 1/4, {2,2}: 0 -> percentiles 0 and 1.
+    assert (d.low, d.high) == (pytest.approx(0.0), pytest.approx(1.0))
+
+
+def test_paired_bootstrap_agrees_with_the_normal_interval_on_many_prompts() -> None:
+    rng = np.random.default_rng(3)
+    diffs = rng.normal(0.5, 1.0, size=400)
+    base = rng.uniform(0, 10, size=400)
+    d = paired_bootstrap(base + diffs, base)
+    half = 1.96 * diffs.std(ddof=1) / math.sqrt(400)  # ≈ 0.098
+    assert d.diff == pytest.approx(diffs.mean())
+    assert d.low == pytest.approx(diffs.mean() - half, abs=0.2 * half)
+    assert d.high == pytest.approx(diffs.mean() + half, abs=0.2 * half)
+
+
+def test_paired_bootstrap_is_reproducible_and_checks_shapes() -> None:
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=(2, 30)), rng.normal(size=(2, 30))
+    assert paired_bootstrap(a, b) == paired_bootstrap(a, b)
+    assert paired_bootstrap(a, b, seed=1) != paired_bootstrap(a, b)
+    with pytest.raises(ValueError, match="same prompts"):
+        paired_bootstrap(a, b[:, :29])
+    with pytest.raises(ValueError, match="no prompts"):
+        paired_bootstrap(np.zeros((1, 0)), np.zeros((1, 0)))

@@ -73,7 +73,8 @@ def test_resolve_hub_id_offline_fails_fast(monkeypatch):
         models.resolve_model("minillm-tests/no-such-model-xyz")
     assert time.time() - start < 10
     assert str(err.value) == (
-        "could not fetch 'minillm-tests/no-such-model-xyz' from the Hugging Face hub (offline?); "
+        f"minillm-tests/no-such-model-xyz: no such local directory ({Path.cwd() / 'minillm-tests/no-such-model-xyz'}), "
+        "and could not fetch 'minillm-tests/no-such-model-xyz' from the Hugging Face hub (offline?); "
         "pass a local model directory or a .gguf file instead"
     )
 

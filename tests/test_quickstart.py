@@ -55,3 +55,35 @@ def test_shortened_quickstart_end_to_end(tmp_path):
     # a second run into the same directory is refused, nothing overwritten
     with pytest.raises(UserError, match="already exists"):
         run_quickstart(Console(), overrides=short)
+
+
+def test_gain_table_shows_the_minillm_stage_with_its_interval():
+    from pathlib import Path
+
+    from minillm_cli.quickstart import _print_gain
+
+    init, warmed, distilled = Path("runs/q/student-init"), Path("runs/q/warmup/step-2"), Path("runs/q/distill/step-2")
+    report = {
+        "models": [
+            {"name": "t (teacher)", "metrics": {"rougeL": {"mean": 65.8, "std": 1.15}}},
+            {"name": str(init), "metrics": {"rougeL": {"mean": 0.0, "std": 0.0}, "rkl_student": {"mean": 10.0, "std": 0.1}}},
+            {"name": str(warmed), "metrics": {"rougeL": {"mean": 28.39, "std": 2.72}, "rkl_student": {"mean": 1.87, "std": 0.1},
+                                              "dist4": {"mean": 50.0, "std": 1.0}}},
+            {"name": str(distilled), "metrics": {"rougeL": {"mean": 30.17, "std": 1.52}, "rkl_student": {"mean": 1.70, "std": 0.1},
+                                                 "dist4": {"mean": 52.0, "std": 1.0}}},
+        ],
+        "comparison": {"baseline": str(warmed), "models": {str(distilled): {
+            "rougeL": {"diff": 1.78, "low": -0.9, "high": 4.4, "prompts": 64, "within_noise": True},
+            "rkl_student": {"diff": -0.17, "low": -0.25, "high": -0.09, "prompts": 64, "within_noise": False}}}},
+    }
+    console = Console(record=True, width=200)
+    _print_gain(console, report, init, warmed, distilled)
+    text = console.export_text()
+    lines = text.splitlines()
+    rouge = next(line for line in lines if line.lstrip("│ ").startswith("rougeL"))
+    assert "+30.17" in rouge and "+1.78 [-0.90, +4.40] within noise" in rouge  # gain, then the stage's interval
+    rkl = next(line for line in lines if line.lstrip("│ ").startswith("rkl_student"))
+    assert "-0.17 [-0.25, -0.09]" in rkl and "within noise" not in rkl
+    dist4 = next(line for line in lines if line.lstrip("│ ").startswith("dist4"))
+    assert dist4.rstrip(" │").endswith("+2.00")  # no per-prompt interval for dist4: the plain difference
+    assert "95% paired bootstrap interval" in text

@@ -17,7 +17,9 @@ from minillm_cli.evaluate.report import (
     EXPOSURE_BIAS,
     EvalReport,
     ModelRow,
+    PerPrompt,
     check_thresholds,
+    compare,
     from_json,
     plot_exposure_bias,
     render_table,
@@ -137,3 +139,77 @@ def test_plot_errors(report: EvalReport, tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import now raises ImportError
     with pytest.raises(UserError, match=r"pip install minillm\[plot\]"):
         plot_exposure_bias(report, tmp_path / "y.png")
+
+
+# --------------------------------------------------------------------------- paired comparisons
+def _paired_report() -> EvalReport:
+    """Baseline "sft" on 2 prompts × 1 seed; "minillm" is 2 better on both prompts; "noisy" is 1 worse
+    on prompt 0 and 3 better on prompt 1 (its columns stored in the other order: matched by index)."""
+    sft = ModelRow("sft", {"rougeL": (20.0, None), "ece": (0.1, None)},
+                   per_prompt={"rougeL": PerPrompt(index=[0, 1], values=np.array([[10.0, 30.0]]))})
+    minillm = ModelRow("minillm", {"rougeL": (22.0, None), "ece": (0.2, None)},
+                       per_prompt={"rougeL": PerPrompt(index=[0, 1], values=np.array([[12.0, 32.0]]))})
+    noisy = ModelRow("noisy", {"rougeL": (21.0, None)},
+                     per_prompt={"rougeL": PerPrompt(index=[1, 0], values=np.array([[33.0, 9.0]]))})
+    rows = [sft, minillm, noisy]
+    return EvalReport(settings={}, rows=rows, comparison=compare(rows, "sft"))
+
+
+def test_compare_by_hand() -> None:
+    c = _paired_report().comparison
+    assert c is not None and c.baseline == "sft" and set(c.differences) == {"minillm", "noisy"}
+    m = c.differences["minillm"]["rougeL"]
+    assert (m.diff, m.low, m.high, m.prompts) == (pytest.approx(2.0), pytest.approx(2.0), pytest.approx(2.0), 2)
+    # noisy: per-prompt differences -1 and +3; resample means -1 (p 1/4), 1 (1/2), 3 (1/4)
+    n = c.differences["noisy"]["rougeL"]
+    assert (n.diff, n.low, n.high) == (pytest.approx(1.0), pytest.approx(-1.0), pytest.approx(3.0))
+    assert n.within_noise and not m.within_noise
+    assert "ece" not in c.differences["minillm"]  # no per-prompt values: no interval
+    with pytest.raises(UserError, match="--baseline 'gpt2': no such model; available: sft, minillm, noisy"):
+        compare(_paired_report().rows, "gpt2")
+
+
+def test_comparison_table_says_within_noise() -> None:
+    text = _text(render_table(_paired_report()))
+    assert "Difference to sft" in text and "paired bootstrap" in text and "2000 resamples of 2 prompts" in text
+    lines = text.splitlines()
+    minillm = [line for line in lines if line.lstrip("│ ").startswith("minillm")][-1]
+    noisy = [line for line in lines if line.lstrip("│ ").startswith("noisy")][-1]
+    assert "+2.00 [+2.00, +2.00]" in minillm and "within noise" not in minillm
+    assert "+1.00 [-1.00, +3.00] within noise" in noisy
+    assert "within noise" not in _text(render_table(EvalReport(settings={}, rows=_paired_report().rows)))
+
+
+def test_comparison_json_round_trip(tmp_path: Path) -> None:
+    report = _paired_report()
+    write_json(report, tmp_path / "r.json")
+    data = json.loads((tmp_path / "r.json").read_text())
+    c = data["comparison"]
+    assert c["baseline"] == "sft" and c["resamples"] == 2000 and c["confidence"] == 0.95 and "bootstrap" in c["method"]
+    assert c["models"]["noisy"]["rougeL"] == {"diff": pytest.approx(1.0), "low": pytest.approx(-1.0),
+                                              "high": pytest.approx(3.0), "prompts": 2, "within_noise": True}
+    assert c["models"]["minillm"]["rougeL"]["within_noise"] is False
+    assert "per_prompt" not in json.dumps(data)  # per-prompt arrays stay in memory
+    back = from_json(data)
+    assert back.comparison is not None and back.comparison.differences == report.comparison.differences
+    assert to_json(back) == data
+
+
+def test_fail_under_on_the_difference_to_the_baseline() -> None:
+    report = _paired_report()
+    # lower ends: minillm +2, noisy -1
+    failures = check_thresholds(report, ["rougeL@baseline=0"])
+    assert len(failures) == 1 and failures[0].startswith("noisy: rougeL - sft = +1.00 [-1.00, +3.00] within noise")
+    assert "lower end -1.00 < 0" in failures[0]
+    assert check_thresholds(report, ["minillm:rougeL@baseline=2"]) == []
+    assert check_thresholds(report, ["minillm:rougeL@baseline=2.5"]) != []
+    assert check_thresholds(report, ["noisy:rougeL@baseline=-1"]) == []
+    assert check_thresholds(report, ["ece@baseline=0"]) == [
+        "minillm: ece has no paired difference to sft (--fail-under ece@baseline=0)",
+        "noisy: ece has no paired difference to sft (--fail-under ece@baseline=0)"]
+    with pytest.raises(UserError, match="is the baseline itself"):
+        check_thresholds(report, ["sft:rougeL@baseline=0"])
+    with pytest.raises(UserError, match="unknown model 'gpt2'; compared: minillm, noisy"):
+        check_thresholds(report, ["gpt2:rougeL@baseline=0"])
+    with pytest.raises(UserError, match="needs --baseline"):
+        check_thresholds(EvalReport(settings={}, rows=report.rows), ["rougeL@baseline=0"])

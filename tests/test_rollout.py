@@ -188,6 +188,8 @@ def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     "alpha,temperature,top_p", [(1.0, 1.0, 1.0), (0.0, 1.0, 1.0), (0.5, 1.0, 1.0), (0.5, 0.5, 1.0), (0.5, 1.0, 0.3)]
 )
 def test_first_token_follows_the_tempered_mixture(sharp_models, alpha: float, temperature: float, top_p: float) -> None:
+    # Temperature divides each model's logits before mixing (the reference's convention), top-p cuts
+    # the mixture; what is recorded is exactly what was sampled from.
     student, teacher = sharp_models
     prompt = torch.tensor([[5, 17, 40, 41]])
     n = 20000
@@ -195,24 +197,28 @@ def test_first_token_follows_the_tempered_mixture(sharp_models, alpha: float, te
                max_new_tokens=1, eos_token_id=EOS_MANY, pad_token_id=PAD, temperature=temperature, top_p=top_p,
                generator=_gen(4))
     with torch.no_grad():
-        q = student(prompt).logits[0, -1].softmax(-1)
-        p = teacher(prompt).logits[0, -1].softmax(-1)
+        z_q, z_p = student(prompt).logits[0, -1], teacher(prompt).logits[0, -1]
+    q, p = z_q.softmax(-1), z_p.softmax(-1)
+    q_t, p_t = (z_q / temperature).softmax(-1), (z_p / temperature).softmax(-1)
     mix = alpha * p + (1 - alpha) * q
-    target = _nucleus(mix ** (1 / temperature) / (mix ** (1 / temperature)).sum(), top_p)
+    target = _nucleus(alpha * p_t + (1 - alpha) * q_t, top_p)
     assert (target > 0).sum() >= 5  # a nucleus of several ids, so the filter is really tested
     stat, df = _chi_square(r.response_ids[:, 0], target)
     # Far tail of chi-square(df): mean df, sd sqrt(2 df).
     assert df >= 3 and stat < df + 6 * math.sqrt(2 * df), (stat, df)
-    # The test can tell distributions apart: the other endpoint (or the untempered / unfiltered
-    # mixture) is rejected.
+    # The test can tell distributions apart: the other endpoint, the untempered or unfiltered
+    # mixture, or the tempered mixture p~^(1/T) (the previous convention) is rejected.
+    tempered_mix = mix ** (1 / temperature) / (mix ** (1 / temperature)).sum()
     other = {(1.0, 1.0, 1.0): q, (0.0, 1.0, 1.0): p, (0.5, 1.0, 1.0): q, (0.5, 0.5, 1.0): mix,
              (0.5, 1.0, 0.3): mix}[(alpha, temperature, top_p)]
-    wrong, wrong_df = _chi_square(r.response_ids[:, 0], other)
-    assert wrong > wrong_df + 30 * math.sqrt(2 * wrong_df), (wrong, wrong_df)
-    # Recorded log-probs are the untempered model ones, whatever the sampling temperature.
+    for wrong_dist in [other] + ([tempered_mix] if temperature != 1.0 else []):
+        wrong, wrong_df = _chi_square(r.response_ids[:, 0], wrong_dist)
+        assert wrong > wrong_df + 30 * math.sqrt(2 * wrong_df), (wrong, wrong_df)
+    # Recorded: the tempered student, the teacher itself, and the distribution actually sampled.
     tok = r.response_ids[:, 0]
-    torch.testing.assert_close(r.logq[:, 0], q.log()[tok], atol=1e-4, rtol=0)
-    torch.testing.assert_close(r.log_mix[:, 0], mix.log()[tok], atol=1e-4, rtol=0)
+    torch.testing.assert_close(r.logq[:, 0], q_t.log()[tok], atol=1e-4, rtol=0)
+    torch.testing.assert_close(r.logp[:, 0], p.log()[tok], atol=1e-4, rtol=0)
+    torch.testing.assert_close(r.log_mix[:, 0], target.log()[tok], atol=1e-4, rtol=0)
 
 
 def test_reproducible_with_the_same_seed(models) -> None:
@@ -236,18 +242,38 @@ def test_reproducible_with_the_same_seed(models) -> None:
 def test_top_k_top_p_temperature_filter_without_nan(models) -> None:
     student, teacher = models
     prompt_ids, prompt_mask = _left_pad(PROMPTS * 3)
-    alpha = 0.3
+    alpha, temperature = 0.3, 0.7
     r = sample(student, prompt_ids, prompt_mask, teacher=teacher, alpha=alpha, max_new_tokens=10,
-               eos_token_id=EOS_MANY, pad_token_id=PAD, temperature=0.7, top_k=3, top_p=0.5, generator=_gen(5))
+               eos_token_id=EOS_MANY, pad_token_id=PAD, temperature=temperature, top_k=3, top_p=0.5,
+               generator=_gen(5))
     for x in (r.logq, r.logp, r.log_mix):
         assert torch.isfinite(x).all()
     V = student.config.vocab_size
-    mix = alpha * _full_logprobs(teacher, r, V).exp() + (1 - alpha) * _full_logprobs(student, r, V).exp()
+    q_t = (_full_logprobs(student, r, V) / temperature).softmax(-1)
+    p, p_t = _full_logprobs(teacher, r, V).exp(), (_full_logprobs(teacher, r, V) / temperature).softmax(-1)
+    mix = alpha * p_t + (1 - alpha) * q_t  # (B, T, V) mixture of the tempered models
     chosen = mix.gather(-1, r.response_ids.unsqueeze(-1)).squeeze(-1)  # (B, T)
     rank = (mix > chosen.unsqueeze(-1)).sum(-1)  # 0 = most likely id
-    assert (rank[r.response_mask.bool()] < 3).all()
-    # Recorded values are the unfiltered model log-probs, not those of the filtered distribution.
-    torch.testing.assert_close(r.log_mix, chosen.log() * r.response_mask, atol=1e-4, rtol=0)
+    valid = r.response_mask.bool()
+    assert (rank[valid] < 3).all()
+    take = lambda dist: dist.gather(-1, r.response_ids.unsqueeze(-1)).squeeze(-1).log() * r.response_mask  # noqa: E731
+    torch.testing.assert_close(r.logq, take(q_t), atol=1e-4, rtol=0)  # tempered student
+    torch.testing.assert_close(r.logp, take(p), atol=1e-4, rtol=0)  # the teacher itself
+    # log_mix is the drawn token's probability after the cut: at least its uncut mixture probability.
+    assert (r.log_mix[valid] >= chosen.log()[valid] - 1e-5).all() and (r.log_mix[valid] <= 1e-6).all()
+
+
+def test_top_k_log_mix_is_the_renormalised_cut_mixture(models) -> None:
+    student, teacher = models
+    prompt_ids, prompt_mask = _left_pad(PROMPTS * 2)
+    alpha = 0.4
+    r = sample(student, prompt_ids, prompt_mask, teacher=teacher, alpha=alpha, max_new_tokens=6,
+               eos_token_id=EOS_MANY, pad_token_id=PAD, top_k=3, generator=_gen(11))
+    V = student.config.vocab_size
+    mix = alpha * _full_logprobs(teacher, r, V).exp() + (1 - alpha) * _full_logprobs(student, r, V).exp()
+    kept = mix.topk(3, dim=-1).values.sum(-1)  # (B, T) mass of the kept ids
+    chosen = mix.gather(-1, r.response_ids.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(r.log_mix, (chosen / kept).log() * r.response_mask, atol=1e-4, rtol=0)
 
 
 def test_student_mode_is_restored(models) -> None:

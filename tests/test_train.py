@@ -21,13 +21,14 @@ from minillm_cli.loop import train
 COMMON = ["optim.warmup_steps=1", "train.batch_size=4", "train.log_every=1"]
 
 
-def _run(tiny_dir: Path, data: Path, out: Path, method: str, steps: int, extra: list[str] = (), resume: bool = False) -> Path:
+def _run(tiny_dir: Path, data: Path, out: Path, method: str, steps: int, extra: list[str] = (), resume: bool = False,
+         extend: bool = False) -> Path:
     flags = {"models.teacher": str(tiny_dir / "teacher"), "models.student": str(tiny_dir / "student"),
              "data.train": str(data), "output.dir": str(out), "train.max_steps": steps}
     if method == "sft":
         flags["models.teacher"] = None
     recipe, source = load_recipe(None, [*COMMON, f"method.name={method}", *extra], flags)
-    return train(recipe, source, resume=resume)
+    return train(recipe, source, resume=resume, extend=extend)
 
 
 def _weights(step_dir: Path) -> dict[str, torch.Tensor]:
@@ -100,7 +101,7 @@ def test_resume_after_kill_is_bitwise_identical(tmp_path, tiny_dir, tiny_data, m
 def test_resume_with_nothing_to_resume(tmp_path, tiny_dir, tiny_data):
     from minillm_cli.errors import UserError
 
-    with pytest.raises(UserError, match="no complete checkpoint"):
+    with pytest.raises(UserError, match="no run directory"):
         _run(tiny_dir, tiny_data, tmp_path / "none", "sft", 2, resume=True)
 
 
@@ -151,7 +152,8 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, tiny_dir, tiny_da
     from minillm_cli import checkpoint
     from minillm_cli.errors import UserError
 
-    run = _run(tiny_dir, tiny_data, tmp_path / "run", "sft", 2, METHOD_EXTRA["sft"])
+    extra = [*METHOD_EXTRA["sft"], "optim.schedule=constant"]
+    run = _run(tiny_dir, tiny_data, tmp_path / "run", "sft", 2, extra)
     before = _weights(run / "step-000002")
 
     real_save_file = checkpoint.__dict__.get("save_file")
@@ -163,7 +165,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, tiny_dir, tiny_da
 
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     with pytest.raises(UserError, match="disk full.*step-000002 is intact"):
-        _run(tiny_dir, tiny_data, run, "sft", 4, METHOD_EXTRA["sft"], resume=True)
+        _run(tiny_dir, tiny_data, run, "sft", 4, extra, resume=True, extend=True)
     assert latest_step_dir(run).name == "step-000002"
     assert _same(before, _weights(run / "step-000002"))
     assert not list(run.glob(".tmp-*"))

@@ -23,6 +23,13 @@ Metrics (`--metrics`, default rougeL,loss plus kl,agreement with a teacher). Col
 - calibration (labelled data + --label-words): ece (fraction, 10 bins) and accuracy (%).
 
 The teacher row (named "<teacher> (teacher)", first) gets the metrics that need no teacher.
+
+Paired comparisons (`--baseline NAME`): every row saw the same prompts with the same seeds, so each
+other row's difference to the baseline, per column of PAIRED_COLUMNS, gets a 95% paired bootstrap
+interval (`metrics.paired_bootstrap`: 2000 resamples of the prompts with a fixed seed, the seeds of a
+prompt kept together); shown as a second table ("within noise" when the interval covers 0) and
+written to the JSON under "comparison". `--fail-under rougeL@baseline=0` fails a row whose interval's
+lower end is below 0, i.e. that is not better than the baseline with 95% confidence.
 """
 
 from __future__ import annotations
@@ -30,11 +37,13 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from rich.console import Console
 
 from minillm_cli import __version__
@@ -64,6 +73,10 @@ COLUMNS = {
     "calibration": ["ece", "accuracy"],
 }
 """Metric name -> the report columns it produces."""
+PAIRED_COLUMNS = ("rougeL", "em", "loss", "fkl_student", "rkl_student", "fkl_teacher", "rkl_teacher",
+                  "agreement_student", "agreement_teacher", "accuracy")
+"""Columns that are means over prompts (or token means), so `--baseline` gives them a paired interval;
+dist4, ece and exaccerr@L are not (a corpus ratio, a binned statistic, a curve point)."""
 EXACCERR_MIN_SHARE = 0.5
 """exaccerr@L: the largest l at which at least this share of the prompts still has data in every row."""
 # Reference column(s) of the row formats whose prompt column is the key.
@@ -279,6 +292,7 @@ def load_checkpoint(spec: ModelSpec, device: "torch.device", dtype: "torch.dtype
     except ImportError:
         raise UserError(f"{spec.path}: a LoRA checkpoint needs peft (pip install 'minillm[lora]')") from None
     base = models_mod.load_model(spec.base, dtype=dtype, device=device)
+    checkpoint.check_weights(spec.path)  # the adapter's own file
     model = PeftModel.from_pretrained(base, str(spec.path)).merge_and_unload().eval()
     has_tokenizer = (spec.path / "tokenizer_config.json").is_file()
     return model, models_mod.load_tokenizer(spec.path if has_tokenizer else spec.base)
@@ -366,8 +380,9 @@ def _exposure_pass(passes: list[list[Generation]], model: "torch.nn.Module", tok
 
 
 def _calibration(model: "torch.nn.Module", tokenizer: Any, prompts: Prompts, labels: list[str], words: list[str],
-                 cfg: EvalConfig, device: "torch.device") -> dict[str, float]:
-    """ECE (fraction) and accuracy (%) from the label-word probabilities."""
+                 cfg: EvalConfig, device: "torch.device") -> tuple[dict[str, float], np.ndarray]:
+    """ECE (fraction) and accuracy (%) from the label-word probabilities, and the (N,) per-prompt
+    accuracy (0 or 100) in the order of `prompts.calibration`."""
     probs = gen_mod.label_probabilities(model, prompts.calibration, prompts.label_ids, pad_id=tokenizer.pad_token_id,
                                         batch_size=cfg.batch_size, device=device)  # (N, K)
     predictions = [words[k] for k in probs.argmax(-1)]
@@ -376,7 +391,7 @@ def _calibration(model: "torch.nn.Module", tokenizer: Any, prompts: Prompts, lab
     return {
         "ece": metrics_mod.expected_calibration_error(confidences, predictions, gold, n_bins=10),
         "accuracy": metrics_mod.accuracy(predictions, gold),
-    }
+    }, 100.0 * np.array([p == y for p, y in zip(predictions, gold)], dtype=np.float64)
 
 
 def evaluate_model(
@@ -401,21 +416,37 @@ def evaluate_model(
     per_seed: dict[str, list[float]] = {}
     fixed: dict[str, float] = {}
     curves: dict[str, dict[str, Any]] = {}
+    # Per seed and prompt, for paired comparisons (`report.compare`): column -> (index, [values per
+    # seed], [weights per seed] or None); the reported mean is recomputable from them.
+    parts: dict[str, tuple[list[int], list[np.ndarray], list[np.ndarray] | None]] = {}
 
     def add(key: str, value: float) -> None:
         per_seed.setdefault(key, []).append(value)
+
+    def add_prompts(key: str, index: list[int], values: np.ndarray, weights: np.ndarray | None = None) -> None:
+        _, vs, ws = parts.setdefault(key, (index, [], None if weights is None else []))
+        vs.append(values)
+        if ws is not None and weights is not None:
+            ws.append(weights)
 
     needs_text = any(m in metric_names for m in TEXT_METRICS)
     needs_div = teacher is not None and any(m in metric_names for m in TEACHER_METRICS)
     passes = _passes(model, tokenizer, prompts, cfg, device, say, name) if needs_text or needs_div else []
     text_names = [m for m in TEXT_METRICS if m in metric_names]
     for gens in passes:
-        for key, value in gen_mod.generation_scores(gens, prompts.references, text_names).items():
+        per_example = (gen_mod.per_example_scores(gens, prompts.references, text_names)
+                       if {"rougeL", "em"} & set(text_names) else {})
+        for key, value in gen_mod.generation_scores(gens, prompts.references, text_names, per_example).items():
             add(key, value)
+        for key, scores in per_example.items():
+            add_prompts(key, [g.index for g in gens], scores)
     if "loss" in metric_names:
         say(f"{name}: reference loss")
-        fixed["loss"] = gen_mod.reference_loss(model, prompts.encoded, pad_id=tokenizer.pad_token_id,
-                                               batch_size=cfg.batch_size, device=device)
+        index, losses = gen_mod.reference_losses(model, prompts.encoded, pad_id=tokenizer.pad_token_id,
+                                                 batch_size=cfg.batch_size, device=device)
+        fixed["loss"] = float(np.mean(losses)) if losses.size else float("nan")
+        if losses.size:
+            add_prompts("loss", index, losses)
 
     if needs_div:
         assert teacher is not None  # for the type checker: needs_div implies a teacher
@@ -427,12 +458,17 @@ def evaluate_model(
                 d_s = gen_mod.continuation_divergences(model, teacher.model, gens_s, **kw)
                 d_t = gen_mod.continuation_divergences(model, teacher.model, gens_t, **kw)
                 first = first or (d_s, d_t)
-                for who, d in (("student", d_s), ("teacher", d_t)):
+                for who, d, gens in (("student", d_s, gens_s), ("teacher", d_t, gens_t)):
+                    index = [g.index for g in gens]
                     if "kl" in metric_names:
                         add(f"fkl_{who}", d.token_mean("fkl"))
                         add(f"rkl_{who}", d.token_mean("rkl"))
+                        add_prompts(f"fkl_{who}", index, *d.per_row("fkl"))
+                        add_prompts(f"rkl_{who}", index, *d.per_row("rkl"))
                     if "agreement" in metric_names:
                         add(f"agreement_{who}", 100.0 * d.token_mean("agree"))
+                        agree, count = d.per_row("agree")
+                        add_prompts(f"agreement_{who}", index, 100.0 * agree, count)
         if "exposure_bias" in metric_names:
             if first is None or cfg.greedy:  # divergences of the sampled first-seed continuations
                 sampled = _exposure_pass(passes, model, tokenizer, prompts, cfg, device)
@@ -444,7 +480,9 @@ def evaluate_model(
 
     if "calibration" in metric_names:
         say(f"{name}: calibration")
-        fixed.update(_calibration(model, tokenizer, prompts, labels, words, cfg, device))
+        calibration, correct = _calibration(model, tokenizer, prompts, labels, words, cfg, device)
+        fixed.update(calibration)
+        add_prompts("accuracy", [e.index for e in prompts.calibration], correct)
 
     # Columns in the order of COLUMNS, whatever order they were computed in.
     values: dict[str, tuple[float, float | None]] = {}
@@ -453,7 +491,10 @@ def evaluate_model(
             values[column] = metrics_mod.mean_std(per_seed[column])
         elif column in fixed:
             values[column] = (fixed[column], None)
-    return report_mod.ModelRow(name=name, metrics=values, curves=curves), passes
+    per_prompt = {key: report_mod.PerPrompt(index=index, values=np.stack(vs),
+                                            weights=None if ws is None else np.stack(ws))
+                  for key, (index, vs, ws) in parts.items() if key in values}
+    return report_mod.ModelRow(name=name, metrics=values, curves=curves, per_prompt=per_prompt), passes
 
 
 def add_exaccerr(rows: list[report_mod.ModelRow], n_prompts: int) -> int | None:
@@ -480,12 +521,42 @@ def add_exaccerr(rows: list[report_mod.ModelRow], n_prompts: int) -> int | None:
 
 
 # ------------------------------------------------------------------------------------ outputs
-def _check_fail_under(specs: list[str], metric_names: list[str], names: list[str]) -> None:
+def _baseline_name(baseline: str | None, names: list[str], teacher: str | None) -> str | None:
+    """The report row `--baseline` names: a model as given on the command line, or the teacher (by
+    its row name or as given to --teacher).
+
+    Raises:
+        UserError: No such model, or nothing left to compare with it.
+    """
+    if baseline is None:
+        return None
+    name = baseline
+    if name not in names and teacher is not None and name == teacher:
+        name = f"{teacher} (teacher)"
+    if name not in names:
+        raise UserError(f"--baseline {baseline!r}: not one of the evaluated models: {', '.join(names)}")
+    if len(names) < 2:
+        raise UserError(f"--baseline {baseline!r}: give at least one other model to compare with it")
+    return name
+
+
+def _check_fail_under(specs: list[str], metric_names: list[str], names: list[str], baseline: str | None = None) -> None:
     """Reject malformed --fail-under specs before any model runs (exaccerr@L is checked at the end)."""
     columns = [c for m in metric_names for c in COLUMNS[m]]
     rows = [report_mod.ModelRow(name=n, metrics={c: (math.inf, None) for c in columns}) for n in names]
+    comparison = None
+    if baseline is not None:  # every paired column of every other row, infinitely better
+        inf = metrics_mod.PairedDifference(diff=math.inf, low=math.inf, high=math.inf, prompts=1)
+        comparison = report_mod.Comparison(baseline=baseline, differences={
+            n: {c: inf for c in columns if c in PAIRED_COLUMNS} for n in names if n != baseline})
     early = [s for s in specs if "exaccerr@" not in s]
-    report_mod.check_thresholds(report_mod.EvalReport(settings={}, rows=rows), early)
+    for spec in early:
+        metric = report_mod.parse_spec(spec)[1]
+        base = metric.removesuffix(report_mod.BASELINE_SUFFIX)
+        if base != metric and base in columns and base not in PAIRED_COLUMNS:
+            raise UserError(f"--fail-under {spec!r}: {base} is not a mean over prompts, so it has no paired "
+                            f"interval; paired: {', '.join(c for c in columns if c in PAIRED_COLUMNS)}")
+    report_mod.check_thresholds(report_mod.EvalReport(settings={}, rows=rows, comparison=comparison), early)
 
 
 def _sample_rows(name: str, tokenizer: Any, passes: list[list[Generation]], references: list[list[str]],
@@ -496,6 +567,28 @@ def _sample_rows(name: str, tokenizer: Any, passes: list[list[Generation]], refe
          "response": g.text, "references": ref_by_index[g.index]}
         for gens in passes for g in gens
     ]
+
+
+def _check_writable(flag: str, path: str) -> None:
+    """Refuse an output path that cannot be written, before the (long) evaluation runs."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise UserError(f"{flag} {path}: is a directory; give a file name")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: {parent} is not a directory")
+    target = p if p.exists() else parent
+    if not os.access(target, os.W_OK):
+        raise UserError(f"{flag} {path}: {target} is not writable")
+
+
+def _written(flag: str, path: str, write: Callable[[], None]) -> None:
+    try:
+        write()
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write ({e.strerror or e})") from None
 
 
 def _write_text(path: str, text: str) -> None:
@@ -523,6 +616,7 @@ def run_eval(
     samples_out: str | None = None,
     plot_out: str | None = None,
     fail_under: list[str] | None = None,
+    baseline: str | None = None,
     overrides: list[str] | None = None,
     console: Console | None = None,
 ) -> int:
@@ -542,7 +636,10 @@ def run_eval(
         json_out: Write the report JSON here ('-' = stdout; the table then goes to stderr).
         samples_out: Write the generations as jsonl here.
         plot_out: Write the exposure-bias PNG here (needs the exposure_bias metric).
-        fail_under: `[MODEL:]METRIC=VALUE` thresholds.
+        fail_under: `[MODEL:]METRIC=VALUE` thresholds, or `[MODEL:]METRIC@baseline=VALUE` on the lower
+            end of the interval of the difference to the baseline.
+        baseline: A model (as named on the command line, or the teacher) that every other row is
+            compared with: per metric the difference and its 95% paired bootstrap interval.
         overrides: `key=value` EvalConfig overrides (`--set`).
         console: Where the table and progress go (default: stdout).
 
@@ -559,7 +656,7 @@ def run_eval(
     out = Console(stderr=True) if json_out == "-" else console
 
     def say(text: str) -> None:
-        out.print(text, highlight=False)
+        out.print(text, highlight=False, markup=False)
 
     # 1. Options, data and model paths: every user error before the first model is loaded.
     if not models:
@@ -578,7 +675,11 @@ def run_eval(
     if plot_out is not None and "exposure_bias" not in metric_names:
         raise UserError("--plot draws the exposure-bias curve; add exposure_bias to --metrics (needs --teacher)")
     names = ([f"{teacher} (teacher)"] if teacher else []) + list(models)
-    _check_fail_under(fail_under, metric_names, names)
+    baseline_name = _baseline_name(baseline, names, teacher)
+    _check_fail_under(fail_under, metric_names, names, baseline_name)
+    for flag, path in (("--json", json_out), ("--samples", samples_out), ("--plot", plot_out)):
+        if path is not None and path != "-":
+            _check_writable(flag, path)
 
     need_refs = [m for m in REFERENCE_METRICS if m in metric_names]
     examples, rows = read_eval_data(data, need_refs)
@@ -666,18 +767,19 @@ def run_eval(
         "device": str(device), "dtype": str(dtype).removeprefix("torch."),
         "minillm_version": __version__, "torch_version": torch.__version__,
     }
-    report = report_mod.EvalReport(settings=settings, rows=report_rows, split="test")
+    comparison = report_mod.compare(report_rows, baseline_name) if baseline_name is not None else None
+    report = report_mod.EvalReport(settings=settings, rows=report_rows, split="test", comparison=comparison)
     out.print(report_mod.render_table(report))
     if json_out == "-":
         console.file.write(json.dumps(report_mod.to_json(report), indent=2, allow_nan=False) + "\n")
     elif json_out is not None:
-        report_mod.write_json(report, Path(json_out).expanduser())
+        _written("--json", json_out, lambda: report_mod.write_json(report, Path(json_out).expanduser()))
         say(f"wrote {json_out}")
     if samples_out is not None:
         _write_text(samples_out, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
         say(f"wrote {len(samples)} samples to {samples_out}")
     if plot_out is not None:
-        report_mod.plot_exposure_bias(report, Path(plot_out).expanduser())
+        _written("--plot", plot_out, lambda: report_mod.plot_exposure_bias(report, Path(plot_out).expanduser()))
         say(f"wrote {plot_out}")
 
     failures = report_mod.check_thresholds(report, fail_under)

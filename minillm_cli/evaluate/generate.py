@@ -167,6 +167,33 @@ def as_encoded(generations: Sequence[Generation]) -> list[Encoded]:
 
 
 @torch.no_grad()
+def reference_losses(
+    model: torch.nn.Module, encoded: Sequence[Encoded], *, pad_id: int, batch_size: int, device: torch.device
+) -> tuple[list[int], np.ndarray]:
+    """Per-example LM loss on the references (teacher-forced token mean), for `reference_loss` and
+    for paired comparisons.
+
+    Args and model handling as `reference_loss`.
+
+    Returns:
+        `(index, loss)`: the example indices of the scored examples (those with a response token)
+        and their (N,) losses in nats per token.
+    """
+    was_training = model.training
+    model.eval()
+    items = [e for e in encoded if e.response_ids]
+    per_sample: list[float] = []
+    try:
+        for start in range(0, len(items), batch_size):
+            b = _pairs(items[start : start + batch_size], pad_id, device)
+            logp = score(model, b["prompt_ids"], b["prompt_mask"], b["response_ids"], b["response_mask"])  # (B, T)
+            n_tokens = b["response_mask"].sum(-1).clamp(min=1)  # (B,)
+            per_sample += (-logp.sum(-1) / n_tokens).tolist()
+    finally:
+        model.train(was_training)
+    return [e.index for e in items], np.asarray(per_sample, dtype=np.float64)
+
+
 def reference_loss(
     model: torch.nn.Module, encoded: Sequence[Encoded], *, pad_id: int, batch_size: int, device: torch.device
 ) -> float:
@@ -186,19 +213,8 @@ def reference_loss(
     Returns:
         The mean loss in nats per token (NaN when no example has a response token).
     """
-    was_training = model.training
-    model.eval()
-    items = [e for e in encoded if e.response_ids]
-    per_sample: list[float] = []
-    try:
-        for start in range(0, len(items), batch_size):
-            b = _pairs(items[start : start + batch_size], pad_id, device)
-            logp = score(model, b["prompt_ids"], b["prompt_mask"], b["response_ids"], b["response_mask"])  # (B, T)
-            n_tokens = b["response_mask"].sum(-1).clamp(min=1)  # (B,)
-            per_sample += (-logp.sum(-1) / n_tokens).tolist()
-    finally:
-        model.train(was_training)
-    return float(np.mean(per_sample)) if per_sample else float("nan")
+    _, losses = reference_losses(model, encoded, pad_id=pad_id, batch_size=batch_size, device=device)
+    return float(np.mean(losses)) if losses.size else float("nan")
 
 
 @dataclass
@@ -218,6 +234,11 @@ class Divergences:
         """Mean of `fkl`, `rkl` or `agree` over all valid response tokens (NaN if there are none)."""
         n = self.mask.sum()
         return float(getattr(self, name).sum() / n) if n else float("nan")
+
+    def per_row(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(N,) sums of `fkl`, `rkl` or `agree` over each row's valid tokens and (N,) their counts:
+        `token_mean` is sums.sum() / counts.sum() (the parts a paired comparison resamples)."""
+        return (getattr(self, name) * self.mask).sum(-1).astype(np.float64), self.mask.sum(-1).astype(np.float64)
 
 
 @torch.no_grad()
@@ -308,8 +329,33 @@ def label_probabilities(
     return np.concatenate(rows, axis=0)
 
 
-def generation_scores(
+def per_example_scores(
     generations: Sequence[Generation], references: Sequence[Sequence[str]], names: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """Per-example `rougeL` and `em` (×100) of one pass, (N,) each, in the order of `generations`.
+
+    Args:
+        generations: The responses of one pass.
+        references: Per generation, its acceptable references (aligned with `generations`).
+        names: Which of rougeL, em to compute (others are ignored: dist4 is not per example).
+
+    Raises:
+        ValueError: If the two lists differ in length or are empty.
+    """
+    texts = [g.text for g in generations]
+    if len(texts) != len(references) or not texts:
+        raise ValueError(f"{len(texts)} predictions but {len(references)} references")
+    out: dict[str, np.ndarray] = {}
+    if "rougeL" in names:
+        out["rougeL"] = np.array([metrics.rouge_l(t, r) for t, r in zip(texts, references)], dtype=np.float64)
+    if "em" in names:
+        out["em"] = np.array([metrics.exact_match(t, r) for t, r in zip(texts, references)], dtype=np.float64)
+    return out
+
+
+def generation_scores(
+    generations: Sequence[Generation], references: Sequence[Sequence[str]], names: Sequence[str],
+    per_example: dict[str, np.ndarray] | None = None,
 ) -> dict[str, float]:
     """Text metrics of one pass: `rougeL` and `em` (mean over examples, ×100) and `dist4` (×100).
 
@@ -317,15 +363,14 @@ def generation_scores(
         generations: The responses of one pass.
         references: Per generation, its acceptable references (aligned with `generations`).
         names: Which of rougeL, em, dist4 to compute.
+        per_example: `per_example_scores` of this pass when already computed (not recomputed).
     """
-    texts = [g.text for g in generations]
     out: dict[str, float] = {}
-    if "rougeL" in names:
-        out["rougeL"] = metrics.corpus_rouge_l(texts, references)
-    if "em" in names:
-        out["em"] = float(np.mean([metrics.exact_match(t, r) for t, r in zip(texts, references)]))
+    if "rougeL" in names or "em" in names:
+        scores = per_example if per_example is not None else per_example_scores(generations, references, names)
+        out.update({name: float(np.mean(scores[name])) for name in ("rougeL", "em") if name in names})
     if "dist4" in names:
-        out["dist4"] = metrics.distinct_n(texts, 4)
+        out["dist4"] = metrics.distinct_n([g.text for g in generations], 4)
     return out
 
 

@@ -1,5 +1,5 @@
 """One evaluation report, rendered as a rich table, as JSON and as an exposure-bias plot, plus the
-`--fail-under` threshold check."""
+paired comparison with a baseline (`--baseline`) and the `--fail-under` threshold check."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.console import Group, RenderableType
 from rich.table import Table
 
 from minillm_cli.errors import UserError
+from minillm_cli.evaluate.metrics import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, PairedDifference, paired_bootstrap
 
 # Key in `ModelRow.curves` of the dict returned by `metrics.exposure_bias_curve`.
 EXPOSURE_BIAS = "exposure_bias"
@@ -24,6 +26,34 @@ _SPLIT_NOTE = {
 }
 
 
+BASELINE_SUFFIX = "@baseline"
+"""`--fail-under METRIC@baseline=V`: gate on the difference to the baseline instead of the value."""
+
+
+@dataclass
+class PerPrompt:
+    """One metric of one model per seed and prompt: what a paired comparison resamples.
+
+    The reported mean is `mean_s Σ_i values[s, i] / Σ_i weights[s, i]` (weights None: 1 per prompt,
+    i.e. the mean over prompts), see `metrics.paired_bootstrap`.
+
+    Attributes:
+        index: (N,) example index of every column (prompts are matched across models by it).
+        values: (S, N) per seed and prompt, the metric, or its sum over tokens for a token mean.
+        weights: (S, N) the token counts of a token mean, or None.
+    """
+
+    index: list[int]
+    values: np.ndarray
+    weights: np.ndarray | None = None
+
+    def take(self, index: list[int]) -> tuple[np.ndarray, np.ndarray | None]:
+        """(values, weights) restricted to the examples `index`, in that order."""
+        col = {ex: i for i, ex in enumerate(self.index)}
+        cols = [col[ex] for ex in index]
+        return self.values[:, cols], (None if self.weights is None else self.weights[:, cols])
+
+
 @dataclass
 class ModelRow:
     """One evaluated model.
@@ -32,11 +62,30 @@ class ModelRow:
         name: A display name (run dir, checkpoint or model id).
         metrics: Metric name -> (mean over seeds, sample std over seeds or None for one seed).
         curves: Curve name -> curve dict, e.g. `curves["exposure_bias"]` from `exposure_bias_curve`.
+        per_prompt: Metric name -> its per-seed, per-prompt values (for `compare`; not written to JSON).
     """
 
     name: str
     metrics: dict[str, tuple[float, float | None]]
     curves: dict[str, dict[str, Any]] = field(default_factory=dict)
+    per_prompt: dict[str, PerPrompt] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class Comparison:
+    """Every other model's difference to a baseline row, per metric, with paired bootstrap intervals.
+
+    Attributes:
+        baseline: Name of the baseline row.
+        differences: Model name -> metric -> `PairedDifference` (metrics measured per prompt on both).
+        resamples, confidence, seed: The bootstrap's settings (the resampling is reproducible).
+    """
+
+    baseline: str
+    differences: dict[str, dict[str, PairedDifference]]
+    resamples: int = BOOTSTRAP_RESAMPLES
+    confidence: float = 0.95
+    seed: int = BOOTSTRAP_SEED
 
 
 @dataclass
@@ -48,11 +97,14 @@ class EvalReport:
             numbers reproducible; must be JSON-able after `to_json`'s conversion.
         rows: One row per model, in display order.
         split: "test" (held-out set evaluated by `eval`) or "dev" (numbers logged during training).
+        comparison: Differences to a baseline row, or None.
     """
 
     settings: dict[str, Any]
     rows: list[ModelRow]
     split: str = "test"
+    comparison: Comparison | None = None
+    """Differences to a baseline row (`compare`), or None."""
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -88,8 +140,75 @@ def _fmt_cell(mean: float | None, std: float | None) -> str:
     return f"{_fmt(mean)} ± {_fmt(std, decimals)}"
 
 
-def render_table(report: EvalReport) -> Table:
-    """A rich table with one row per model and one column per metric.
+def compare(rows: list[ModelRow], baseline: str, *, resamples: int = BOOTSTRAP_RESAMPLES,
+            confidence: float = 0.95, seed: int = BOOTSTRAP_SEED) -> Comparison:
+    """Paired differences of every row to the row named `baseline` (`metrics.paired_bootstrap`).
+
+    A metric is compared when both rows have its per-prompt values with the same number of seeds;
+    prompts are matched by example index (those both rows were measured on). Metrics that are not
+    a mean over prompts (dist4, ece, exaccerr@L) have no per-prompt values and are left out.
+
+    Raises:
+        UserError: No row is named `baseline`.
+    """
+    base = next((row for row in rows if row.name == baseline), None)
+    if base is None:
+        raise UserError(f"--baseline {baseline!r}: no such model; available: {', '.join(r.name for r in rows)}")
+    differences: dict[str, dict[str, PairedDifference]] = {}
+    for row in rows:
+        if row is base:
+            continue
+        diffs: dict[str, PairedDifference] = {}
+        for metric, mine in row.per_prompt.items():
+            theirs = base.per_prompt.get(metric)
+            if theirs is None or theirs.values.shape[0] != mine.values.shape[0]:
+                continue
+            theirs_index = set(theirs.index)
+            shared = [ex for ex in mine.index if ex in theirs_index]
+            if not shared:
+                continue
+            (a, wa), (b, wb) = mine.take(shared), theirs.take(shared)
+            diffs[metric] = paired_bootstrap(a, b, wa, wb, resamples=resamples, confidence=confidence, seed=seed)
+        differences[row.name] = diffs
+    return Comparison(baseline=baseline, differences=differences, resamples=resamples, confidence=confidence,
+                      seed=seed)
+
+
+def _fmt_diff(d: PairedDifference) -> str:
+    """"+1.23 [-0.40, +2.90]", plus "within noise" when the interval covers 0."""
+    if not (math.isfinite(d.low) and math.isfinite(d.high)):
+        return f"{d.diff:+.2f} [n/a]"
+    decimals = _decimals(max(abs(d.diff), abs(d.low), abs(d.high)))
+    text = f"{d.diff:+.{decimals}f} [{d.low:+.{decimals}f}, {d.high:+.{decimals}f}]"
+    return text + (" within noise" if d.within_noise else "")
+
+
+def render_comparison(report: EvalReport) -> Table | None:
+    """The differences to the baseline as a table (None without a comparison).
+
+    One row per compared model, one column per metric of the main table; cells read
+    "diff [low, high]" with the paired bootstrap interval, "within noise" when it covers 0, and "-"
+    where the metric has no per-prompt values (dist4, ece, exaccerr@L) or was not measured on both.
+    """
+    c = report.comparison
+    if c is None:
+        return None
+    names = report.metric_names()
+    prompts = sorted({d.prompts for diffs in c.differences.values() for d in diffs.values()})
+    title = (f"Difference to {c.baseline}, {c.confidence:.0%} paired bootstrap interval "
+             f"({c.resamples} resamples of {'/'.join(map(str, prompts)) or 0} prompts, seeds paired)")
+    table = Table(title=title, min_width=min(len(title) + 2, 120))  # a narrow table would wrap the title
+    table.add_column("model", style="bold")
+    for name in names:
+        table.add_column(f"Δ {name}", justify="right")
+    for model, diffs in c.differences.items():
+        table.add_row(model, *[_fmt_diff(diffs[n]) if n in diffs else "-" for n in names])
+    return table
+
+
+def render_table(report: EvalReport) -> RenderableType:
+    """A rich table with one row per model and one column per metric (and, when the report has a
+    comparison, the table of differences to the baseline under it: `render_comparison`).
 
     Cells read "mean ± std" when a std is known, a bare mean otherwise, and "-" for a metric the
     model was not measured on. The title says which split the numbers come from.
@@ -104,7 +223,8 @@ def render_table(report: EvalReport) -> Table:
     for row in report.rows:
         cells = [_fmt_cell(*row.metrics[name]) if name in row.metrics else "-" for name in names]
         table.add_row(row.name, *cells)
-    return table
+    comparison = render_comparison(report)
+    return table if comparison is None else Group(table, comparison)
 
 
 def _plain(obj: Any) -> Any:
@@ -128,7 +248,9 @@ def to_json(report: EvalReport) -> dict[str, Any]:
     """Every number and setting of the report as a JSON-serialisable dict.
 
     Layout: {"split", "settings", "models": [{"name", "metrics": {metric: {"mean", "std"}},
-    "curves"}]}. Non-finite numbers (e.g. ExAccErr where E(l) = 0) are written as null.
+    "curves"}]}, plus with a baseline "comparison": {"baseline", "method", "resamples",
+    "confidence", "seed", "models": {name: {metric: {"diff", "low", "high", "prompts",
+    "within_noise"}}}}. Non-finite numbers (e.g. ExAccErr where E(l) = 0) are written as null.
     """
     models = [
         {
@@ -138,7 +260,18 @@ def to_json(report: EvalReport) -> dict[str, Any]:
         }
         for row in report.rows
     ]
-    return _plain({"split": report.split, "settings": report.settings, "models": models})
+    out: dict[str, Any] = {"split": report.split, "settings": report.settings, "models": models}
+    c = report.comparison
+    if c is not None:
+        out["comparison"] = {
+            "baseline": c.baseline,
+            "method": "paired bootstrap over prompts (seeds of a prompt kept together), percentile interval",
+            "resamples": c.resamples, "confidence": c.confidence, "seed": c.seed,
+            "models": {model: {metric: {"diff": d.diff, "low": d.low, "high": d.high, "prompts": d.prompts,
+                                        "within_noise": d.within_noise} for metric, d in diffs.items()}
+                       for model, diffs in c.differences.items()},
+        }
+    return _plain(out)
 
 
 def from_json(data: dict[str, Any]) -> EvalReport:
@@ -156,7 +289,16 @@ def from_json(data: dict[str, Any]) -> EvalReport:
             )
             for model in data["models"]
         ]
-        return EvalReport(settings=data["settings"], rows=rows, split=data["split"])
+        comparison = None
+        if data.get("comparison") is not None:
+            c = data["comparison"]
+            nan = lambda v: math.nan if v is None else v  # noqa: E731  (null = no interval)
+            comparison = Comparison(
+                baseline=c["baseline"], resamples=c["resamples"], confidence=c["confidence"], seed=c["seed"],
+                differences={model: {metric: PairedDifference(diff=d["diff"], low=nan(d["low"]), high=nan(d["high"]),
+                                                              prompts=d["prompts"])
+                                     for metric, d in diffs.items()} for model, diffs in c["models"].items()})
+        return EvalReport(settings=data["settings"], rows=rows, split=data["split"], comparison=comparison)
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         raise UserError(f"not an evaluation report (bad or missing field {exc})") from exc
 
@@ -203,7 +345,7 @@ def plot_exposure_bias(report: EvalReport, path: str | Path) -> None:
     fig.savefig(path, format="png", dpi=100)
 
 
-def _parse_spec(spec: str) -> tuple[str | None, str, float]:
+def parse_spec(spec: str) -> tuple[str | None, str, float]:
     """"[MODEL:]METRIC=VALUE" -> (model or None, metric, value)."""
     left, eq, value_text = spec.rpartition("=")
     # rpartition on ":" so a model name may itself contain ":" (metric names never do)
@@ -218,11 +360,18 @@ def _parse_spec(spec: str) -> tuple[str | None, str, float]:
 
 
 def check_thresholds(report: EvalReport, specs: list[str]) -> list[str]:
-    """Check `--fail-under` specs against the report's mean values.
+    """Check `--fail-under` specs against the report's mean values, or against the differences to
+    the baseline.
 
     A spec "rougeL=20" applies to every model row; "student-run:rougeL=20" to the named row only.
     A model fails a spec when its mean is below the value (or NaN, or the metric was not measured
     for it). "Under" is literal also for lower-is-better metrics such as ECE or loss.
+
+    "rougeL@baseline=0" (needs a comparison, i.e. `--baseline`) applies to every compared row
+    ("MODEL:rougeL@baseline=0" to one): a row fails when the LOWER end of the interval of its
+    difference to the baseline is below the value, i.e. unless it is better than the baseline by at
+    least the value with the interval's confidence (for a lower-is-better metric, a negative value
+    bounds how much worse it may be: "loss@baseline=-0.05").
 
     Args:
         report: The evaluated report.
@@ -232,13 +381,17 @@ def check_thresholds(report: EvalReport, specs: list[str]) -> list[str]:
         One human-readable line per failure; an empty list means every threshold passed.
 
     Raises:
-        UserError: On a malformed spec, an unknown metric (naming the available ones) or an unknown
-            model name (naming the available ones).
+        UserError: On a malformed spec, an unknown metric (naming the available ones), an unknown
+            model name (naming the available ones), or an @baseline spec without a comparison or
+            naming the baseline itself. (A row without a paired difference for the metric fails.)
     """
     available = report.metric_names()
     failures = []
     for spec in specs:
-        model, metric, threshold = _parse_spec(spec)
+        model, metric, threshold = parse_spec(spec)
+        if metric.endswith(BASELINE_SUFFIX):
+            failures += _check_difference(report, spec, model, metric.removesuffix(BASELINE_SUFFIX), threshold)
+            continue
         if metric not in available:
             raise UserError(
                 f"--fail-under {spec!r}: unknown metric {metric!r}; available: {', '.join(available) or 'none'}"
@@ -256,4 +409,30 @@ def check_thresholds(report: EvalReport, specs: list[str]) -> list[str]:
             mean = row.metrics[metric][0]
             if mean is None or not mean >= threshold:  # `not >=` also fails NaN
                 failures.append(f"{row.name}: {metric} = {_fmt(mean)} < {threshold:g} (--fail-under {spec})")
+    return failures
+
+
+def _check_difference(report: EvalReport, spec: str, model: str | None, metric: str, threshold: float) -> list[str]:
+    """The failures of one "[MODEL:]METRIC@baseline=VALUE" spec (see `check_thresholds`)."""
+    c = report.comparison
+    if c is None:
+        raise UserError(f"--fail-under {spec!r}: a difference to the baseline needs --baseline NAME")
+    available = report.metric_names()
+    if metric not in available:
+        raise UserError(f"--fail-under {spec!r}: unknown metric {metric!r}; available: {', '.join(available) or 'none'}")
+    models = list(c.differences)
+    if model is not None:
+        if model == c.baseline:
+            raise UserError(f"--fail-under {spec!r}: {model!r} is the baseline itself")
+        if model not in c.differences:
+            raise UserError(f"--fail-under {spec!r}: unknown model {model!r}; compared: {', '.join(models)}")
+        models = [model]
+    failures = []
+    for name in models:
+        d = c.differences[name].get(metric)
+        if d is None:
+            failures.append(f"{name}: {metric} has no paired difference to {c.baseline} (--fail-under {spec})")
+        elif not d.low >= threshold:  # `not >=` also fails NaN
+            failures.append(f"{name}: {metric} - {c.baseline} = {_fmt_diff(d)}, lower end "
+                            f"{_fmt(d.low)} < {threshold:g} (--fail-under {spec})")
     return failures

@@ -17,6 +17,21 @@ One buffer cycle:
 Every stabiliser can be switched off in the recipe (teacher_mix 0, single_step false, length_norm
 false, clip_eps null, whiten false) for the paper's ablations.
 
+Sampler settings. `rollout.temperature` T ≠ 1 makes the objective the TEMPERED student (as in the
+reference code): q̃_θ = softmax(z_θ / T) replaces q_θ everywhere — in the rollout's log q_old and
+mixture (the teacher's share of p~ is tempered too, see `rollout`), the reward log p − log q̃_old, the
+ratio q̃_θ / p~ and the single-step term KL(q̃_θ ‖ p); the teacher p stays at temperature 1. The
+estimator is then that of ∇KL[q̃_θ ‖ p] (tests/test_minillm_exact.py checks it exactly), and the
+student at T = 1 is what is saved. `rollout.top_k` / `rollout.top_p` are rejected (UserError naming
+the key): ids outside the cut are never drawn, so they would get no gradient, and the cut set of
+every token would have to be stored with the buffer (N × T × V) and carried through resume.
+
+Logged per buffer: `rkl` estimates the sequence-level KL[q̃_old ‖ p] = E_q̃[Σ_t log q̃_old − log p]
+from the p~ samples by self-normalised importance weighting with the sequence weight
+W = Π_t q̃_old(y_t) / p~(y_t) (plain mean when α = 0); `rkl_ess` is the weights' effective sample size
+as a fraction of the buffer (1 = every sample counts fully). `reward` is the token mean of r_t over the
+sampled tokens, as sampled (not a KL estimate).
+
 Exact resume: the buffer's small tensors (tokens, masks, logq_old, log p~, advantages) and the
 position in the PPO schedule are saved; the teacher logits are recomputed on resume by the same
 deterministic forward over the same row chunks, so nothing of size N×T×V goes into checkpoints.
@@ -31,7 +46,8 @@ import torch
 
 from minillm_cli import losses
 from minillm_cli import data as data_mod
-from minillm_cli.config import MiniLlmMethod
+from minillm_cli.config import MiniLlmMethod, check_minillm_sampler as check_sampler
+from minillm_cli.errors import UserError
 from minillm_cli.loop import Ctx, check_stop
 from minillm_cli.methods.sft import length_groups, response_logits, take_group
 
@@ -51,6 +67,33 @@ def _pad_cat(tensors: list[torch.Tensor], left: bool, value: float) -> torch.Ten
     return torch.cat(out, dim=0)
 
 
+def sequence_rkl(logq: torch.Tensor, logp: torch.Tensor, log_mix: torch.Tensor,
+                 mask: torch.Tensor) -> tuple[float, float]:
+    """Self-normalised importance-sampling estimate of the sequence-level KL[q ‖ p] from samples of p~.
+
+        W_i = exp(Σ_t m_it (logq_it − log_mix_it)) = q(y_i) / p~(y_i),
+        KL ≈ Σ_i W_i · Σ_t m_it (logq_it − logp_it) / Σ_i W_i
+
+    (consistent; exactly the plain mean when log_mix = logq, i.e. pure student sampling). The plain
+    mean over p~ samples would estimate E_p~[log q/p] instead, which is not a KL.
+
+    Args:
+        logq: (N, T) log q(y_t) of the sampled tokens (the sampling-time student).
+        logp: (N, T) log p(y_t) (teacher).
+        log_mix: (N, T) log p~(y_t), the probability each token was drawn with.
+        mask: (N, T) 1 on response tokens.
+
+    Returns:
+        `(kl, ess)`: the estimate (nats per sequence) and the effective sample size of the weights,
+        (Σ W)² / Σ W² / N, in (0, 1].
+    """
+    m = mask.double()
+    seq_kl = ((logq.double() - logp.double()) * m).sum(-1)  # (N,)
+    log_w = ((logq.double() - log_mix.double()) * m).sum(-1)  # (N,) log W_i
+    w = torch.softmax(log_w, 0)  # (N,) normalised weights, overflow-safe
+    return float((w * seq_kl).sum()), float(1.0 / (w.square().sum() * w.numel()))
+
+
 class MiniLlmStepper:
     """Collects rollout buffers and takes PPO-style optimizer steps over them."""
 
@@ -61,11 +104,12 @@ class MiniLlmStepper:
         self.per_step = tr.batch_size * tr.grad_accum  # rollouts per optimizer step per rank
         self.local_rollouts = max(self.cfg.num_rollouts // ctx.world, 1)
         if self.local_rollouts < self.per_step:
-            from minillm_cli.errors import UserError
-
             raise UserError(
                 f"method.num_rollouts: {self.cfg.num_rollouts} rollouts cannot feed one optimizer step of "
                 f"train.batch_size × train.grad_accum × processes = {self.per_step * ctx.world}")
+        check_sampler(ctx.recipe.rollout)
+        self.temperature = ctx.recipe.rollout.temperature
+        """T of `rollout.temperature`: the student's logits are divided by it in every log q̃_θ."""
         self.buffer: dict[str, torch.Tensor] | None = None
         self.teacher_logits: torch.Tensor | None = None  # (N, T, V), recomputable from the buffer
         self.schedule: list[list[int]] = []  # row indices of each remaining optimizer step of this buffer
@@ -135,10 +179,11 @@ class MiniLlmStepper:
             order = torch.randperm(n, generator=ctx.gen, device=ctx.device).tolist()
             self.schedule += [order[i : i + self.per_step] for i in range(0, n, self.per_step)]
         gen_tokens = float(mask.sum())
-        seq_rkl = ((buf["logq"] - buf["logp"]) * mask).sum(-1)  # (N,) single-sample estimate of KL[q‖p] per sequence
+        rkl, ess = sequence_rkl(buf["logq"], buf["logp"], buf["log_mix"], mask)
         self.buffer_stats = {
             "reward": float(reward.sum() / mask.sum().clamp_min(1)),
-            "rkl": float(seq_rkl.mean()),
+            "rkl": rkl,
+            "rkl_ess": ess,
             "resp_len": gen_tokens / n,
             "rollout_time": t_roll,
             "score_time": time.time() - t0 - t_roll,
@@ -188,6 +233,8 @@ class MiniLlmStepper:
             b = take_group(buf, index, P, T)
             m = b["response_mask"].float()  # (B, T)
             logits = response_logits(ctx.student, b)  # (B, T, V)
+            if self.temperature != 1.0:
+                logits = logits / self.temperature  # the tempered student q̃_θ (module docstring)
             logq_new = losses.token_logprobs(logits, b["response_ids"], chunk_size=tr.chunk_size)  # (B, T)
             logq_old = buf["logq"][index, :T]
             log_w = logq_old - buf["log_mix"][index, :T]  # log(q_old / p~): the importance weight
@@ -214,7 +261,7 @@ class MiniLlmStepper:
             loss += cfg.pt_weight * pt
         train_time = time.time() - t0
         metrics.update(self.buffer_stats if fresh else {k: v for k, v in self.buffer_stats.items()
-                                                        if k in ("reward", "rkl", "resp_len")})
+                                                        if k in ("reward", "rkl", "rkl_ess", "resp_len")})
         metrics.update(loss=loss, train_time=train_time, tok_per_s=int(global_count) / max(train_time, 1e-9),
                        new_buffer=int(fresh))
         return metrics

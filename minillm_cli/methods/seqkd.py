@@ -17,8 +17,9 @@ from minillm_cli.checkpoint import write_text_atomic
 from minillm_cli.config import SeqKdMethod
 from minillm_cli.loop import Ctx, check_stop
 from minillm_cli.methods.sft import SftStepper
+from minillm_cli.rundir import SEQKD_CACHE
 
-CACHE_NAME = "seqkd-teacher-responses.jsonl"
+CACHE_NAME = SEQKD_CACHE
 
 
 def generate_teacher_responses(ctx: Ctx, cfg: SeqKdMethod) -> list[list[int]]:
