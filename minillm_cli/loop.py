@@ -267,7 +267,8 @@ def _inputs(recipe: Recipe) -> dict[str, Path]:
     return out
 
 
-def _check_resume(recipe: Recipe, resume_dir: Path, extend: bool) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+def _check_resume(recipe: Recipe, resume_dir: Path, hashes: dict[str, str | None],
+                  extend: bool) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """Compare the recipe asked for now with the checkpoint's (see `rundir.check_resume`).
 
     Returns the new extension record (or None) and the run's earlier ones, from the step's meta.json.
@@ -277,7 +278,7 @@ def _check_resume(recipe: Recipe, resume_dir: Path, extend: bool) -> tuple[dict[
         meta = json.loads((resume_dir / "meta.json").read_text(encoding="utf-8"))
     except UserError as e:
         raise UserError(f"--resume: the saved recipe of {resume_dir} is unusable ({e})") from None
-    extension = rundir.check_resume(saved, recipe, meta, extend=extend)
+    extension = rundir.check_resume(saved, recipe, meta, hashes, extend=extend)
     return extension, list(meta.get("extended", []))
 
 
@@ -336,6 +337,7 @@ def _train(recipe: Recipe, source: dict[str, str], resume: bool, extend: bool, c
     try:
         _check_launch(recipe, accelerator, resume)
         # ---- run directory: owned by the main process from here on (a lock; nothing deleted yet)
+        hashes = rundir.data_hashes(recipe.data)  # once: compared on resume, recorded in meta.json
         if main:
             claim = rundir.claim(run_dir, resume=resume, overwrite=recipe.output.overwrite, protected=_inputs(recipe))
             claims.append(claim)
@@ -345,7 +347,7 @@ def _train(recipe: Recipe, source: dict[str, str], resume: bool, extend: bool, c
             for note in skipped:
                 say(f"--resume: skipping damaged checkpoint {note}")
             ckpt.check_world_size(resume_dir, accelerator.num_processes)
-            extension, extended = _check_resume(recipe, resume_dir, extend)
+            extension, extended = _check_resume(recipe, resume_dir, hashes, extend)
 
         # ---- models and data
         teacher_dir, student_dir, student_init = resolve_models(recipe, say)
@@ -447,7 +449,6 @@ def _train(recipe: Recipe, source: dict[str, str], resume: bool, extend: bool, c
         stepper.load_state(state.get("method", {}), tensors)
         say(f"resumed from {resume_dir} (step {start_step})")
 
-    hashes = rundir.data_hashes(recipe.data)
     meta_base = {
         "method": recipe.method.name, "method_settings": recipe.method.model_dump(),
         "teacher": m.teacher, "teacher_dir": str(teacher_dir) if teacher_dir else None,

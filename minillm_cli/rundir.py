@@ -352,12 +352,14 @@ def data_hashes(data: DataConfig) -> dict[str, str | None]:
     return out
 
 
-def check_resume(saved: Recipe, new: Recipe, step_meta: dict[str, Any], *, extend: bool) -> dict[str, int] | None:
+def check_resume(saved: Recipe, new: Recipe, step_meta: dict[str, Any], now: dict[str, str | None], *,
+                 extend: bool) -> dict[str, int] | None:
     """Refuse a resume whose recipe or data would make it another run than the one it continues.
 
     Args:
         saved, new: the `Recipe` the checkpoint was trained with, and the one asked for now.
         step_meta: the checkpoint's meta.json (data hashes, earlier extensions).
+        now: `data_hashes(new.data)`, computed once by the caller (it also goes into meta.json).
         extend: `--extend`: allow a larger `train.max_steps` when the schedule does not depend on it.
 
     Returns:
@@ -392,7 +394,6 @@ def check_resume(saved: Recipe, new: Recipe, step_meta: dict[str, Any], *, exten
         raise UserError(f"--resume: the recipe differs from the run's: {shown}{more}; resuming would not continue "
                         f"the same run: drop these changes, or start a new run with another -o{hint}")
     saved_hashes = (step_meta.get("data") or {})
-    now = data_hashes(new.data)
     for key in ("train", "dev", "corpus"):
         before = saved_hashes.get("sha256") if key == "train" else saved_hashes.get(f"{key}_sha256")
         if before and now[key] and before != now[key]:
