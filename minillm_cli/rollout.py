@@ -1,8 +1,8 @@
 """Batched, KV-cached sampling from the teacher-mixed distribution p̃ = α·p_teacher + (1−α)·q_student.
 
 This is our own decoding loop (no `model.generate`): one prefill forward over the left-padded
-prompts per model, then one token per step, each model keeping its own KV cache and both fed the
-same sampled tokens.
+prompts per model, then one token per step, each model keeping its own KV cache (`cached_lm.CachedLM`)
+and both fed the same sampled tokens.
 
 Sampling and recording use ONE distribution. With temperature T, every sampled model's logits are
 divided by T before its softmax (as in the MiniLLM reference code): the student becomes
@@ -29,15 +29,14 @@ concatenation and is predicted by the logits at column P + t − 1.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
+
+from minillm_cli.cached_lm import CachedLM
 
 
 @dataclass
@@ -131,125 +130,6 @@ def score(
     logprobs = logits.float().log_softmax(-1)  # (B, T, V)
     token_logprobs = logprobs.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)  # (B, T)
     return token_logprobs * response_mask.to(token_logprobs.dtype)
-
-
-@functools.cache
-def _cache_kwarg() -> str:
-    """Name of the KV-cache argument of model forwards: `cache` in newer transformers 5 releases,
-    `past_key_values` before (passing the old name there only adds deprecation warnings)."""
-    from transformers import LlamaForCausalLM
-
-    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
-
-
-def _output_cache(out: Any) -> Any:
-    """The KV cache returned by a forward, whichever attribute name this transformers version uses."""
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
-
-
-def _input_device(model: torch.nn.Module) -> torch.device:
-    """Device of the input embeddings (the first device of a model split with a device map);
-    a DDP wrapper is looked through."""
-    return getattr(model, "module", model).get_input_embeddings().weight.device
-
-
-PREFILL_GROUP_TOKENS = 512
-"""Padded prompt tokens per group of the grouped prefill (see `_CachedLM._grouped_prefill`)."""
-
-_PLAIN_HEAD_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-"""Architectures whose logits are exactly `lm_head(last hidden state)` (no bias, scale or soft-capping)."""
-
-
-def _backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, Tensor] | None:
-    """(decoder stack, output head weight) of a plain-head causal LM, else None (then the full model runs)."""
-    config = getattr(model, "config", None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    decoder = getattr(model, "model", None)
-    if (getattr(config, "model_type", None) not in _PLAIN_HEAD_TYPES or type(head) is not torch.nn.Linear
-            or head.bias is not None or not isinstance(decoder, torch.nn.Module)
-            or getattr(decoder, "get_output_embeddings", lambda: None)() is not None):  # e.g. a PEFT wrapper
-        return None
-    return decoder, head.weight
-
-
-class _CachedLM:
-    """A model plus its own KV cache; `step` returns fp32 log-probs of the next token."""
-
-    def __init__(self, model: torch.nn.Module, out_device: torch.device) -> None:
-        self.model = model
-        self.device = _input_device(model)
-        self.out_device = out_device
-        self.cache: Any = None
-        self.split = _backbone_and_head(model)
-
-    def step(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
-        """Feed (B, L) new tokens (L = P at prefill, 1 when decoding) with the (B, past + L) mask;
-        return (B, V) next-token log-probs."""
-        logits = None
-        if self.cache is None and self.split is not None:
-            logits = self._grouped_prefill(input_ids, attention_mask, position_ids)
-        if logits is None:
-            logits, self.cache = self._forward(input_ids, attention_mask, position_ids, self.cache)
-        return logits.to(self.out_device).float().log_softmax(-1)  # (B, V)
-
-    def _forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
-                 cache: Any) -> tuple[Tensor, Any]:
-        """(B, V) logits after the last column and the KV cache extended by the (B, L) new tokens."""
-        kwargs = {_cache_kwarg(): cache} if cache is not None else {}
-        inputs = dict(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                      position_ids=position_ids.to(self.device), use_cache=True, **kwargs)
-        if self.split is None:
-            out = self.model(**inputs, logits_to_keep=1)  # never build (B, P, V) logits at prefill
-            return out.logits[:, -1], _output_cache(out)
-        # The same logits as the model's head, computed as W @ h^T: with a handful of rows this
-        # orientation of the (V, H) matmul runs about twice as fast on CPU as h @ W^T.
-        decoder, weight = self.split
-        out = decoder(**inputs)
-        hidden = out.last_hidden_state[:, -1]  # (B, H)
-        return (weight @ hidden.to(weight.dtype).T).T, _output_cache(out)
-
-    def _grouped_prefill(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor | None:
-        """Prefill left-padded prompts in groups of similar length, each without the padding it does
-        not need, and join the groups' KV caches (zeros in the padded slots, which the attention mask
-        hides). Prompts of very different lengths otherwise spend much of the prefill on padding.
-        Returns the (B, V) logits, or None (nothing done) when grouping gains nothing or the model's
-        cache is not a plain per-layer key/value cache."""
-        from transformers.cache_utils import DynamicLayer
-
-        B, P = input_ids.shape
-        lengths = attention_mask.sum(-1).clamp_min(1).tolist()  # (B,) real prompt tokens
-        groups: list[list[int]] = []
-        for i in sorted(range(B), key=lambda i: -lengths[i]):
-            if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= PREFILL_GROUP_TOKENS:
-                groups[-1].append(i)  # rows are sorted: the group's first row is its longest
-            else:
-                groups.append([i])
-        if len(groups) == 1 or sum(len(g) * lengths[g[0]] for g in groups) > 0.9 * B * P:
-            return None
-        logits, joined = None, None
-        parts = []
-        for rows in groups:
-            index, n = torch.tensor(rows, device=input_ids.device), lengths[rows[0]]
-            part, cache = self._forward(input_ids[index, -n:], attention_mask[index, -n:], position_ids[index, -n:],
-                                        None)  # (b, V)
-            layers = getattr(cache, "layers", None)
-            if not layers or any(type(layer) is not DynamicLayer for layer in layers):
-                return None
-            if logits is None:
-                logits = part.new_empty(B, part.shape[-1])  # (B, V)
-            logits[index] = part
-            parts.append((index, n, layers))
-            joined = cache if joined is None else joined  # the first group's cache object holds the result
-        for j, layer in enumerate(parts[0][2]):
-            keys = layer.keys.new_zeros(B, layer.keys.shape[1], P, layer.keys.shape[3])  # (B, kv heads, P, d)
-            values = layer.values.new_zeros(B, layer.values.shape[1], P, layer.values.shape[3])
-            for index, n, layers in parts:
-                keys[index, :, P - n :] = layers[j].keys
-                values[index, :, P - n :] = layers[j].values
-            layer.keys, layer.values = keys, values
-        self.cache = joined
-        return logits
 
 
 def _filter(log_mix: Tensor, top_k: int, top_p: float) -> Tensor:
@@ -367,8 +247,8 @@ def sample(
     for m in models:
         m.eval()
     try:
-        q_lm = _CachedLM(student, device)
-        p_lm = _CachedLM(teacher, device) if teacher is not None else None
+        q_lm = CachedLM(student, device)
+        p_lm = CachedLM(teacher, device) if teacher is not None else None
 
         # The full mask is allocated once; each forward gets a view of its first columns. Columns of
         # finished sequences stay 1: their outputs are discarded anyway.
@@ -410,6 +290,8 @@ def sample(
             # log p̃ = log((1−α)·q̃ + α·p_T), in log space so that tiny probabilities stay exact.
             if alpha == 0.0:
                 log_mix = logq_t
+            elif logp is None:
+                raise ValueError("teacher-mixed sampling (alpha > 0) needs the teacher")
             elif alpha == 1.0:
                 log_mix = _temper(logp, temperature)
             else:
@@ -426,7 +308,7 @@ def sample(
             response_mask[:, t] = alive.long()
             # `where`, not a product: a masked −inf must become 0, not NaN.
             logq_out[:, t] = torch.where(alive, logq_t[rows, token], 0.0)
-            if logp_out is not None:
+            if logp_out is not None and logp is not None:
                 logp_out[:, t] = torch.where(alive, logp[rows, token], 0.0)
             if keep_teacher_logprobs and logp is not None:
                 if teacher_out is None:

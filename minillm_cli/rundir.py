@@ -15,6 +15,10 @@ The promises this module keeps (README, "What minillm promises"):
 * `--resume` picks the newest intact step: `latest`, or, if that step is damaged (truncated or
   garbage files), the newest earlier step that is intact, saying which one it skipped and why.
 
+* Eval and export read runs only through here: the step `--step` names (`pick_step`: latest, a
+  number, `best:<metric>`), a run dir given as a model (`model_step`), a LoRA step's base (`lora_base`),
+  metrics.jsonl (`read_metrics`).
+
 This module must stay light (no torch): the CLI imports it to find a run's saved recipe.
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import re
 import shutil
@@ -29,11 +34,9 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
 from typing import Any
 
 from minillm_cli import checkpoint as ckpt
-from minillm_cli.config import DataConfig, Recipe
 from minillm_cli.errors import UserError
 
 MARKER = ".minillm-run"
@@ -312,91 +315,133 @@ def trim_metrics(run_dir: Path, step: int) -> int:
     return dropped
 
 
-RESUME_SAFE = frozenset({
-    "output.dir", "output.overwrite",
-    "train.log_every", "train.save_every", "train.keep_last", "train.dev_loss_every", "train.threads",
-})
-"""Recipe keys that may change on `--resume` without changing what is trained: logging and saving
-cadence, the teacher-forced dev loss (no RNG), CPU threads (float summation order only)."""
-_PATH_KEYS = ("data.train", "data.dev", "data.corpus", "models.teacher", "models.student")
+# ------------------------------------------------------------------- which step eval and export read
+LOWER_IS_BETTER = ("loss", "kl", "ece", "ppl", "perplexity")
+"""Words in a metric name that make lower values better (`best:<metric>`)."""
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: tree}
-
-
-def _same_path(a: Any, b: Any) -> bool:
-    if not (isinstance(a, str) and isinstance(b, str)):
-        return a == b
-    return a == b or os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value, default=str)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def data_hashes(data: DataConfig) -> dict[str, str | None]:
-    """sha256 of the run's local data files (train, dev, corpus); None for hub datasets / unset."""
-    from minillm_cli.data import file_sha256
-
-    out: dict[str, str | None] = {}
-    for key in ("train", "dev", "corpus"):
-        value = getattr(data, key)
-        out[key] = file_sha256(value) if value and Path(value).expanduser().is_file() else None
-    return out
-
-
-def check_resume(saved: Recipe, new: Recipe, step_meta: dict[str, Any], now: dict[str, str | None], *,
-                 extend: bool) -> dict[str, int] | None:
-    """Refuse a resume whose recipe or data would make it another run than the one it continues.
-
-    Args:
-        saved, new: the `Recipe` the checkpoint was trained with, and the one asked for now.
-        step_meta: the checkpoint's meta.json (data hashes, earlier extensions).
-        now: `data_hashes(new.data)`, computed once by the caller (it also goes into meta.json).
-        extend: `--extend`: allow a larger `train.max_steps` when the schedule does not depend on it.
-
-    Returns:
-        None, or the extension record {"from", "to"} when `train.max_steps` grows under `extend`.
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file of a step or model dir (meta.json, config.json); {} if it holds no object.
 
     Raises:
-        UserError: naming every differing key (saved → new), or the data file whose content changed.
+        UserError: the file is missing or unreadable.
     """
-    a = _flat(saved.model_dump(mode="json", by_alias=True))
-    b = _flat(new.model_dump(mode="json", by_alias=True))
-    keys = sorted(set(a) | set(b))
-    changed = [k for k in keys if k not in RESUME_SAFE
-               and not (_same_path(a.get(k), b.get(k)) if k in _PATH_KEYS else a.get(k) == b.get(k))]
-    extension = None
-    if "train.max_steps" in changed and extend:
-        old, to = int(a["train.max_steps"]), int(b["train.max_steps"])
-        o = new.optim
-        if to <= old:
-            raise UserError(f"--extend: train.max_steps must grow (the run has {old}, got {to})")
-        if o.schedule != "constant" or o.warmup_steps > old - 1:
-            why = ("the cosine schedule is stretched over max_steps" if o.schedule != "constant"
-                   else f"the warm-up ({o.warmup_steps} steps) is clipped to max_steps")
-            raise UserError(f"--extend: train.max_steps {old} → {to} would change the learning rate of steps "
-                            f"already taken ({why}); only a constant schedule whose warm-up ended can be extended")
-        changed.remove("train.max_steps")
-        extension = {"from": old, "to": to}
-    if changed:
-        shown = ", ".join(f"{k} ({_short(a.get(k))} → {_short(b.get(k))})" for k in changed[:6])
-        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
-        hint = (" (--extend allows a larger train.max_steps with a constant schedule)"
-                if changed == ["train.max_steps"] else "")
-        raise UserError(f"--resume: the recipe differs from the run's: {shown}{more}; resuming would not continue "
-                        f"the same run: drop these changes, or start a new run with another -o{hint}")
-    saved_hashes = (step_meta.get("data") or {})
-    for key in ("train", "dev", "corpus"):
-        before = saved_hashes.get("sha256") if key == "train" else saved_hashes.get(f"{key}_sha256")
-        if before and now[key] and before != now[key]:
-            raise UserError(f"--resume: data.{key} {getattr(new.data, key)} changed since the run started "
-                            f"(sha256 {before[:12]}… → {now[key][:12]}…); resume with the same file")
-    return extension
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: unreadable ({e})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The JSON objects of run_dir/metrics.jsonl (unreadable lines, e.g. a torn last one, skipped)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def step_recipe(step_dir: Path) -> Path | None:
+    """The resolved recipe saved with a step, else the one of its run; None if neither exists."""
+    return next((p for p in (step_dir / "recipe.yaml", step_dir.parent / "recipe.yaml") if p.is_file()), None)
+
+
+def pick_step(run_or_step_dir: Path, step: str) -> Path:
+    """The step dir `--step` names (`minillm export`).
+
+    Args:
+        run_or_step_dir: A run dir, or a step dir (one with `meta.json`), which is used as is.
+        step: `latest`, `best:<metric>` (lower is better for loss/kl/ece/ppl metrics, else higher)
+            or a step number.
+
+    Raises:
+        UserError: missing dir, no complete step, unknown step number or metric.
+    """
+    path = Path(run_or_step_dir)
+    if not path.is_dir():
+        raise UserError(f"{path}: no such run or step directory")
+    if (path / "meta.json").is_file():
+        return path
+    steps = ckpt.list_steps(path)
+    if not steps:
+        raise UserError(f"{path}: no complete step directory (no {ckpt.STEP_PREFIX}* with meta.json); nothing to export")
+    if step == "latest":
+        return ckpt.latest_step_dir(path) or steps[-1]
+    if step.startswith("best:"):
+        return _best_step(path, steps, step[len("best:") :])
+    if step.isdigit():
+        candidate = path / ckpt.step_name(int(step))
+        if candidate in steps:
+            return candidate
+        have = ", ".join(str(int(p.name[len(ckpt.STEP_PREFIX) :])) for p in steps)
+        raise UserError(f"--step {step}: {path} has no complete step {step} (have: {have})")
+    raise UserError(f"--step: must be latest, best:<metric> or a step number, got {step!r}")
+
+
+def _lower_is_better(metric: str) -> bool:
+    """Loss-like metrics (loss, kl, ece, perplexity) improve downwards, the rest (rouge, acc) upwards."""
+    leaf = metric.rsplit("/", 1)[-1].lower()
+    return any(word in leaf for word in LOWER_IS_BETTER)
+
+
+def _best_step(run_dir: Path, steps: list[Path], metric: str) -> Path:
+    """The complete step with the best value of `metric` in metrics.jsonl (or the steps' meta.json)."""
+    if not metric:
+        raise UserError("--step best:<metric>: name a metric, e.g. best:dev/rougeL")
+    by_step = {int(p.name[len(ckpt.STEP_PREFIX) :]): p for p in steps}
+    values: dict[int, float] = {}
+    seen_keys: set[str] = set()
+    for row in read_metrics(run_dir):
+        seen_keys.update(k for k in row if k.startswith("dev/"))
+        step, value = row.get("step"), row.get(metric)
+        if step in by_step and isinstance(value, (int, float)) and math.isfinite(value):
+            values[step] = float(value)  # a later line for the same step wins
+    for step, path in by_step.items():
+        if step not in values:
+            dev = read_json(path / "meta.json").get("dev_metrics") or {}
+            seen_keys.update(dev)
+            value = dev.get(metric, dev.get(metric.removeprefix("dev/")))
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                values[step] = float(value)
+    if not values:
+        known = ", ".join(sorted(seen_keys)) or "none"
+        raise UserError(f"--step best:{metric}: no saved step of {run_dir} has a value for {metric} (dev metrics seen: {known})")
+    sign = 1.0 if _lower_is_better(metric) else -1.0
+    # ties go to the later step (trained longer for the same score)
+    best = min(values, key=lambda s: (sign * values[s], -s))
+    return by_step[best]
+
+
+def model_step(path: Path, shown: str) -> Path:
+    """What a model argument (`minillm eval MODEL`) names on disk: a run dir (a `latest` pointer or a
+    complete step, no model files of its own) becomes its latest complete step; any other path is
+    returned unchanged.
+
+    Raises:
+        UserError: a run dir without a complete checkpoint (`shown` is the argument as typed).
+    """
+    if not path.is_dir() or (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
+        return path
+    if not ((path / "latest").is_file() or ckpt.list_steps(path)):
+        return path
+    step = ckpt.latest_step_dir(path)
+    if step is None:
+        raise UserError(f"{shown}: run directory without a complete checkpoint (no step-NNNNNN with meta.json)")
+    return step
+
+
+def lora_base(step_dir: Path) -> str | None:
+    """The base model a LoRA step was trained on, as recorded: meta.json `base_model`, else the
+    adapter config's `base_model_name_or_path`; None when neither names one."""
+    base = read_json(step_dir / "meta.json").get("base_model") if (step_dir / "meta.json").is_file() else None
+    if not base and (step_dir / "adapter_config.json").is_file():
+        base = read_json(step_dir / "adapter_config.json").get("base_model_name_or_path")
+    return str(base) if base else None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tiny import CHAT_TEMPLATE
+from tests.tiny import CHAT_TEMPLATE
 
 # HF parameter name (layer part after `model.layers.N.`) -> GGUF tensor name (after `blk.N.`)
 _LAYER_NAMES = {

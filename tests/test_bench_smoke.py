@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minillm_cli.methods.sft import length_groups, response_logits, take_group
+from minillm_cli.methods.batching import length_groups, response_logits, take_group
 from minillm_cli.rollout import sample, score
 
 REPO = Path(__file__).resolve().parents[1]

@@ -92,10 +92,7 @@ def test_hub_id_offline_is_a_clear_error(tmp_path, tiny_data, monkeypatch):
 
 
 def test_tokenizer_mismatch_stops_before_training(tmp_path, tiny_dir, tiny_data):
-    import sys as _sys
-
-    _sys.path.insert(0, str(Path(__file__).parent))
-    from tiny import make_llama, make_tokenizer
+    from tests.tiny import make_llama, make_tokenizer
 
     make_tokenizer(tmp_path / "tok2", vocab_size=300)
     make_llama(tmp_path / "other", tmp_path / "tok2", layers=1, hidden=16)
@@ -103,3 +100,40 @@ def test_tokenizer_mismatch_stops_before_training(tmp_path, tiny_dir, tiny_data)
                                  "--data", str(tiny_data), "--output", str(tmp_path / "run"), "method.name=kd"])
     assert result.exit_code == 2 and "tokenizer" in result.output.lower()
     assert not (tmp_path / "run").exists()
+
+
+def test_training_options_map_to_recipe_keys_once():
+    from minillm_cli.cli import _TRAIN_FLAGS, _recipe_flags
+
+    params = {"teacher": "t", "student": None, "output": "run", "overwrite": False, "resume": True, "max_steps": 3}
+    assert _recipe_flags(params) == {"models.teacher": "t", "models.student": None, "output.dir": "run",
+                                     "output.overwrite": None, "train.max_steps": 3}
+    assert _recipe_flags({"overwrite": True}) == {"output.overwrite": True}
+    # every flag that sets a recipe key names a real one
+    from minillm_cli.recipe_loading import load_recipe
+
+    keys = [f.key for f in _TRAIN_FLAGS.values() if f.key]
+    values = {"models.teacher": "t", "models.student": "s", "data.train": "d", "output.dir": "o",
+              "method.name": "kd", "train.max_steps": 2, "output.overwrite": True}
+    assert sorted(keys) == sorted(values)
+    recipe, source = load_recipe(None, [], values)
+    assert recipe.train.max_steps == 2 and recipe.method.name == "kd" and set(values) <= set(source)
+
+
+def test_launch_job_round_trips_every_shipped_recipe():
+    """The multi-process children train `validate(recipe.model_dump())`: it must be the same recipe."""
+    from minillm_cli.config import validate
+    from minillm_cli.recipe_loading import is_pipeline, load_recipe, shipped_recipes
+
+    for path in [p for p in shipped_recipes() if not is_pipeline(p)]:
+        recipe, _ = load_recipe(path, ["models.teacher=t"])
+        assert validate(recipe.model_dump(mode="json", by_alias=True)) == recipe, path
+
+
+def test_hidden_train_command(tmp_path):
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0 and "_train" not in result.output
+    bad = tmp_path / "job.json"
+    bad.write_text("{not json")
+    result = runner.invoke(app, ["_train", str(bad)])
+    assert result.exit_code == 2 and "job file" in result.output

@@ -7,17 +7,22 @@ import random
 import pytest
 import yaml
 
-from minillm_cli.config import (
-    Recipe, dump_resolved, load_recipe, parse_override, read_recipe_file, shipped_recipes, validate,
-)
+from minillm_cli.config import Recipe, validate
 from minillm_cli.errors import UserError
+from minillm_cli.recipe_loading import (
+    dump_resolved,
+    is_pipeline,
+    load_recipe,
+    parse_override,
+    read_recipe_file,
+    shipped_recipes,
+)
 
 
 def test_every_shipped_recipe_validates():
     paths = shipped_recipes()
     # recursive glob: the cpu/ and paper/ folders are included, data files are not
     assert any("paper" in p.parts for p in paths) and any("cpu" in p.parts for p in paths)
-    from minillm_cli.config import is_pipeline
     from minillm_cli.quickstart import QuickstartRecipe, load_pipeline
 
     for path in paths:
@@ -121,12 +126,11 @@ def _mutate(tree, rng):
 
 
 def test_fuzz_recipe_mutations_give_valid_recipe_or_clean_error():
-    from minillm_cli.config import is_pipeline
 
     base = [read_recipe_file(p) for p in shipped_recipes() if not is_pipeline(p)]
     rng = random.Random(1234)
     outcomes = {"ok": 0, "error": 0}
-    for i in range(400):
+    for _ in range(400):
         tree = yaml.safe_load(yaml.safe_dump(rng.choice(base)))
         for _ in range(rng.randint(1, 3)):
             _mutate(tree, rng)

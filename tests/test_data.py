@@ -1,4 +1,4 @@
-"""Data pipeline: formats, templates, masking, length rule, malformed rows."""
+"""Data pipeline (`rows`, `data`): formats, templates, masking, length rule, malformed rows."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import pytest
 
 from minillm_cli import data
+from minillm_cli import rows as rows_mod
 from minillm_cli.config import DataConfig
 from minillm_cli.errors import UserError
 
@@ -34,8 +35,8 @@ def _write(path, rows):
 )
 def test_formats_detected(tmp_path, row, fmt):
     path = _write(tmp_path / "d.jsonl", [row])
-    assert data.detect_format(row, "x") == fmt
-    ex = data.load_examples(str(path))[0]
+    assert rows_mod.detect_format(row, "x") == fmt
+    ex = rows_mod.load_examples(str(path))[0]
     assert ex.response == "3"
     assert ex.messages[-1]["role"] == "user"
 
@@ -49,34 +50,34 @@ def test_csv_json_parquet(tmp_path):
     (tmp_path / "d.csv").write_text("instruction,input,output\nSay hi.,,hi\n")
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
     for name in ("d.json", "d.csv", "d.parquet"):
-        assert data.load_examples(str(tmp_path / name))[0].response == "hi"
+        assert rows_mod.load_examples(str(tmp_path / name))[0].response == "hi"
 
 
 def test_malformed_line_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n')
     with pytest.raises(UserError, match=r"bad.jsonl:2: malformed JSON"):
-        data.load_examples(str(path))
+        rows_mod.load_examples(str(path))
 
 
 def test_missing_column_names_row(tmp_path):
     path = _write(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "c"}])
     with pytest.raises(UserError, match=r"d.jsonl:2: missing column 'output'"):
-        data.load_examples(str(path))
+        rows_mod.load_examples(str(path))
 
 
 def test_unknown_columns_and_empty_file(tmp_path):
     with pytest.raises(UserError, match="cannot detect the data format"):
-        data.load_examples(str(_write(tmp_path / "a.jsonl", [{"foo": 1}])))
+        rows_mod.load_examples(str(_write(tmp_path / "a.jsonl", [{"foo": 1}])))
     (tmp_path / "e.jsonl").write_text("")
     with pytest.raises(UserError, match="empty"):
-        data.load_examples(str(tmp_path / "e.jsonl"))
+        rows_mod.load_examples(str(tmp_path / "e.jsonl"))
     with pytest.raises(UserError, match="not found"):
-        data.load_examples(str(tmp_path / "missing.jsonl"))
+        rows_mod.load_examples(str(tmp_path / "missing.jsonl"))
 
 
 def test_prompt_masked_and_eos_trained(tok):
-    ex = data.Example(messages=[{"role": "user", "content": "What is 2 plus 3?"}], response="5", instruction="What is 2 plus 3?")
+    ex = rows_mod.Example(messages=[{"role": "user", "content": "What is 2 plus 3?"}], response="5", instruction="What is 2 plus 3?")
     enc, stats = data.encode_examples([ex], tok, template="chat", max_prompt_tokens=256, max_total_tokens=512)
     e = enc[0]
     assert e.response_ids[-1] == tok.eos_token_id
@@ -91,15 +92,15 @@ def test_prompt_masked_and_eos_trained(tok):
 
 
 def test_instruction_template(tok):
-    ex = data.Example(messages=[{"role": "user", "content": "Q\n\nctx"}], response="A", instruction="Q", input="ctx")
+    ex = rows_mod.Example(messages=[{"role": "user", "content": "Q\n\nctx"}], response="A", instruction="Q", input="ctx")
     text = data.render_prompt(ex, tok, "instruction")
     assert "### Instruction:\nQ" in text and "### Input:\nctx" in text and text.endswith("### Response:\n")
     assert data.resolve_template("auto", tok) == "chat"
 
 
 def test_length_rule_drop_and_truncate(tok):
-    long = data.Example(messages=[{"role": "user", "content": "word " * 200}], response="ok " * 50, instruction="x")
-    short = data.Example(messages=[{"role": "user", "content": "hi"}], response="ok", instruction="hi")
+    long = rows_mod.Example(messages=[{"role": "user", "content": "word " * 200}], response="ok " * 50, instruction="x")
+    short = rows_mod.Example(messages=[{"role": "user", "content": "hi"}], response="ok", instruction="hi")
     enc, stats = data.encode_examples([long, short], tok, template="chat", max_prompt_tokens=32,
                                       max_total_tokens=48, overlong="drop")
     assert stats.dropped_prompt == 1 and len(enc) == 1
@@ -127,10 +128,10 @@ def test_data_stream_is_a_pure_function_of_position():
 
 
 def test_shared_instruct_data_loads():
-    from conftest import SHARED_DATA
+    from tests.conftest import SHARED_DATA
 
     path = SHARED_DATA / "instruct-dev.jsonl"
     if not path.exists():
         pytest.skip("shared data not present")
-    examples = data.load_examples(str(path))
+    examples = rows_mod.load_examples(str(path))
     assert len(examples) == 400 and all(e.response for e in examples)

@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import load_file
 
 from minillm_cli.checkpoint import write_text_atomic
-from minillm_cli.config import RECIPES_DIR, load_recipe
 from minillm_cli.errors import UserError
 from minillm_cli.loop import train
+from minillm_cli.recipe_loading import RECIPES_DIR, load_recipe
 
 COMMON = ["optim.lr=1e-3", "optim.warmup_steps=1", "train.log_every=1", "train.threads=1", "data.dev_fraction=0"]
 MINILLM = ["method.name=minillm", "method.max_new_tokens=6", "method.num_rollouts=8", "method.ppo_epochs=2",
@@ -134,30 +134,30 @@ def test_setup_error_stops_every_process_before_writing(tmp_path, tiny_dir):
 def test_ranks_agree_on_an_error_of_one_rank(monkeypatch):
     import accelerate.utils
 
-    from minillm_cli.loop import _agree_on_setup
+    from minillm_cli.distributed import agree_on_setup
 
     class TwoRanks:
         num_processes = 2
 
     monkeypatch.setattr(accelerate.utils, "gather_object", lambda objs: [None, "UserError: data.train: bad file"])
     with pytest.raises(UserError, match="^rank 1: data.train: bad file$"):
-        _agree_on_setup(TwoRanks(), None)  # rank 0 itself was fine
+        agree_on_setup(TwoRanks(), None)  # rank 0 itself was fine
     monkeypatch.setattr(accelerate.utils, "gather_object", lambda objs: [None, "OSError: disk gone"])
     with pytest.raises(UserError, match="rank 1: OSError: disk gone"):
-        _agree_on_setup(TwoRanks(), None)
+        agree_on_setup(TwoRanks(), None)
     with pytest.raises(ValueError, match="mine"):  # the failing rank re-raises its own error
-        _agree_on_setup(TwoRanks(), ValueError("mine"))
+        agree_on_setup(TwoRanks(), ValueError("mine"))
     monkeypatch.setattr(accelerate.utils, "gather_object", lambda objs: [None, None])
-    _agree_on_setup(TwoRanks(), None)
+    agree_on_setup(TwoRanks(), None)
 
 
 def test_teacher_on_the_cpu_gives_the_same_run(tmp_path, tiny_dir, tiny_data, monkeypatch):
     """`teacher_placement: cpu` runs the teacher through a device-moving hook (a no-op move here)."""
-    from minillm_cli import loop
+    from minillm_cli import prepare
 
     hooked = []
-    real = loop._outputs_to_caller
-    monkeypatch.setattr(loop, "_outputs_to_caller", lambda model, device: (hooked.append(device), real(model, device)))
+    real = prepare.outputs_to_caller
+    monkeypatch.setattr(prepare, "outputs_to_caller", lambda model, device: (hooked.append(device), real(model, device)))
     extra = ["train.batch_size=4", "method.max_new_tokens=6", "method.num_rollouts=8", "method.ppo_epochs=1",
              "rollout.batch_size=4"]
     shared = _one_process(tiny_dir, tiny_data, tmp_path / "shared", "minillm", 2, extra)

@@ -27,7 +27,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from minillm_cli import losses
+from minillm_cli import losses, policy_gradient
 
 V, T = 3, 3
 OFFSETS = [(V**t - 1) // (V - 1) for t in range(T)]  # first table row of the prefixes of length t: 0, 1, 4
@@ -102,9 +102,9 @@ def per_sample_gradients(student: Tensor, teacher: Tensor, y: Tensor, *, include
     logq = losses.token_logprobs(s_logits, y, mask)  # (N, T)
     logp = losses.token_logprobs(t_logits, y, mask)
     rewards = (logp - logq).detach()
-    adv = losses.advantages(rewards, mask, gamma=1.0, include_current=include_current, length_norm=False,
+    adv = policy_gradient.advantages(rewards, mask, gamma=1.0, include_current=include_current, length_norm=False,
                             whiten=False)
-    pg, _ = losses.policy_loss(logq, logq.detach(), torch.zeros_like(logq), adv, mask, clip_eps=None)
+    pg, _ = policy_gradient.policy_loss(logq, logq.detach(), torch.zeros_like(logq), adv, mask, clip_eps=None)
     per_seq = pg.sum(-1)  # (N,) sum over tokens, not token mean
     if single_step:
         per_seq = per_seq + losses.reverse_kl(s_logits, t_logits, mask).sum(-1)

@@ -16,7 +16,8 @@ from minillm_cli.cli import app
 from minillm_cli.config import EvalConfig
 from minillm_cli.errors import UserError
 from minillm_cli.evaluate import distribution
-from minillm_cli.evaluate.command import load_checkpoint, resolve_checkpoint, run_eval
+from minillm_cli.evaluate.checkpoints import load_checkpoint, resolve_checkpoint
+from minillm_cli.evaluate.command import run_eval
 from minillm_cli.evaluate.generate import evaluate_during_training, reference_loss
 from minillm_cli.models import load_model, load_tokenizer
 

@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from minillm_cli import __version__, export as export_mod
+from minillm_cli import __version__
 from minillm_cli.errors import UserError
-from minillm_cli.export import ExportOptions, export, pick_step
+from minillm_cli.export import ExportOptions, export
+from minillm_cli.export import gguf as gguf_export
+from minillm_cli.export import verify as verify_mod
+from minillm_cli.rundir import pick_step
 
 DATA_SHA = "ab" * 32
 METHOD = {"name": "minillm", "teacher_mix": 0.2, "clip_eps": 0.2, "length_norm": True}
@@ -84,7 +87,7 @@ def test_safetensors_round_trip_identical_logits(run_dir: Path, tmp_path: Path) 
     result = export(run_dir, ExportOptions(out=out))
     assert result.step_dir == run_dir / "step-000002"
     assert result.max_abs_logit_diff <= 1e-6
-    assert result.tolerance == pytest.approx(export_mod.SAME_DTYPE_ABS_TOL)
+    assert result.tolerance == pytest.approx(verify_mod.SAME_DTYPE_ABS_TOL)
     for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md", "recipe.yaml"):
         assert name in result.files and (out / name).is_file()
     assert not (out / "model.safetensors.index.json").exists()
@@ -117,7 +120,7 @@ def test_dtype_conversion_within_tolerance(run_dir: Path, tmp_path: Path, dtype:
     assert dtypes == {torch_dtype}
     assert json.loads((out / "config.json").read_text())["dtype"] == str(torch_dtype).removeprefix("torch.")
     source = _hf_logits(result.step_dir)
-    rel = export_mod.DTYPE_REL_TOL[dtype]
+    rel = verify_mod.DTYPE_REL_TOL[dtype]
     assert 0 < result.max_abs_logit_diff <= result.tolerance
     assert result.tolerance == pytest.approx(1e-6 + rel * float(source.abs().max()), rel=0.5)
     assert torch.allclose(_hf_logits(out), source, atol=result.tolerance, rtol=0)
@@ -236,7 +239,7 @@ def test_gguf_f32_round_trip_through_transformers(run_dir: Path, tmp_path: Path)
         hf_q = f.get_tensor("model.layers.0.self_attn.q_proj.weight").numpy()
     stored_q = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight").data
     assert stored_q.shape == hf_q.shape and not (stored_q == hf_q).all()
-    assert (stored_q == export_mod._permute_qk(hf_q, 4)).all()
+    assert (stored_q == gguf_export._permute_qk(hf_q, 4)).all()
     # transformers' GGUF loader gives back the source model
     assert result.max_abs_logit_diff <= result.tolerance
     assert torch.allclose(_gguf_logits(out, "model-f32.gguf"), _hf_logits(result.step_dir), atol=1e-5, rtol=0)
@@ -254,7 +257,7 @@ def test_gguf_f16_q8_within_tolerance(run_dir: Path, tmp_path: Path, gguf_type: 
     assert types["blk.0.attn_norm.weight"] == "F32"  # norms stay f32, as in llama.cpp
     assert 0 < result.max_abs_logit_diff <= result.tolerance
     source = _hf_logits(result.step_dir)
-    assert result.tolerance == pytest.approx(1e-6 + export_mod.GGUF_REL_TOL[gguf_type] * float(source.abs().max()), rel=0.5)
+    assert result.tolerance == pytest.approx(1e-6 + verify_mod.GGUF_REL_TOL[gguf_type] * float(source.abs().max()), rel=0.5)
     assert torch.allclose(_gguf_logits(out, name), source, atol=result.tolerance, rtol=0)
 
 
@@ -323,7 +326,7 @@ def test_refuses_non_empty_out_and_leaves_it_untouched(run_dir: Path, tmp_path: 
 
 
 def test_failed_verification_leaves_nothing(run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(export_mod.DTYPE_REL_TOL, "bf16", 0.0)  # bf16 rounding now counts as a failure
+    monkeypatch.setitem(verify_mod.DTYPE_REL_TOL, "bf16", 0.0)  # bf16 rounding now counts as a failure
     out = tmp_path / "out"
     with pytest.raises(UserError, match="differs from the source"):
         export(run_dir, ExportOptions(out=out, dtype="bf16"))
@@ -334,7 +337,7 @@ def test_failed_verification_keeps_previous_export(run_dir: Path, tmp_path: Path
     out = tmp_path / "out"
     export(run_dir, ExportOptions(out=out))
     before = sorted(p.name for p in out.iterdir())
-    monkeypatch.setitem(export_mod.GGUF_REL_TOL, "q8_0", 0.0)
+    monkeypatch.setitem(verify_mod.GGUF_REL_TOL, "q8_0", 0.0)
     with pytest.raises(UserError, match="differs from the source"):
         export(run_dir, ExportOptions(out=out, format="gguf", gguf_type="q8_0", overwrite=True))
     assert sorted(p.name for p in out.iterdir()) == before

@@ -16,8 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minillm_cli import data as data_mod
-from minillm_cli.config import Recipe, load_recipe
+from minillm_cli.config import Recipe
 from minillm_cli.errors import UserError
+from minillm_cli.recipe_loading import load_recipe
 
 CASES = 300
 FUZZ = settings(max_examples=CASES, derandomize=True, deadline=None, database=None,

@@ -1,4 +1,5 @@
-"""Properties and hand-computed values of `minillm_cli.losses` (divergences, LM losses, advantages, PPO loss)."""
+"""Properties and hand-computed values of `minillm_cli.losses` (divergences, LM losses), `logprobs` (token
+log-probs, reductions) and `policy_gradient` (advantages, PPO loss)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from minillm_cli import losses
+from minillm_cli import logprobs, losses, policy_gradient
 
 DIVERGENCES: dict[str, Callable[..., Tensor]] = {
     "forward_kl": losses.forward_kl,
@@ -205,7 +206,7 @@ def test_token_logprobs(chunk_size: int | None) -> None:
     s, _, mask = random_batch(9)
     tokens = torch.randint(0, s.shape[-1], mask.shape, generator=torch.Generator().manual_seed(1))
     tokens[mask == 0] = -100  # labels-style ignore ids are fine where masked
-    out = losses.token_logprobs(s, tokens, mask, chunk_size=chunk_size)
+    out = logprobs.token_logprobs(s, tokens, mask, chunk_size=chunk_size)
     expected = torch.log_softmax(s, -1).gather(-1, tokens.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask
     torch.testing.assert_close(out, expected)
     (grad,) = torch.autograd.grad(out.sum(), s)
@@ -255,7 +256,7 @@ def test_chunked_forward_keeps_no_full_size_fp32_tensor(name: str) -> None:
     assert max(dense) >= full  # the hook sees the dense intermediates
     assert max(chunked, default=0) < full // 4
     tokens = torch.zeros(mask.shape, dtype=torch.long)
-    assert max(_saved_numels(lambda: losses.token_logprobs(s, tokens, chunk_size=4)), default=0) < full // 4
+    assert max(_saved_numels(lambda: logprobs.token_logprobs(s, tokens, chunk_size=4)), default=0) < full // 4
 
 
 class _FullSizeOps(TorchDispatchMode):
@@ -312,9 +313,9 @@ def test_micro_batch_accumulation_equivalence(name: str) -> None:
     t = torch.randn(6, 5, 7, generator=gen)
     mask = (torch.arange(5) < torch.tensor([5, 1, 3, 0, 4, 2]).unsqueeze(-1)).long()  # (6, 5)
     fn = ALL_PER_TOKEN[name]
-    whole = losses.masked_mean(fn(s, t, mask), mask)
+    whole = logprobs.masked_mean(fn(s, t, mask), mask)
     (g_whole,) = torch.autograd.grad(whole, s)
-    _, global_count = losses.sum_and_count(torch.zeros(mask.shape), mask)
+    _, global_count = logprobs.sum_and_count(torch.zeros(mask.shape), mask)
     assert int(global_count) == 15
     for split in ([2, 2, 2], [1, 5], [4, 1, 1]):
         s.grad = None
@@ -323,7 +324,7 @@ def test_micro_batch_accumulation_equivalence(name: str) -> None:
         for size in split:  # one micro-batch per accumulation step, gradients accumulate in s.grad
             rows = slice(start, start + size)
             start += size
-            micro_sum, _ = losses.sum_and_count(fn(s[rows], t[rows], mask[rows], chunk_size=2), mask[rows])
+            micro_sum, _ = logprobs.sum_and_count(fn(s[rows], t[rows], mask[rows], chunk_size=2), mask[rows])
             loss = micro_sum / global_count.clamp_min(1)
             loss.backward()
             total = total + loss.detach()
@@ -334,10 +335,10 @@ def test_micro_batch_accumulation_equivalence(name: str) -> None:
 def test_masked_mean_and_sum_and_count() -> None:
     values = torch.tensor([[1.0, 2.0, float("nan")], [4.0, float("inf"), 6.0]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    total, count = losses.sum_and_count(values, mask)
+    total, count = logprobs.sum_and_count(values, mask)
     assert float(total) == 7.0 and int(count) == 3
-    assert float(losses.masked_mean(values, mask)) == pytest.approx(7 / 3)
-    assert float(losses.masked_mean(values, torch.zeros_like(mask))) == 0.0  # nothing valid: 0, not NaN
+    assert float(logprobs.masked_mean(values, mask)) == pytest.approx(7 / 3)
+    assert float(logprobs.masked_mean(values, torch.zeros_like(mask))) == 0.0  # nothing valid: 0, not NaN
 
 
 # ------------------------------------------------------------------------ SFT / KD / PT losses
@@ -430,7 +431,7 @@ HAND = {
 @pytest.mark.parametrize("key", HAND, ids=[f"gamma{g}-cur{c}-norm{n}" for g, c, n in HAND])
 def test_advantages_hand_examples(key: tuple[float, bool, bool]) -> None:
     gamma, include_current, length_norm = key
-    adv = losses.advantages(REWARDS, MASK, gamma=gamma, include_current=include_current, length_norm=length_norm,
+    adv = policy_gradient.advantages(REWARDS, MASK, gamma=gamma, include_current=include_current, length_norm=length_norm,
                             whiten=False)
     expected = torch.tensor(HAND[key], dtype=torch.float32)
     torch.testing.assert_close(adv[:3], expected)
@@ -440,7 +441,7 @@ def test_advantages_hand_examples(key: tuple[float, bool, bool]) -> None:
 
 
 def test_advantages_whitening() -> None:
-    adv = losses.advantages(REWARDS, MASK, gamma=1.0, include_current=True, length_norm=True, whiten=True)
+    adv = policy_gradient.advantages(REWARDS, MASK, gamma=1.0, include_current=True, length_norm=True, whiten=True)
     raw = torch.tensor([7 / 3, 3, 4, 2, 2, 3, 8, 3, 7 / 3, 3, 4, 7 / 3, 3, 4])  # the 14 valid Â_t in row order
     mean, var = raw.mean(), raw.var(unbiased=False)
     expected = torch.zeros(5, 4)
@@ -451,27 +452,27 @@ def test_advantages_whitening() -> None:
     assert float(valid.var(unbiased=False)) == pytest.approx(1.0, abs=1e-5)
     assert float(adv[MASK == 0].abs().max()) == 0.0
     # nothing valid at all: zeros, no NaN
-    empty = losses.advantages(REWARDS, torch.zeros_like(MASK))
+    empty = policy_gradient.advantages(REWARDS, torch.zeros_like(MASK))
     assert float(empty.abs().max()) == 0.0
 
 
 def test_advantages_whitening_is_global_across_ranks() -> None:
     # Two simulated data-parallel ranks: with reduce_fn summing both ranks' statistics, each rank's
     # rows equal the corresponding rows of the single-process result on the whole buffer.
-    whole = losses.advantages(REWARDS, MASK, gamma=0.95)
+    whole = policy_gradient.advantages(REWARDS, MASK, gamma=0.95)
     shards = [(REWARDS[:1], MASK[:1]), (REWARDS[1:], MASK[1:])]
     local: list[Tensor] = []
     for r, m in shards:  # pass 1: what each rank would contribute to the all-reduce
-        losses.advantages(r, m, gamma=0.95, reduce_fn=lambda x: local.append(x.clone()) or x)
+        policy_gradient.advantages(r, m, gamma=0.95, reduce_fn=lambda x: local.append(x.clone()) or x)
     assert len(local) == 2  # one all-reduce per call
     total = local[0] + local[1]
-    parts = [losses.advantages(r, m, gamma=0.95, reduce_fn=lambda x: total) for r, m in shards]
+    parts = [policy_gradient.advantages(r, m, gamma=0.95, reduce_fn=lambda x: total) for r, m in shards]
     torch.testing.assert_close(torch.cat(parts), whole)
 
 
 def test_advantages_are_detached_and_float32() -> None:
     rewards = REWARDS.clone().requires_grad_()
-    adv = losses.advantages(rewards, MASK)
+    adv = policy_gradient.advantages(rewards, MASK)
     assert adv.dtype == torch.float32 and not adv.requires_grad
 
 
@@ -483,7 +484,7 @@ def test_policy_loss_clipping_hand_example() -> None:
     mask = torch.tensor([[1, 1, 1, 1, 1, 0]])
     logq_old = torch.tensor([[-1.0, -2.0, -0.5, -3.0, -1.5, -9.0]])
     logq_new = logq_old.clone().requires_grad_()
-    loss, clip_frac = losses.policy_loss(logq_new, logq_old, ratio.log(), adv, mask, clip_eps=0.2)
+    loss, clip_frac = policy_gradient.policy_loss(logq_new, logq_old, ratio.log(), adv, mask, clip_eps=0.2)
     # A > 0, ρ = 1.5: max(−3, −2.4) = −2.4 (clipped, no gradient)
     # A > 0, ρ = 0.5: max(−1, −1.6) = −1   (unclipped: gradient −A·ρ = −1)
     # A < 0, ρ = 1.5: max(3, 2.4) = 3      (unclipped: gradient −A·ρ = 3)
@@ -500,7 +501,7 @@ def test_policy_loss_without_clipping() -> None:
     adv = torch.tensor([[2.0, -2.0, 1.0]])
     mask = torch.tensor([[1, 1, 1]])
     logq_new = torch.zeros(1, 3).requires_grad_()
-    loss, clip_frac = losses.policy_loss(logq_new, torch.zeros(1, 3), ratio.log(), adv, mask, clip_eps=None)
+    loss, clip_frac = policy_gradient.policy_loss(logq_new, torch.zeros(1, 3), ratio.log(), adv, mask, clip_eps=None)
     torch.testing.assert_close(loss, torch.tensor([[-3.0, 1.0, -3.0]]))
     assert float(clip_frac) == 0.0
     (grad,) = torch.autograd.grad(loss.sum(), logq_new)
@@ -512,7 +513,7 @@ def test_policy_loss_masked_garbage_is_zero() -> None:
     logq_old = torch.tensor([[-1.0, float("-inf")]])
     log_w = torch.tensor([[0.0, float("nan")]])
     adv = torch.tensor([[1.0, float("nan")]])
-    loss, clip_frac = losses.policy_loss(logq_new, logq_old, log_w, adv, torch.tensor([[1, 0]]))
+    loss, clip_frac = policy_gradient.policy_loss(logq_new, logq_old, log_w, adv, torch.tensor([[1, 0]]))
     assert loss.tolist() == [[-1.0, 0.0]] and float(clip_frac) == 0.0
     (grad,) = torch.autograd.grad(loss.sum(), logq_new)
     assert grad.tolist() == [[-1.0, 0.0]]

@@ -20,7 +20,6 @@ from minillm_cli.evaluate.metrics import (
     rouge_l,
 )
 
-
 # --- Rouge-L -------------------------------------------------------------------------------------
 
 def test_rouge_l_counts_lcs_with_stemming() -> None:

@@ -47,9 +47,9 @@ import torch
 from torch import Tensor
 
 from minillm_cli.config import MiniLlmMethod, Recipe, RolloutConfig, TrainConfig
+from minillm_cli.context import Ctx
 from minillm_cli.data import Encoded
 from minillm_cli.errors import UserError
-from minillm_cli.loop import Ctx
 from minillm_cli.methods.minillm import MiniLlmStepper
 
 V, PAD, EOS, T_MAX = 4, 0, 3, 3
@@ -403,6 +403,6 @@ def test_sampler_cut_is_rejected_naming_the_key(lms, key: str, value: float) -> 
     student, teacher = lms
     recipe = Recipe(method=MiniLlmMethod(num_rollouts=4), rollout=RolloutConfig(**{key: value}),
                     train=TrainConfig(batch_size=4))
-    ctx = SimpleNamespace(recipe=recipe, world=1)
+    ctx = SimpleNamespace(recipe=recipe, world=1, teacher=teacher)
     with pytest.raises(UserError, match=rf"^rollout\.{key}: "):
         MiniLlmStepper(ctx)  # type: ignore[arg-type]

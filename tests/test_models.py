@@ -1,4 +1,5 @@
-"""models.py: resolving names to model dirs, GGUF conversion, dtype/device, loading, tokenizer checks, student init."""
+"""models.py (resolving names to model dirs, dtype/device, loading, tokenizer checks), model_dirs.py (GGUF
+conversion, atomic dirs) and student_init.py (pruned and fresh students)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from gguf_tiny import write_llama_gguf
 from safetensors.torch import load_file
-from tiny import make_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from minillm_cli import models
+from minillm_cli import model_dirs, models, student_init
 from minillm_cli.errors import UserError
+from tests.gguf_tiny import write_llama_gguf
+from tests.tiny import make_tokenizer
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 11], [1, 2, 3, 4, 5, 6, 7, 8]])  # (B=2, T=8)
 
@@ -145,7 +146,7 @@ def test_gguf_tied_embeddings(tiny_dir, tmp_path):
     tok.save_pretrained(tmp_path / "tied")
     gguf_path = write_llama_gguf(tmp_path / "tied", tmp_path / "tied.gguf")
 
-    out = models.convert_gguf(gguf_path, tmp_path / "out")
+    out = model_dirs.convert_gguf(gguf_path, tmp_path / "out")
     assert "lm_head.weight" not in _weights(out)
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
     torch.testing.assert_close(_logits(out), _logits(tmp_path / "tied"), atol=1e-4, rtol=0)
@@ -156,16 +157,16 @@ def test_interrupted_conversion_leaves_no_dir(tiny_gguf, tmp_path, monkeypatch):
         path.write_bytes(b"half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(models, "_save_state_dict", crash)
+    monkeypatch.setattr(model_dirs, "save_state_dict", crash)
     with pytest.raises(KeyboardInterrupt):
-        models.convert_gguf(tiny_gguf, tmp_path / "out")
+        model_dirs.convert_gguf(tiny_gguf, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_unsupported_gguf_architecture(tiny_dir, tmp_path):
     bad = write_llama_gguf(tiny_dir / "student", tmp_path / "odd.gguf", arch="oddarch")
     with pytest.raises(UserError, match=r"odd.gguf: GGUF architecture 'oddarch' is not supported"):
-        models.convert_gguf(bad, tmp_path / "out")
+        model_dirs.convert_gguf(bad, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -287,7 +288,7 @@ def _assert_layers_copied(teacher: dict, student: dict, kept: list[int], prefix:
 
 
 def test_init_student_from_teacher_layers(tiny_dir, tmp_path):
-    out = models.init_student_from_teacher(tiny_dir / "teacher", tmp_path / "s", layers=[1, 3])
+    out = student_init.init_student_from_teacher(tiny_dir / "teacher", tmp_path / "s", layers=[1, 3])
     t, s = _weights(tiny_dir / "teacher"), _weights(out)
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 2
     _assert_layers_copied(t, s, [1, 3], "model.layers")
@@ -300,20 +301,20 @@ def test_init_student_from_teacher_layers(tiny_dir, tmp_path):
 
 @pytest.mark.parametrize(("keep", "expected"), [(2, [0, 3]), (3, [0, 2, 3]), (4, [0, 1, 2, 3]), (1, [0])])
 def test_init_student_keep_evenly_spaced(tiny_dir, tmp_path, keep, expected):
-    out = models.init_student_from_teacher(tiny_dir / "teacher", tmp_path / "s", keep=keep)
+    out = student_init.init_student_from_teacher(tiny_dir / "teacher", tmp_path / "s", keep=keep)
     _assert_layers_copied(_weights(tiny_dir / "teacher"), _weights(out), expected, "model.layers")
 
 
 def test_init_student_bad_layer_choices(tiny_dir, tmp_path):
     teacher = tiny_dir / "teacher"
     with pytest.raises(UserError, match="exactly one of"):
-        models.init_student_from_teacher(teacher, tmp_path / "s", layers=[0], keep=1)
+        student_init.init_student_from_teacher(teacher, tmp_path / "s", layers=[0], keep=1)
     with pytest.raises(UserError, match=r"layers: \[0, 4\] must be indices in 0..3"):
-        models.init_student_from_teacher(teacher, tmp_path / "s", layers=[0, 4])
+        student_init.init_student_from_teacher(teacher, tmp_path / "s", layers=[0, 4])
     with pytest.raises(UserError, match="strictly increasing"):
-        models.init_student_from_teacher(teacher, tmp_path / "s", layers=[2, 1])
+        student_init.init_student_from_teacher(teacher, tmp_path / "s", layers=[2, 1])
     with pytest.raises(UserError, match=r"keep: 5 is not in 1..4"):
-        models.init_student_from_teacher(teacher, tmp_path / "s", keep=5)
+        student_init.init_student_from_teacher(teacher, tmp_path / "s", keep=5)
     assert not (tmp_path / "s").exists()
 
 
@@ -324,7 +325,7 @@ def test_init_student_from_gpt2_teacher(tiny_dir, tmp_path):
     GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
     tok.save_pretrained(tmp_path / "gpt2")
 
-    out = models.init_student_from_teacher(tmp_path / "gpt2", tmp_path / "s", keep=2)
+    out = student_init.init_student_from_teacher(tmp_path / "gpt2", tmp_path / "s", keep=2)
     assert json.loads((out / "config.json").read_text())["n_layer"] == 2
     t, s = _weights(tmp_path / "gpt2"), _weights(out)
     _assert_layers_copied(t, s, [0, 2], "transformer.h")
@@ -339,13 +340,13 @@ def test_init_student_unknown_layout(tiny_dir, tmp_path):
     shutil.copy(tiny_dir / "teacher" / "config.json", tmp_path / "t" / "config.json")
     save_file({"encoder.blocks.0.w": torch.zeros(2)}, str(tmp_path / "t" / "model.safetensors"))
     with pytest.raises(UserError, match=r"cannot find its 4 layers as '\*.layers.N.\*' or '\*.h.N.\*'"):
-        models.init_student_from_teacher(tmp_path / "t", tmp_path / "s", keep=2)
+        student_init.init_student_from_teacher(tmp_path / "t", tmp_path / "s", keep=2)
 
 
 def test_init_student_fresh(tiny_dir, tmp_path):
     overrides = {"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 48}
-    a = models.init_student_fresh(tiny_dir / "teacher", tmp_path / "a", overrides=overrides)
-    b = models.init_student_fresh(tiny_dir / "teacher", tmp_path / "b", overrides=overrides)
+    a = student_init.init_student_fresh(tiny_dir / "teacher", tmp_path / "a", overrides=overrides)
+    b = student_init.init_student_fresh(tiny_dir / "teacher", tmp_path / "b", overrides=overrides)
     cfg = json.loads((a / "config.json").read_text())
     assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]) == (2, 32, 48, 8)
     wa, wb = _weights(a), _weights(b)
@@ -356,7 +357,7 @@ def test_init_student_fresh(tiny_dir, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(a)(IDS).logits.shape == (2, 8, 320)
     assert _vocab(a) == _vocab(tiny_dir / "teacher")
     with pytest.raises(UserError, match=r"models.student_init.config.hidden_sise: LlamaConfig has no such field"):
-        models.init_student_fresh(tiny_dir / "teacher", tmp_path / "c", overrides={"hidden_sise": 8})
+        student_init.init_student_fresh(tiny_dir / "teacher", tmp_path / "c", overrides={"hidden_sise": 8})
 
 
 # --------------------------------------------------------------------------------- real model

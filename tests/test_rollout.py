@@ -305,10 +305,8 @@ def test_bad_settings_raise(models) -> None:
 @pytest.fixture(scope="module")
 def wide_teachers(tiny_dir: Path, tmp_path_factory) -> tuple[torch.nn.Module, torch.nn.Module]:
     """A teacher whose head has 8 padding rows, and the same model cut to the shared ids."""
-    import sys
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from tiny import make_llama
+    from tests.tiny import make_llama
 
     n = len(AutoTokenizer.from_pretrained(tiny_dir / "tokenizer"))
     path = tmp_path_factory.mktemp("wide") / "teacher"

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from minillm_cli.checkpoint import latest_step_dir, list_steps, write_text_atomic
-from minillm_cli.config import load_recipe, shipped_recipes
 from minillm_cli.loop import train
+from minillm_cli.recipe_loading import load_recipe, shipped_recipes
 
 COMMON = ["optim.warmup_steps=1", "train.batch_size=4", "train.log_every=1"]
 

@@ -22,7 +22,7 @@ Stages (all on the CPU, fp32):
   6. summary.md / summary.json (tables, target checks, timings) and one exposure-bias PNG per set.
 
 Nothing is tuned on the evaluation sets: every hyper-parameter below is fixed before any evaluation
-(learning rates and method settings are those of the shipped recipes/cpu/*.yaml and quickstart.yaml),
+(learning rates and method settings are those of the shipped minillm_cli/recipes/cpu/*.yaml and quickstart.yaml),
 and no dev split is used during training (data.dev_fraction 0; no dev loss, no dev eval).
 
 Full-size step counts (SIZES["full"]) were chosen to fit about 2 hours on a 2-core CPU from the
@@ -44,7 +44,7 @@ from typing import Any
 
 from rich.console import Console
 
-from minillm_cli import checkpoint
+from minillm_cli import checkpoint, student_init
 from minillm_cli import models as models_mod
 from minillm_cli.config import validate
 from minillm_cli.errors import RunStopped, UserError
@@ -110,7 +110,7 @@ SIZES = {
 
 PPO_EPOCHS = 2
 STUDENTS: dict[str, tuple[dict[str, Any], float]] = {
-    # name -> (method section, learning rate); the lr of the shipped recipes/cpu/<method>.yaml
+    # name -> (method section, learning rate); the lr of the shipped minillm_cli/recipes/cpu/<method>.yaml
     "sft": ({"name": "sft"}, 1.0e-4),
     "kd": ({"name": "kd", "kd_ratio": 0.5, "loss": "forward_kl"}, 1.0e-4),
     "seqkd": ({"name": "seqkd", "batch_size": 16}, 1.0e-4),
@@ -258,7 +258,7 @@ def run_study(out: Path, size_name: str, train: str, dev: str, seed_tasks: str, 
     # 2. One student init: an evenly spaced 8-of-30-layer copy of the fine-tuned teacher.
     init_dir = out / "student-init"
     if not (init_dir / "config.json").is_file():  # written atomically by init_student_from_teacher
-        models_mod.init_student_from_teacher(teacher, init_dir, keep=STUDENT_LAYERS)
+        student_init.init_student_from_teacher(teacher, init_dir, keep=STUDENT_LAYERS)
 
     # 3. SFT warm-up of that student (all 8 blocks; embeddings shared with the teacher stay frozen).
     warm = study.train_stage("warmup", {

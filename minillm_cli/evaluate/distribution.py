@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from minillm_cli.losses import align_vocab, forward_kl, reverse_kl
-from minillm_cli.rollout import concat_prompt_response
+from minillm_cli.methods.batching import response_logits
 
 
 def top1_agreement(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Tensor:
@@ -38,31 +38,6 @@ def top1_agreement(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor)
     teacher = align_vocab(student_logits, teacher_logits)
     same = (student_logits.argmax(-1) == teacher.argmax(-1)).float()  # (B, T)
     return same * mask.float()
-
-
-def response_logits(
-    model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor
-) -> Tensor:
-    """Teacher-forced logits of every response position: column t predicts response token t.
-
-    One forward over `[left-padded prompt | right-padded response]` (layout of
-    `rollout.concat_prompt_response`), keeping only the last T + 1 logit columns.
-
-    Args:
-        model: A causal LM.
-        prompt_ids, prompt_mask: (B, P) left-padded prompts.
-        response_ids, response_mask: (B, T) right-padded continuations.
-
-    Returns:
-        (B, T, V) logits in the model's dtype.
-    """
-    input_ids, attention_mask, position_ids = concat_prompt_response(
-        prompt_ids, prompt_mask, response_ids, response_mask
-    )
-    T = response_ids.shape[1]
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                use_cache=False, logits_to_keep=T + 1)
-    return out.logits[:, :-1]  # (B, T, V): the last column predicts past the response
 
 
 @torch.no_grad()
@@ -87,8 +62,10 @@ def divergences(
     Returns:
         {"fkl", "rkl", "agree"}: each (B, T) fp32 on the inputs' device, 0 where the mask is 0.
     """
-    q_logits = response_logits(student, prompt_ids, prompt_mask, response_ids, response_mask)  # (B, T, Vq)
-    p_logits = response_logits(teacher, prompt_ids, prompt_mask, response_ids, response_mask)  # (B, T, Vp)
+    b = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
+         "response_mask": response_mask}
+    q_logits = response_logits(student, b)  # (B, T, Vq)
+    p_logits = response_logits(teacher, b)  # (B, T, Vp)
     p_logits = p_logits.to(q_logits.device)
     mask = response_mask.to(q_logits.device)
     return {

@@ -62,7 +62,7 @@ def eos_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
 
 
 @contextlib.contextmanager
-def _plain_generation_config(model: torch.nn.Module) -> Iterator[None]:
+def _plain_generation_config(model: Any) -> Iterator[None]:  # an HF causal LM or its peft wrapper
     """Replace the model's generation config by one with only its special-token ids while inside.
 
     `generate` fills every setting the caller leaves unset from `model.generation_config`; a shipped
@@ -101,7 +101,7 @@ def decode_response(tokenizer: Any, response_ids: Sequence[int], eos: Sequence[i
 
 @torch.no_grad()
 def generate(
-    model: torch.nn.Module,
+    model: Any,  # an HF causal LM (its `generate`)
     tokenizer: Any,
     encoded: Sequence[Encoded],
     cfg: EvalConfig,

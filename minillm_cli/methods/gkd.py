@@ -10,23 +10,33 @@ through the sampling.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from minillm_cli import data as data_mod
 from minillm_cli import losses
 from minillm_cli.config import GkdMethod
-from minillm_cli.loop import Ctx, check_stop
-from minillm_cli.methods.sft import length_groups, response_logits, take_group
+from minillm_cli.context import Ctx, check_stop
+from minillm_cli.methods.batching import (
+    TokenMean,
+    length_groups,
+    response_logits,
+    take_group,
+)
 
 
 class GkdStepper:
     """One optimizer step of GKD over `batch_size × grad_accum` prompts per rank."""
 
+    needs_teacher: ClassVar[bool] = True
+
     def __init__(self, ctx: Ctx) -> None:
+        assert ctx.teacher is not None  # guaranteed by prepare.resolve_models for teacher methods
+        assert isinstance(ctx.recipe.method, GkdMethod)
         self.ctx = ctx
-        self.cfg: GkdMethod = ctx.recipe.method  # type: ignore[assignment]
+        self.teacher = ctx.teacher
+        self.cfg = ctx.recipe.method
 
     def _on_policy(self, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         from minillm_cli.rollout import sample
@@ -38,7 +48,7 @@ class GkdStepper:
                       top_p=r.top_p, generator=ctx.gen)
         return {**b, "response_ids": roll.response_ids, "response_mask": roll.response_mask}
 
-    def step(self) -> dict[str, Any]:
+    def step(self) -> dict[str, float]:
         ctx, tr = self.ctx, self.ctx.recipe.train
         t0 = time.time()
         examples = ctx.next_examples(tr.batch_size * tr.grad_accum)
@@ -53,9 +63,7 @@ class GkdStepper:
                 b = self._on_policy(b)
                 on_policy += 1
             batches.append(b)
-        count = sum(b["response_mask"].sum() for b in batches)
-        global_count = ctx.global_sum(torch.as_tensor(count, device=ctx.device)).clamp_min(1)
-        scale = ctx.world / global_count.float()
+        mean = TokenMean(ctx, sum(b["response_mask"].sum() for b in batches))
         total = torch.zeros((), device=ctx.device)
         # Rows of similar length go through the models together, each group with only the padding it
         # needs (see `length_groups`): same per-token loss, less padded compute, smaller activations.
@@ -65,14 +73,14 @@ class GkdStepper:
             g = take_group(b, rows, p, t)
             logits = response_logits(ctx.student, g)  # (b, t, V)
             with torch.no_grad():
-                t_logits = response_logits(ctx.teacher, g, vocab=logits.shape[-1])  # (b, t, V)
+                t_logits = response_logits(self.teacher, g, vocab=logits.shape[-1])  # (b, t, V)
             div = losses.generalized_jsd(logits, t_logits, g["response_mask"], beta=self.cfg.beta,
                                          chunk_size=tr.chunk_size)  # (b, t)
             loss_sum = (div * g["response_mask"]).sum()
-            ctx.backward(loss_sum * scale, last=i == len(groups) - 1)
+            mean.backward(loss_sum, last=i == len(groups) - 1)
             total += loss_sum.detach()
-        tokens = int(global_count)
-        return {"loss": float(ctx.global_sum(total) / global_count), "on_policy_frac": on_policy / len(batches),
+        tokens = mean.tokens
+        return {"loss": mean.value(total), "on_policy_frac": on_policy / len(batches),
                 "resp_len": tokens / max(len(examples) * ctx.world, 1), "tokens": tokens,
                 "tok_per_s": tokens / max(time.time() - t0, 1e-9)}
 

@@ -8,14 +8,14 @@ generalized JSD can be chosen with `method.loss`. Token mean over the global bat
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from minillm_cli import losses
 from minillm_cli.config import KdMethod
-from minillm_cli.loop import Ctx, check_stop
-from minillm_cli.methods.sft import micro_batches, response_logits
+from minillm_cli.context import Ctx, check_stop
+from minillm_cli.methods.batching import micro_batches, response_logits
 
 
 def divergence(cfg: KdMethod, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
@@ -38,32 +38,34 @@ def divergence(cfg: KdMethod, student_logits: torch.Tensor, teacher_logits: torc
 class KdStepper:
     """One optimizer step of word-level KD over `batch_size × grad_accum` examples per rank."""
 
-    def __init__(self, ctx: Ctx) -> None:
-        assert ctx.teacher is not None  # guaranteed by loop.resolve_models for teacher methods
-        self.ctx = ctx
-        self.cfg: KdMethod = ctx.recipe.method  # type: ignore[assignment]
+    needs_teacher: ClassVar[bool] = True
 
-    def step(self) -> dict[str, Any]:
+    def __init__(self, ctx: Ctx) -> None:
+        assert ctx.teacher is not None  # guaranteed by prepare.resolve_models for teacher methods
+        assert isinstance(ctx.recipe.method, KdMethod)
+        self.ctx = ctx
+        self.teacher = ctx.teacher
+        self.cfg = ctx.recipe.method
+
+    def step(self) -> dict[str, float]:
         ctx, tr, k = self.ctx, self.ctx.recipe.train, self.cfg.kd_ratio
         t0 = time.time()
-        batches, global_count = micro_batches(ctx, ctx.next_examples(tr.batch_size * tr.grad_accum))
-        scale = ctx.world / global_count.float()
+        batches, mean = micro_batches(ctx, ctx.next_examples(tr.batch_size * tr.grad_accum))
         sums = {"sft": torch.zeros((), device=ctx.device), "kd": torch.zeros((), device=ctx.device)}
         for i, b in enumerate(batches):
             check_stop(ctx)
             mask = b["response_mask"]
             logits = response_logits(ctx.student, b)  # (B, T, V)
             with torch.no_grad():
-                t_logits = response_logits(ctx.teacher, b, vocab=logits.shape[-1])  # (B, T, V) sliced to shared ids
+                t_logits = response_logits(self.teacher, b, vocab=logits.shape[-1])  # (B, T, V) sliced to shared ids
             nll = -losses.token_logprobs(logits, b["response_ids"], chunk_size=tr.chunk_size)  # (B, T)
             div = divergence(self.cfg, logits, t_logits, mask, tr.chunk_size)  # (B, T)
             sft_sum, kd_sum = (nll * mask).sum(), (div * mask).sum()
-            ctx.backward(((1 - k) * sft_sum + k * kd_sum) * scale, last=i == len(batches) - 1)
+            mean.backward((1 - k) * sft_sum + k * kd_sum, last=i == len(batches) - 1)
             sums["sft"] += sft_sum.detach()
             sums["kd"] += kd_sum.detach()
-        sft_loss = float(ctx.global_sum(sums["sft"]) / global_count)
-        kd_loss = float(ctx.global_sum(sums["kd"]) / global_count)
-        tokens = int(global_count)
+        sft_loss, kd_loss = mean.value(sums["sft"]), mean.value(sums["kd"])
+        tokens = mean.tokens
         return {"loss": (1 - k) * sft_loss + k * kd_loss, "sft_loss": sft_loss, "kd_loss": kd_loss,
                 "tokens": tokens, "tok_per_s": tokens / max(time.time() - t0, 1e-9)}
 

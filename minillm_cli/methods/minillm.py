@@ -9,7 +9,7 @@ One buffer cycle:
      single-step term) and log p of the sampled tokens (for the reward). Skipped when the buffer feeds
      one optimizer step only and the rollout was teacher-mixed: the rollout's teacher log-probs are used.
   3. Rewards r_t = log p - log q_old (clipped to ±reward_clip), length-normalised discounted returns,
-     whitened over the buffer of all ranks -> advantages A_t (losses.advantages).
+     whitened over the buffer of all ranks -> advantages A_t (policy_gradient.advantages).
   4. `ppo_epochs` shuffled passes over the buffer; each optimizer step takes `batch_size × grad_accum`
      rollouts per rank and minimises  L = L_pg + L_reg (+ pt_weight · L_pt with a corpus), where
      L_pg = Σ m·max(-A·rho, -A·clip(rho, 1±eps)) / Σ m with rho = q_theta/p~, and
@@ -40,16 +40,22 @@ deterministic forward over the same row chunks, so nothing of size N×T×V goes 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from minillm_cli import losses
 from minillm_cli import data as data_mod
-from minillm_cli.config import MiniLlmMethod, check_minillm_sampler as check_sampler
+from minillm_cli import losses, policy_gradient
+from minillm_cli.config import MiniLlmMethod
+from minillm_cli.config import check_minillm_sampler as check_sampler
+from minillm_cli.context import Ctx, check_stop
 from minillm_cli.errors import UserError
-from minillm_cli.loop import Ctx, check_stop
-from minillm_cli.methods.sft import length_groups, response_logits, take_group
+from minillm_cli.methods.batching import (
+    TokenMean,
+    length_groups,
+    response_logits,
+    take_group,
+)
 
 BUFFER_KEYS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "logq", "log_mix", "logp", "adv", "reward")
 
@@ -97,9 +103,14 @@ def sequence_rkl(logq: torch.Tensor, logp: torch.Tensor, log_mix: torch.Tensor,
 class MiniLlmStepper:
     """Collects rollout buffers and takes PPO-style optimizer steps over them."""
 
+    needs_teacher: ClassVar[bool] = True
+
     def __init__(self, ctx: Ctx) -> None:
+        assert ctx.teacher is not None  # guaranteed by prepare.resolve_models for teacher methods
+        assert isinstance(ctx.recipe.method, MiniLlmMethod)
         self.ctx = ctx
-        self.cfg: MiniLlmMethod = ctx.recipe.method  # type: ignore[assignment]
+        self.teacher = ctx.teacher
+        self.cfg = ctx.recipe.method
         tr = ctx.recipe.train
         self.per_step = tr.batch_size * tr.grad_accum  # rollouts per optimizer step per rank
         self.local_rollouts = max(self.cfg.num_rollouts // ctx.world, 1)
@@ -131,13 +142,13 @@ class MiniLlmStepper:
         # resume), its log-probs serve as the reward's log p and the single-step term's teacher
         # logits, and the separate teacher forward of `_score_teacher` is skipped.
         keep = cfg.teacher_mix > 0 and cfg.ppo_epochs == 1 and self.local_rollouts <= self.per_step
-        parts: list[dict[str, torch.Tensor]] = []
+        parts: list[dict[str, Any]] = []  # "logp", "teacher" are None unless kept
         for i in range(0, len(examples), r.batch_size):
             check_stop(ctx)
             ids, mask = data_mod.collate_prompts(examples[i : i + r.batch_size], ctx.tokenizer.pad_token_id)
             roll = sample(
                 student, ids.to(ctx.device), mask.to(ctx.device),
-                teacher=ctx.teacher if cfg.teacher_mix > 0 else None, alpha=cfg.teacher_mix,
+                teacher=self.teacher if cfg.teacher_mix > 0 else None, alpha=cfg.teacher_mix,
                 max_new_tokens=cfg.max_new_tokens, eos_token_id=ctx.tokenizer.eos_token_id,
                 pad_token_id=ctx.tokenizer.pad_token_id, temperature=r.temperature, top_k=r.top_k,
                 top_p=r.top_p, generator=ctx.gen, keep_teacher_logprobs=keep and cfg.single_step,
@@ -167,7 +178,7 @@ class MiniLlmStepper:
         if cfg.reward_clip is not None:
             reward = reward.clamp(-cfg.reward_clip, cfg.reward_clip)
         buf["reward"] = reward
-        buf["adv"] = losses.advantages(
+        buf["adv"] = policy_gradient.advantages(
             reward, mask, gamma=cfg.gamma, include_current=cfg.include_current, length_norm=cfg.length_norm,
             whiten=cfg.whiten, reduce_fn=ctx.global_sum,
         )
@@ -195,19 +206,18 @@ class MiniLlmStepper:
         """Teacher logits at every response position (N, T, V) and log p of the sampled tokens (N, T),
         in fixed row chunks so that a resume recomputes exactly the same numbers."""
         ctx = self.ctx
-        assert ctx.teacher is not None
         rows = ctx.recipe.rollout.batch_size
         logits_parts, logp_parts = [], []
         for i in range(0, buf["response_ids"].shape[0], rows):
             b = {k: buf[k][i : i + rows] for k in ("prompt_ids", "prompt_mask", "response_ids", "response_mask")}
-            t_logits = response_logits(ctx.teacher, b, vocab=ctx.vocab)  # (b, T, V)
+            t_logits = response_logits(self.teacher, b, vocab=ctx.vocab)  # (b, T, V)
             logp = losses.token_logprobs(t_logits, b["response_ids"], chunk_size=ctx.recipe.train.chunk_size)
             logits_parts.append(t_logits)
             logp_parts.append(logp * b["response_mask"])
         return torch.cat(logits_parts), torch.cat(logp_parts)
 
     # ---------------------------------------------------------------------------- training
-    def step(self) -> dict[str, Any]:
+    def step(self) -> dict[str, float]:
         ctx, cfg, tr = self.ctx, self.cfg, self.ctx.recipe.train
         fresh = not self.schedule
         if fresh:
@@ -217,9 +227,7 @@ class MiniLlmStepper:
         rows = self.schedule.pop(0)
         buf = self.buffer
         micro = [rows[i : i + tr.batch_size] for i in range(0, len(rows), tr.batch_size)]
-        count = buf["response_mask"][rows].sum()
-        global_count = ctx.global_sum(count).clamp_min(1)
-        scale = ctx.world / global_count.float()
+        mean = TokenMean(ctx, buf["response_mask"][rows].sum())
         sums = {k: torch.zeros((), device=ctx.device) for k in ("pg", "reg", "clipped")}
         # Rows of similar length go through the student together, each group with only the padding it
         # needs (see `length_groups`): same per-token losses, less padded compute, smaller activations.
@@ -238,22 +246,21 @@ class MiniLlmStepper:
             logq_new = losses.token_logprobs(logits, b["response_ids"], chunk_size=tr.chunk_size)  # (B, T)
             logq_old = buf["logq"][index, :T]
             log_w = logq_old - buf["log_mix"][index, :T]  # log(q_old / p~): the importance weight
-            pg_tok, clip_frac = losses.policy_loss(logq_new, logq_old, log_w, buf["adv"][index, :T], m,
+            pg_tok, clip_frac = policy_gradient.policy_loss(logq_new, logq_old, log_w, buf["adv"][index, :T], m,
                                                    clip_eps=cfg.clip_eps)
             loss_sum = (pg_tok * m).sum()
             sums["pg"] += loss_sum.detach()
             sums["clipped"] += clip_frac.detach() * m.sum()
             if cfg.single_step:
-                reg = losses.reverse_kl(logits, self.teacher_logits[index, :T], m, chunk_size=tr.chunk_size)
-                reg_sum = (reg * m).sum()
+                assert self.teacher_logits is not None  # set with the buffer whenever single_step is on
+                reg_tok = losses.reverse_kl(logits, self.teacher_logits[index, :T], m, chunk_size=tr.chunk_size)
+                reg_sum = (reg_tok * m).sum()
                 sums["reg"] += reg_sum.detach()
                 loss_sum = loss_sum + reg_sum
             last = j == len(groups) - 1 and not (ctx.corpus and cfg.pt_weight > 0)
-            ctx.backward(loss_sum * scale, last=last)
-        pg = float(ctx.global_sum(sums["pg"]) / global_count)
-        reg = float(ctx.global_sum(sums["reg"]) / global_count)
-        metrics: dict[str, Any] = {"pg_loss": pg, "reg_loss": reg,
-                                   "clip_frac": float(ctx.global_sum(sums["clipped"]) / global_count)}
+            mean.backward(loss_sum, last=last)
+        pg, reg = mean.value(sums["pg"]), mean.value(sums["reg"])
+        metrics: dict[str, float] = {"pg_loss": pg, "reg_loss": reg, "clip_frac": mean.value(sums["clipped"])}
         loss = pg + reg
         if ctx.corpus and cfg.pt_weight > 0:
             pt = self._pt_step()
@@ -262,7 +269,7 @@ class MiniLlmStepper:
         train_time = time.time() - t0
         metrics.update(self.buffer_stats if fresh else {k: v for k, v in self.buffer_stats.items()
                                                         if k in ("reward", "rkl", "rkl_ess", "resp_len")})
-        metrics.update(loss=loss, train_time=train_time, tok_per_s=int(global_count) / max(train_time, 1e-9),
+        metrics.update(loss=loss, train_time=train_time, tok_per_s=mean.tokens / max(train_time, 1e-9),
                        new_buffer=int(fresh))
         return metrics
 
@@ -278,20 +285,18 @@ class MiniLlmStepper:
             mine = idx[ctx.rank :: ctx.world]
             batches.append({k: v.to(ctx.device) for k, v in
                             data_mod.collate_corpus([ctx.corpus[i] for i in mine], ctx.tokenizer.pad_token_id).items()})
-        count = sum((b["labels"][:, 1:] != -100).sum() for b in batches)
-        global_count = ctx.global_sum(torch.as_tensor(count, device=ctx.device)).clamp_min(1)
-        scale = ctx.world * cfg.pt_weight / global_count.float()
+        mean = TokenMean(ctx, sum((b["labels"][:, 1:] != -100).sum() for b in batches))
         total = torch.zeros((), device=ctx.device)
         for j, b in enumerate(batches):
             logits = ctx.student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # (B, L, V)
             with torch.no_grad():
-                t_logits = ctx.teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                t_logits = self.teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
                 t_logits = t_logits[..., : logits.shape[-1]]
             pt_sum, _ = losses.pt_loss(logits, b["labels"], t_logits, kd_ratio=cfg.pt_kd_ratio,
                                        chunk_size=tr.chunk_size)
-            ctx.backward(pt_sum * scale, last=j == len(batches) - 1)
+            mean.backward(pt_sum, last=j == len(batches) - 1, weight=cfg.pt_weight)
             total += pt_sum.detach()
-        return float(ctx.global_sum(total) / global_count)
+        return mean.value(total)
 
     # ------------------------------------------------------------------------------ resume
     def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from minillm_cli import data as data_mod
 from minillm_cli.checkpoint import write_text_atomic
 from minillm_cli.config import SeqKdMethod
-from minillm_cli.loop import Ctx, check_stop
+from minillm_cli.context import Ctx, check_stop
 from minillm_cli.methods.sft import SftStepper
 from minillm_cli.rundir import SEQKD_CACHE
 
@@ -50,9 +50,12 @@ def generate_teacher_responses(ctx: Ctx, cfg: SeqKdMethod) -> list[list[int]]:
 class SeqKdStepper:
     """Generates (or reloads) the teacher's responses, then runs SFT on them."""
 
+    needs_teacher: ClassVar[bool] = True
+
     def __init__(self, ctx: Ctx) -> None:
         self.ctx = ctx
-        cfg: SeqKdMethod = ctx.recipe.method  # type: ignore[assignment]
+        cfg = ctx.recipe.method
+        assert isinstance(cfg, SeqKdMethod)
         cache = ctx.run_dir / CACHE_NAME
         if cache.exists():
             responses = [json.loads(line)["response_ids"] for line in cache.read_text().splitlines() if line.strip()]
@@ -72,7 +75,7 @@ class SeqKdStepper:
         ctx.extra_meta["seqkd"] = {"responses": str(cache), "count": len(responses), "source": "teacher"}
         self.sft = SftStepper(ctx)
 
-    def step(self) -> dict[str, Any]:
+    def step(self) -> dict[str, float]:
         return self.sft.step()
 
     def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

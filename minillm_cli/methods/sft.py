@@ -1,118 +1,44 @@
 """SFT: cross-entropy on response tokens only (prompt and padding masked), EOS trained.
 
 The loss of one optimizer step is the token mean over the whole global batch (all micro-batches of
-all ranks): each micro-batch contributes `sum / global_count`, so splitting a batch differently into
-micro-batches or ranks gives the same update.
+all ranks, see `batching.TokenMean`), so splitting a batch differently into micro-batches or ranks
+gives the same update.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from minillm_cli import data as data_mod
 from minillm_cli import losses
-from minillm_cli.loop import Ctx, check_stop
-
-
-def micro_batches(ctx: Ctx, examples: list[data_mod.Encoded]) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
-    """Collate this rank's examples into micro-batches (prompt/response layout, on the device) and
-    return them with the number of response tokens in the GLOBAL batch (all micro-batches, all ranks)."""
-    bs = ctx.recipe.train.batch_size
-    batches = []
-    count = torch.zeros((), dtype=torch.long)
-    for i in range(0, len(examples), bs):
-        b = data_mod.collate_pairs(examples[i : i + bs], ctx.tokenizer.pad_token_id)
-        count += b["response_mask"].sum()
-        batches.append({k: v.to(ctx.device) for k, v in b.items()})
-    return batches, ctx.global_sum(count.to(ctx.device)).clamp_min(1)
-
-
-def response_logits(model: torch.nn.Module, b: dict[str, torch.Tensor], vocab: int | None = None) -> torch.Tensor:
-    """Logits predicting each response token: (B, T, V), built for the response columns only."""
-    from minillm_cli.rollout import concat_prompt_response
-
-    input_ids, attention_mask, position_ids = concat_prompt_response(
-        b["prompt_ids"], b["prompt_mask"], b["response_ids"], b["response_mask"])
-    T = b["response_ids"].shape[1]
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                use_cache=False, logits_to_keep=T + 1)
-    logits = out.logits[:, :-1]  # (B, T, V): column P+t-1 predicts response token t
-    return logits[..., :vocab] if vocab is not None else logits
-
-
-GROUP_TOKENS = 512
-"""Padded tokens (rows × (prompt + response columns)) per row group of `length_groups`."""
-
-
-def length_groups(prompt_mask: torch.Tensor, response_mask: torch.Tensor,
-                  max_tokens: int = GROUP_TOKENS) -> list[tuple[torch.Tensor, int, int]]:
-    """Split a prompt/response batch into row groups of similar length, each with only the padding it needs.
-
-    Rows are sorted by real length (prompt + response tokens) and cut greedily, longest first, into
-    groups whose padded size rows × (P_g + T_g) stays within `max_tokens` (a group has at least one
-    row). A batch of prompts of very different lengths, left-padded to the longest, spends much of
-    its forward and backward compute on padding; processed group by group, the same tokens at the
-    same positions give the same per-token values (sums over groups = sums over the batch) with
-    little padding, and only one group's activations and logits are alive at a time.
-
-    Args:
-        prompt_mask: (B, P) 1 for real prompt tokens (left-padded).
-        response_mask: (B, T) 1 for response tokens (right-padded).
-        max_tokens: padded-token budget of a group.
-
-    Returns:
-        Per group `(rows, P_g, T_g)`: row indices (long), and the group keeps the last P_g prompt
-        columns and the first T_g response columns (see `take_group`).
-    """
-    p_len = prompt_mask.sum(-1).clamp_min(1).tolist()  # (B,) real prompt tokens
-    t_len = response_mask.sum(-1).clamp_min(1).tolist()  # (B,) real response tokens
-    order = sorted(range(len(p_len)), key=lambda i: p_len[i] + t_len[i], reverse=True)
-    groups: list[tuple[torch.Tensor, int, int]] = []
-    rows: list[int] = []
-    p_max = t_max = 0
-    for i in order:
-        p_new, t_new = max(p_max, p_len[i]), max(t_max, t_len[i])
-        if rows and (len(rows) + 1) * (p_new + t_new) > max_tokens:
-            groups.append((torch.tensor(rows, device=prompt_mask.device), p_max, t_max))
-            rows, p_new, t_new = [], p_len[i], t_len[i]
-        rows.append(i)
-        p_max, t_max = p_new, t_new
-    groups.append((torch.tensor(rows, device=prompt_mask.device), p_max, t_max))
-    return groups
-
-
-def take_group(b: dict[str, torch.Tensor], rows: torch.Tensor, p: int, t: int) -> dict[str, torch.Tensor]:
-    """Rows `rows` of a prompt/response batch with the last `p` prompt and the first `t` response columns."""
-    return {"prompt_ids": b["prompt_ids"][rows, -p:], "prompt_mask": b["prompt_mask"][rows, -p:],
-            "response_ids": b["response_ids"][rows, :t], "response_mask": b["response_mask"][rows, :t]}
+from minillm_cli.context import Ctx, check_stop
+from minillm_cli.methods.batching import micro_batches, response_logits
 
 
 class SftStepper:
     """One optimizer step of SFT over `batch_size × grad_accum` examples per rank."""
 
+    needs_teacher: ClassVar[bool] = False
+
     def __init__(self, ctx: Ctx) -> None:
         self.ctx = ctx
 
-    def step(self) -> dict[str, Any]:
+    def step(self) -> dict[str, float]:
         ctx, tr = self.ctx, self.ctx.recipe.train
         t0 = time.time()
-        batches, global_count = micro_batches(ctx, ctx.next_examples(tr.batch_size * tr.grad_accum))
-        # DDP averages gradients over ranks; multiply back so the result is sum / global_count.
-        scale = ctx.world / global_count.float()
+        batches, mean = micro_batches(ctx, ctx.next_examples(tr.batch_size * tr.grad_accum))
         total = torch.zeros((), device=ctx.device)
         for i, b in enumerate(batches):
             check_stop(ctx)
             logits = response_logits(ctx.student, b)  # (B, T, V)
             nll = -losses.token_logprobs(logits, b["response_ids"], chunk_size=tr.chunk_size)  # (B, T)
             loss_sum = (nll * b["response_mask"]).sum()
-            ctx.backward(loss_sum * scale, last=i == len(batches) - 1)
+            mean.backward(loss_sum, last=i == len(batches) - 1)
             total += loss_sum.detach()
-        tokens = int(global_count)
-        return {"loss": float(ctx.global_sum(total) / global_count), "tokens": tokens,
-                "tok_per_s": tokens / max(time.time() - t0, 1e-9)}
+        tokens = mean.tokens
+        return {"loss": mean.value(total), "tokens": tokens, "tok_per_s": tokens / max(time.time() - t0, 1e-9)}
 
     def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         return {}, {}

@@ -17,7 +17,7 @@ is in two splits. Table entities (countries, words, ...) are NOT split: every en
 every split, but a test question is always a different instance (another entity, template, number
 or phrasing) from every train question; the same fact asked in another phrasing may be in train.
 
-Usage: ``python recipes/data/make_quickstart_data.py [--out recipes/data]``
+Usage: ``python minillm_cli/recipes/data/make_quickstart_data.py [--out minillm_cli/recipes/data]``
 """
 
 from __future__ import annotations

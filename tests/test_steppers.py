@@ -1,0 +1,163 @@
+"""The stepper contract: the method registry, and steppers driven alone by a small fake context.
+
+A stepper needs only what `context.Ctx` gives it (recipe, models, tokenizer's pad id, the data
+stream, `backward`, `global_sum`, `world`, `stop_requested`), so a single-process stand-in and the
+tiny models of `tiny.py` are enough to check a method's step against an independent computation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from minillm_cli import losses
+from minillm_cli.config import METHOD_NAMES, KdMethod, Recipe, SftMethod, TrainConfig
+from minillm_cli.context import Interrupted
+from minillm_cli.data import Encoded, collate_pairs
+from minillm_cli.methods import METHODS
+from minillm_cli.methods.batching import TokenMean, response_logits
+from minillm_cli.methods.kd import KdStepper
+from minillm_cli.methods.sft import SftStepper
+
+
+@dataclass
+class FakeCtx:
+    """The part of `Ctx` a stepper uses, for one process: no accelerate, no run directory."""
+
+    recipe: Recipe
+    student: torch.nn.Module
+    teacher: torch.nn.Module | None
+    train: list[Encoded]
+    pad_token_id: int
+    world: int = 1
+    stop: bool = False
+    device: torch.device = torch.device("cpu")
+    data_pos: int = 0
+    tokenizer: Any = None
+
+    def __post_init__(self) -> None:
+        self.tokenizer = SimpleNamespace(pad_token_id=self.pad_token_id)
+
+    def stop_requested(self) -> bool:
+        return self.stop
+
+    def next_examples(self, count_per_rank: int) -> list[Encoded]:
+        out = [self.train[(self.data_pos + i) % len(self.train)] for i in range(count_per_rank)]
+        self.data_pos += count_per_rank
+        return out
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        loss.backward()
+
+    def global_sum(self, value: torch.Tensor) -> torch.Tensor:
+        # `world` ranks that all hold the same value (enough to see the count normalisation).
+        return value * self.world
+
+
+@pytest.fixture(scope="module")
+def models(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(tiny_dir / "student")
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_dir / "teacher").requires_grad_(False)
+    return student, teacher
+
+
+def _examples(vocab: int, eos: int) -> list[Encoded]:
+    """Four examples of different prompt and response lengths (padding on both sides)."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for i, (p, t) in enumerate([(3, 2), (6, 4), (2, 5), (4, 1)]):
+        ids = torch.randint(3, vocab, (p + t,), generator=gen).tolist()
+        out.append(Encoded(prompt_ids=ids[:p], response_ids=ids[p:] + [eos], index=i))
+    return out
+
+
+def _ctx(models, method: Any, batch_size: int, grad_accum: int, **kw: Any) -> FakeCtx:
+    student, teacher = models
+    recipe = Recipe(method=method, train=TrainConfig(batch_size=batch_size, grad_accum=grad_accum, seed=0))
+    return FakeCtx(recipe=recipe, student=student, teacher=teacher,
+                   train=_examples(student.config.vocab_size, student.config.eos_token_id),
+                   pad_token_id=student.config.pad_token_id, **kw)
+
+
+def _grads(model: torch.nn.Module) -> list[torch.Tensor]:
+    out = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def _whole_batch(ctx: FakeCtx) -> dict[str, torch.Tensor]:
+    return collate_pairs(ctx.train, ctx.pad_token_id)
+
+
+def test_every_method_has_a_stepper_and_says_whether_it_needs_a_teacher():
+    assert set(METHODS) == set(METHOD_NAMES)
+    assert {name: cls.needs_teacher for name, cls in METHODS.items()} == {
+        "sft": False, "kd": True, "seqkd": True, "gkd": True, "minillm": True}
+
+
+def test_sft_step_is_the_token_mean_nll_of_the_whole_batch(models):
+    student = models[0]
+    student.zero_grad(set_to_none=True)
+    ctx = _ctx(models, SftMethod(), batch_size=2, grad_accum=2)
+    metrics = SftStepper(ctx).step()  # two micro-batches of two examples
+    got = _grads(student)
+    assert ctx.data_pos == 4
+
+    b = _whole_batch(ctx)
+    nll = -losses.token_logprobs(response_logits(student, b), b["response_ids"])  # (4, T)
+    mask = b["response_mask"]
+    expected = (nll * mask).sum() / mask.sum()
+    expected.backward()
+    want = _grads(student)
+    assert metrics["tokens"] == int(mask.sum())
+    assert metrics["loss"] == pytest.approx(float(expected.detach()), rel=1e-5)
+    assert len(got) == len(want) and all(torch.allclose(g, w, atol=1e-6, rtol=1e-4) for g, w in zip(got, want))
+    assert SftStepper(ctx).state() == ({}, {})
+
+
+def test_kd_step_mixes_sft_and_the_divergence_and_ignores_the_micro_batch_split(models):
+    student = models[0]
+    student.zero_grad(set_to_none=True)
+    method = KdMethod(kd_ratio=0.3)
+    split = KdStepper(_ctx(models, method, batch_size=1, grad_accum=4)).step()
+    g_split = _grads(student)
+    ctx = _ctx(models, method, batch_size=4, grad_accum=1)
+    whole = KdStepper(ctx).step()
+    g_whole = _grads(student)
+
+    assert split["loss"] == pytest.approx(0.7 * split["sft_loss"] + 0.3 * split["kd_loss"], rel=1e-6)
+    for key in ("loss", "sft_loss", "kd_loss", "tokens"):
+        assert split[key] == pytest.approx(whole[key], rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(g_split, g_whole))
+
+    b = _whole_batch(ctx)
+    mask = b["response_mask"]
+    with torch.no_grad():
+        q, p = response_logits(student, b), response_logits(models[1], b)
+        kd = (losses.forward_kl(q, p, mask) * mask).sum() / mask.sum()
+    assert whole["kd_loss"] == pytest.approx(float(kd), rel=1e-5)
+
+
+def test_a_stop_request_abandons_the_step_before_any_backward(models):
+    student = models[0]
+    student.zero_grad(set_to_none=True)
+    ctx = _ctx(models, SftMethod(), batch_size=2, grad_accum=2, stop=True)
+    with pytest.raises(Interrupted):
+        SftStepper(ctx).step()
+    assert all(p.grad is None for p in student.parameters())
+
+
+def test_token_mean_counts_every_rank_and_undoes_the_gradient_average():
+    ctx = FakeCtx(recipe=Recipe(), student=torch.nn.Linear(1, 1), teacher=None, train=[], pad_token_id=0, world=2)
+    mean = TokenMean(ctx, torch.tensor(3))  # 3 tokens here, 3 on the other rank
+    assert mean.tokens == 6
+    w = torch.tensor(2.0, requires_grad=True)
+    mean.backward(w * 5.0, last=True, weight=0.5)  # DDP would then average over the 2 ranks
+    assert float(w.grad) == pytest.approx(5.0 * 0.5 * 2 / 6)
+    assert mean.value(torch.tensor(1.5)) == pytest.approx(2 * 1.5 / 6)
