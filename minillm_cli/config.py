@@ -206,6 +206,13 @@ class MiniLlmMethod(Section):
     """lambda_pt of the pre-training loss; used only when data.corpus is set."""
     pt_kd_ratio: float = Field(0.5, ge=0.0, le=1.0)
     """k in L_pt = (1-k)·LM + k·CE(teacher, student)."""
+    response_weight: float = Field(0.0, ge=0.0)
+    """Beyond the paper (0 = off: the paper's MiniLLM). Adds response_weight · L_resp to every optimizer
+    step: GKD's generalized JSD(response_beta) between teacher and student at every token of training
+    rows' OWN (dataset) responses, teacher-forced; the off-policy share that GKD's lmbda and DistiLLM's
+    mixing give and MiniLLM lacks."""
+    response_beta: float = Field(0.5, ge=0.0, le=1.0)
+    """beta of that JSD: 0 = forward KL, 1 = reverse KL (token-level), as `gkd`'s beta."""
 
 
 Method = Annotated[

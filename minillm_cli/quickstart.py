@@ -7,12 +7,15 @@ Pipeline (minillm_cli/recipes/quickstart.yaml):
   2. student: a layer-pruned copy of that teacher (`student_init`), written into the run;
   3. SFT warm-up of the student on the built-in dataset (minillm_cli/recipes/data/quickstart-train.jsonl);
   4. MiniLLM distillation from the warmed-up student;
-  5. evaluation of the teacher, the initial (pruned, untrained) student, the student after its SFT
-     warm-up and the distilled student on the held-out split; a table with the gain of the whole
-     pipeline AND of the MiniLLM stage alone (distilled minus warmed-up, with its 95% paired
-     bootstrap interval over the held-out prompts: `minillm eval --baseline`), so neither is hidden
-     and a stage change inside the noise reads "within noise"; and the command that exports the
-     distilled checkpoint.
+  5. the control a skeptic asks for first (`sft_control`, null to skip): SFT of the warmed-up student
+     continued for exactly the distillation's budget (its train.max_steps, batch_size, grad_accum and
+     seed, copied from `distill`), so "MiniLLM helps" cannot just mean "more training helps";
+  6. evaluation of the teacher, the initial (pruned, untrained) student, the student after its SFT
+     warm-up, the SFT-continued control and the distilled student on the held-out split, in ONE
+     pass; a table with the gain of the whole pipeline AND of the MiniLLM stage alone (distilled
+     minus warmed-up, and distilled minus the control, each with its 95% paired bootstrap interval
+     over the held-out prompts: `minillm eval --baseline`), so none is hidden and a stage change
+     inside the noise reads "within noise"; and the command that exports the distilled checkpoint.
 """
 
 from __future__ import annotations
@@ -52,9 +55,12 @@ class QuickstartRecipe(BaseModel):
     """Recipe sections of the SFT warm-up (method sft), e.g. {optim: {...}, train: {...}}."""
     distill: dict[str, Any] = Field(default_factory=dict)
     """Recipe sections of the distillation (method minillm by default)."""
+    sft_control: dict[str, Any] | None = None
+    """Recipe sections of the equal-budget SFT control (method sft, from the warmed-up student; its
+    train.max_steps/batch_size/grad_accum/seed are distill's); None: no control."""
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: str | None = None
-    """Run directory (default runs/quickstart-<timestamp>): holds warmup/, distill/ and eval.json."""
+    """Run directory (default runs/quickstart-<timestamp>): holds warmup/, distill/, sft_control/ and eval.json."""
 
 
 def load_pipeline(path: Path, overrides: dict[str, Any] | None = None) -> QuickstartRecipe:
@@ -74,7 +80,7 @@ def load_pipeline(path: Path, overrides: dict[str, Any] | None = None) -> Quicks
         first = e.errors()[0]
         raise UserError(f"invalid pipeline recipe {path}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
     # The stage recipes must validate too (errors name the stage).
-    for name in ("teacher_sft", "warmup", "distill"):
+    for name in ("teacher_sft", "warmup", "distill", "sft_control"):
         if getattr(recipe, name) is None:
             continue
         try:
@@ -84,12 +90,30 @@ def load_pipeline(path: Path, overrides: dict[str, Any] | None = None) -> Quicks
     return recipe
 
 
+# The budget of a training stage: what the SFT control copies from the distillation so both spend the same.
+BUDGET_KEYS = ("max_steps", "batch_size", "grad_accum", "seed")
+
+
 def _stage(q: QuickstartRecipe, name: str, run_dir: Path, teacher: str, student: str):
     """The full recipe of one stage: shared data + the stage's sections + its models and output."""
     tree: dict[str, Any] = {k: dict(v) if isinstance(v, dict) else v for k, v in getattr(q, name).items()}
     models = {"student": student} if name == "teacher_sft" else {"teacher": teacher, "student": student}
     tree["models"] = {**models, **tree.get("models", {})}
     tree["data"] = {**q.data, **tree.get("data", {})}
+    if name == "sft_control":
+        # Same data, steps, batch and seed as the distillation: only the method differs.
+        if "data" in (q.sft_control or {}):
+            raise UserError("data: the control trains on distill's data; remove it from sft_control")
+        distill = _stage(q, "distill", run_dir, teacher, student)
+        tree["data"] = {**q.data, **q.distill.get("data", {})}
+        train = dict(tree.get("train") or {})
+        for key in BUDGET_KEYS:
+            want = getattr(distill.train, key)
+            if key in train and train[key] != want:
+                raise UserError(f"train.{key}: {train[key]!r} must equal distill's ({want!r}): "
+                                "the control spends the same budget")
+            train[key] = want
+        tree["train"] = train
     tree.setdefault("method", "minillm" if name == "distill" else "sft")
     tree["output"] = {"dir": str(run_dir / name)}
     return validate(tree)
@@ -101,6 +125,7 @@ def run_quickstart(console: Console, recipe_path: Path = QUICKSTART, overrides: 
     from minillm_cli import student_init
     from minillm_cli.checkpoint import latest_step_dir
     from minillm_cli.evaluate.command import run_eval
+    from minillm_cli.evaluate.options import TEACHER_METRICS
 
     t0 = time.time()
     q = load_pipeline(recipe_path, overrides)
@@ -111,12 +136,13 @@ def run_quickstart(console: Console, recipe_path: Path = QUICKSTART, overrides: 
     console.print(f"teacher {q.teacher}; student {q.student_init.model_dump(by_alias=True, exclude_none=True)}")
 
     teacher = str(models_mod.resolve_model(q.teacher))
+    n_stages = 5 if q.sft_control is not None else 4
     if q.teacher_sft is not None:
-        console.rule("1/4 fine-tune the teacher on the task (top blocks only)")
+        console.rule(f"1/{n_stages} fine-tune the teacher on the task (top blocks only)")
         _train_stage(console, _stage(q, "teacher_sft", run_dir, teacher, teacher))
         teacher = str(latest_step_dir(run_dir / "teacher_sft"))
 
-    console.rule("2/4 SFT warm-up of a pruned student")
+    console.rule(f"2/{n_stages} SFT warm-up of a pruned student")
     init = q.student_init
     student_dir = run_dir / "student-init"
     if init.from_ == "teacher":
@@ -128,20 +154,33 @@ def run_quickstart(console: Console, recipe_path: Path = QUICKSTART, overrides: 
     initial = latest_step_dir(run_dir / "warmup")
     assert initial is not None
 
-    console.rule("3/4 MiniLLM distillation")
+    console.rule(f"3/{n_stages} MiniLLM distillation")
     _train_stage(console, _stage(q, "distill", run_dir, teacher, str(initial)))
     distilled = latest_step_dir(run_dir / "distill")
     assert distilled is not None
 
-    console.rule("4/4 evaluation on the held-out split")
+    control: Path | None = None
+    if q.sft_control is not None:
+        console.rule(f"4/{n_stages} control: SFT of the warmed-up student for the distillation's budget")
+        _train_stage(console, _stage(q, "sft_control", run_dir, teacher, str(initial)))
+        control = latest_step_dir(run_dir / "sft_control")
+        assert control is not None
+
+    console.rule(f"{n_stages}/{n_stages} evaluation on the held-out split")
     e = q.eval
     if e.system_prompt is None and q.data.get("system_prompt") is not None:
         e = e.model_copy(update={"system_prompt": q.data["system_prompt"]})  # evaluate as trained
     sets = [f"{k}={json.dumps(v)}" for k, v in e.model_dump().items() if k not in ("every", "metrics") and v is not None]
     report_path = run_dir / "eval.json"
-    run_eval(models=[str(student_dir), str(initial), str(distilled)], data=q.test, teacher=teacher, metrics=",".join(e.metrics),
-             json_out=str(report_path), overrides=sets, baseline=str(initial), console=console)
-    _print_gain(console, json.loads(report_path.read_text()), student_dir, initial, distilled)
+    students = [str(student_dir), str(initial), *([str(control)] if control else []), str(distilled)]
+    # One pass, both paired comparisons of the MiniLLM stage: against the warm-up and the control.
+    # The untrained student only anchors the gain: its teacher divergences (a teacher forward per
+    # sampled continuation) would not change any comparison, so it gets the text metrics only.
+    cheap = [m for m in e.metrics if m not in TEACHER_METRICS]
+    run_eval(models=students, data=q.test, teacher=teacher, metrics=",".join(e.metrics), json_out=str(report_path),
+             overrides=sets, baseline=[str(initial), *([str(control)] if control else [])],
+             row_metrics={str(student_dir): cheap} if cheap else None, console=console)
+    _print_gain(console, json.loads(report_path.read_text()), student_dir, initial, distilled, control)
     minutes = (time.time() - t0) / 60
     console.print(f"\nquickstart finished in {minutes:.1f} min. Distilled checkpoint: {distilled}")
     console.print(f"export it:  minillm export {run_dir / 'distill'} --out {run_dir / 'export'}")
@@ -155,17 +194,22 @@ def _train_stage(console: Console, recipe: Any) -> None:
     train(recipe, {}, console=console)
 
 
-def _print_gain(console: Console, report: dict[str, Any], init: Path, warmed: Path, distilled: Path) -> None:
-    """Teacher / initial / warmed-up / distilled side by side, with the pipeline's gain and the
-    MiniLLM stage's own change (distilled minus warmed-up) with its paired 95% interval, from the
-    report's comparison against the warmed-up student (`run_eval(baseline=...)`)."""
+def _print_gain(console: Console, report: dict[str, Any], init: Path, warmed: Path, distilled: Path,
+                control: Path | None = None) -> None:
+    """Two tables: teacher / initial / warmed-up / SFT-continued control / distilled side by side with
+    the pipeline's gain; then the MiniLLM stage's own change, distilled minus warmed-up and distilled
+    minus the equal-budget control, each with its paired 95% interval from the report's comparisons
+    (`run_eval(baseline=[warmed, control])`). Two tables, not one, so both fit ~100 columns."""
     rows = {m["name"]: m["metrics"] for m in report["models"]}
-    stage = (report.get("comparison") or {}).get("models", {}).get(str(distilled), {})
+    by_baseline = report.get("comparisons") or {}
+    if not by_baseline and report.get("comparison"):
+        by_baseline = {report["comparison"]["baseline"]: report["comparison"]}
     teacher = next((n for n in rows if n.endswith("(teacher)")), None)
-    cols = [("initial student", str(init)), ("after SFT warm-up", str(warmed)), ("distilled", str(distilled))]
+    control_col = [("SFT continued (same budget)", str(control))] if control is not None else []
+    cols = [("initial student", str(init)), ("after SFT warm-up", str(warmed)), *control_col, ("distilled", str(distilled))]
     table = Table(title="held-out split (test): the quickstart's students against the teacher")
     table.add_column("metric")
-    for label in (["teacher"] if teacher else []) + [c[0] for c in cols] + ["gain", "MiniLLM stage (95% CI)"]:
+    for label in (["teacher"] if teacher else []) + [c[0] for c in cols] + ["gain"]:
         table.add_column(label, justify="right")
     lower_better = ("loss", "kl", "ece")
 
@@ -179,26 +223,39 @@ def _print_gain(console: Console, report: dict[str, Any], init: Path, warmed: Pa
         return "green" if (d < 0 if any(s in m for s in lower_better) else d > 0) else "red"
 
     def delta(a_name: str, b_name: str, m: str) -> str:
-        a, b = rows[a_name].get(m), rows[b_name].get(m)
+        a, b = rows.get(a_name, {}).get(m), rows.get(b_name, {}).get(m)
         if not (a and b and a["mean"] is not None and b["mean"] is not None):
             return "-"
         d = b["mean"] - a["mean"]
         return f"[{colour(m, d)}]{d:+.2f}[/]"
 
-    def stage_change(m: str) -> str:
-        d = stage.get(m)
+    def stage_change(baseline: str, m: str) -> str:
+        d = (by_baseline.get(baseline) or {}).get("models", {}).get(str(distilled), {}).get(m)
         if d is None or d["low"] is None or d["high"] is None:
-            return delta(str(warmed), str(distilled), m)  # no per-prompt interval for this metric
+            return delta(baseline, str(distilled), m)  # no per-prompt interval for this metric
         text = f"{d['diff']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
         if d["within_noise"]:
             return f"[yellow]{text} within noise[/]"
         return f"[{colour(m, d['diff'])}]{text}[/]"
 
-    for m in rows[str(distilled)]:
+    metrics = list(rows[str(distilled)])
+    for m in metrics:
         table.add_row(m, *([cell(teacher, m)] if teacher else []), *[cell(n, m) for _, n in cols],
-                      delta(str(init), str(distilled), m), stage_change(m))
+                      delta(str(init), str(distilled), m))
     console.print(table)
-    console.print("gain = distilled - initial (the whole pipeline); MiniLLM stage = distilled - after warm-up, "
-                  "with its 95% paired bootstrap interval over the held-out prompts (seeds paired; 'within noise' "
-                  "when it covers 0). rougeL: higher is better; fkl/rkl (KL to the teacher on student- or "
-                  "teacher-sampled text): lower.")
+    baselines = [("vs after SFT warm-up", str(warmed))] + [("vs SFT continued (same budget)", n) for _, n in control_col]
+    stage = Table(title="MiniLLM stage: distilled minus ..., 95% paired bootstrap interval")
+    stage.add_column("metric")
+    for label, _ in baselines:
+        stage.add_column(label, justify="right")
+    for m in metrics:
+        stage.add_row(m, *[stage_change(n, m) for _, n in baselines])
+    console.print(stage)
+    control_note = (" The SFT-continued control is the warmed-up student trained on with SFT for exactly the "
+                    "distillation's steps, batch and seed: 'vs SFT continued' is what MiniLLM adds over simply "
+                    "training longer; within noise or negative there means this run does not show that it adds "
+                    "anything.") if control is not None else ""
+    console.print("gain = distilled - initial (the whole pipeline); MiniLLM stage = distilled minus the model named "
+                  "in the column, with its 95% paired bootstrap interval over the held-out prompts (seeds paired; "
+                  "'within noise' when it covers 0)." + control_note + " rougeL: higher is better; fkl/rkl (KL to "
+                  "the teacher on student- or teacher-sampled text): lower.")

@@ -218,6 +218,34 @@ def test_baseline_paired_comparison_end_to_end(tiny_dir: Path, eval_file: Path, 
         run_eval(models=[student, teacher], baseline=student, fail_under=["dist4@baseline=0"], **kw)
 
 
+def test_several_baselines_from_one_evaluation(tiny_dir: Path, eval_file: Path, tmp_path: Path) -> None:
+    # baseline as a list: one comparison per baseline from the same generations; the first is the
+    # report's "comparison" (as with one --baseline), "comparisons" holds every one.
+    student, teacher = str(tiny_dir / "student"), str(tiny_dir / "teacher")
+    out = tmp_path / "r.json"
+    kw = dict(data=str(eval_file), metrics="rougeL,kl", console=_quiet(), **FAST)
+    assert run_eval(models=[student, teacher], baseline=[student, teacher], json_out=str(out), teacher=student,
+                    row_metrics={student: ["rougeL"]}, fail_under=["rougeL@baseline=-100"], **kw) == 0
+    report = json.loads(out.read_text())
+    assert report["comparison"]["baseline"] == student
+    assert set(report["comparisons"]) == {student, teacher}
+    assert report["comparisons"][student] == report["comparison"]
+    vs_teacher = report["comparisons"][teacher]["models"]
+    assert set(vs_teacher) == {f"{student} (teacher)", student}
+    assert vs_teacher[student]["rougeL"]["diff"] == pytest.approx(-report["comparison"]["models"][teacher]["rougeL"]["diff"])
+    # row_metrics: the student row got rougeL only, the other student row the teacher divergences too
+    assert set(_metrics(report, student)) == {"rougeL"}
+    assert "rkl_student" in _metrics(report, teacher)
+    from minillm_cli.evaluate import report as report_mod
+
+    back = report_mod.from_json(report)  # the extra comparisons survive a round trip
+    assert [c.baseline for c in back.more_comparisons] == [teacher]
+    with pytest.raises(UserError, match="not one of the evaluated models"):
+        run_eval(models=[student], baseline=[student, "nope"], teacher=student, **kw)
+    with pytest.raises(UserError, match="row_metrics"):  # not one of the metrics asked for
+        run_eval(models=[student], row_metrics={student: ["loss"]}, teacher=student, **kw)
+
+
 def test_reference_loss_is_mean_of_per_sample_token_means(tiny_dir: Path, eval_file: Path) -> None:
     tok = load_tokenizer(tiny_dir / "student")
     model = load_model(tiny_dir / "student", dtype=torch.float32, device=torch.device("cpu"))
@@ -354,3 +382,28 @@ def test_evaluate_during_training_returns_dev_keys(tiny_dir: Path, eval_file: Pa
     assert 0 <= first["dev/rougeL"] <= 100 and first["dev/loss"] > 0
     assert evaluate_during_training(model, tok, dev, cfg, torch.device("cpu")) == first  # seeded
     assert evaluate_during_training(model, tok, [], cfg, torch.device("cpu")) == {}
+
+
+def test_teacher_logits_kept_across_students_change_no_number(tiny_dir: Path, eval_file: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The teacher's logits of its own continuations are computed once and reused for every student
+    (scoring.TEACHER_CACHE_BYTES); the report is the same as with a fresh teacher forward per student."""
+    from minillm_cli.evaluate import generate as gen_mod
+    from minillm_cli.evaluate import scoring
+
+    forwards: list[int] = []
+    real = gen_mod.response_logits
+    monkeypatch.setattr(gen_mod, "response_logits", lambda *a, **k: forwards.append(1) or real(*a, **k))
+    students = [str(tiny_dir / "student"), str(tiny_dir / "teacher")]
+    reports = []
+    for budget in (scoring.TEACHER_CACHE_BYTES, 0):
+        monkeypatch.setattr(scoring, "TEACHER_CACHE_BYTES", budget)
+        out = tmp_path / f"r{budget}.json"
+        forwards.clear()
+        assert run_eval(models=students, data=str(eval_file), teacher=str(tiny_dir / "teacher"), metrics="kl",
+                        json_out=str(out), console=_quiet(), **FAST) == 0
+        reports.append((json.loads(out.read_text())["models"], len(forwards)))
+    (cached, n_cached), (fresh, n_fresh) = reports
+    assert cached == fresh
+    # one teacher forward per seed (4 prompts fit one default batch), not one per student and seed
+    assert n_cached == 2 and n_fresh == 0

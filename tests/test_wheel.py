@@ -91,4 +91,6 @@ def test_installed_shortened_quickstart(installed):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "minillm export" in out.stdout
     report = json.loads((installed.cwd / "qs" / "eval.json").read_text())
-    assert len(report["models"]) == 4  # teacher, initial, warmed-up, distilled
+    names = [m["name"] for m in report["models"]]
+    assert len(names) == 5 and names[0].endswith("(teacher)")  # teacher, initial, warmed-up, control, distilled
+    assert any("sft_control" in n for n in names) and "comparisons" in report

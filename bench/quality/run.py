@@ -1,126 +1,162 @@
-"""Quality study (issue 10): does the paper's ranking MiniLLM > KD, SFT hold at small scale?
+"""Quality study (issue 20): does MiniLLM give a better student than SFT, KD, SeqKD and GKD?
 
-One command runs the whole study; every stage is skipped when its output is already complete, so an
+One command runs a whole study; every stage is skipped when its output is already complete, so an
 interrupted study resumes where it stopped (training stages continue from their last checkpoint):
 
-    python bench/quality/run.py --out bench/out/quality --size full
+    python bench/quality/run.py --study builtin --out bench/out/quality-builtin
+    python bench/quality/run.py --study shared  --out bench/out/quality-shared
+
+Two studies, same arms, same protocol, different data:
+  builtin  the package's task data (minillm_cli/recipes/data/quickstart-*.jsonl) at the quickstart's
+           shapes, evaluated on its held-out test split (the teacher reaches ~66 Rouge-L there);
+  shared   ../shared/data/instruct-train.jsonl, evaluated on instruct-dev.jsonl and seed-tasks.jsonl.
 
 Stages (all on the CPU, fp32):
-  1. teacher-sft: SmolLM2-135M-Instruct fine-tuned on the task's training split first, as the paper
-     does for every teacher (top 6 of 30 blocks trained, as in the quickstart);
+  1. teacher-sft: SmolLM2-135M-Instruct fine-tuned on the training file first (the paper fine-tunes
+     every teacher on the task; its top 6 of 30 blocks train);
   2. student-init: ONE layer-pruned copy of that teacher (8 of 30 blocks, evenly spaced);
-  3. warmup: SFT warm-up of that student on the training split; every student below starts here;
-  4. from the warmed-up student, with an EQUAL budget (same optimizer steps x sequences per step, same
-     training pool, same data seed): sft, kd, seqkd, gkd, minillm and the three MiniLLM ablations
-     (minillm-no-mix: teacher_mix=0; minillm-no-norm: length_norm=false; minillm-no-single:
-     single_step=false);
-  5. evaluation with the paper's protocol (sampling at T=1, top-k 0, top-p 1, no_repeat_ngram_size 6,
-     prompts cut to their last 256 tokens) on the dev set and on the seed tasks: Rouge-L, LM loss on
-     the references and the mean generated length over 5 seeds; reverse KL to the teacher on
-     student-sampled text and ExAccErr (exposure bias) with the first seed on fewer rows (they cost
-     ~4x a generation pass). At CPU scale responses stop at 64 new tokens (paper: 256);
-  6. summary.md / summary.json (tables, target checks, timings) and one exposure-bias PNG per set.
+  3. warmup: SFT of that student; every compared arm starts from this checkpoint;
+  4. the arms, from the warm-up with an EQUAL budget (same optimizer steps × sequences, same pool of
+     training rows, same data seed): `sft-continued` (the control: the same extra budget spent on
+     more SFT), `kd`, `seqkd`, `gkd`, `minillm` (the reference default that counts the current
+     token's reward in its return, include_current=true), `minillm-exact` (the paper's return,
+     include_current=false) and, when the installed minillm has it, `minillm-resp` (a variant beyond
+     the paper: MiniLLM plus GKD's JSD on the dataset's own responses, `method.response_weight`).
+     Ablation and diagnostic arms are chosen with `--arms` (see ARMS);
+  5. evaluation per set and model with the paper's protocol (sampling at T=1, no top-k/top-p,
+     no_repeat_ngram_size 6): Rouge-L and LM loss on the references over several seeds (one report
+     per model, so an arm added later costs only its own evaluation); reverse KL to the teacher on
+     student-sampled text and ExAccErr (exposure bias) on fewer rows with the first seed;
+  6. summary.md / summary.json: per set, Rouge-L with 95% paired bootstrap intervals (prompts
+     resampled, seeds kept together) of every arm against sft-continued and against kd, LM loss,
+     reverse KL, mean length, Dist-4, ExAccErr (+ plot), Rouge-L by reference-length bucket, the
+     targets, the MiniLLM arms' training diagnostics (reward, KL, clip fraction, gradient norm per
+     buffer) and the timings.
 
-Nothing is tuned on the evaluation sets: every hyper-parameter below is fixed before any evaluation
-(learning rates and method settings are those of the shipped minillm_cli/recipes/cpu/*.yaml and quickstart.yaml),
-and no dev split is used during training (data.dev_fraction 0; no dev loss, no dev eval).
-
-Full-size step counts (SIZES["full"]) were chosen to fit about 2 hours on a 2-core CPU from the
-per-step times measured by the smoke run (see bench/quality/README.md for the measurement and the
-extrapolation; `--size smoke` prints the same extrapolation from the machine it runs on).
+Nothing is tuned on the evaluation sets: every setting below was fixed before any evaluation, and no
+dev split is used during training (data.dev_fraction 0).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 
 from minillm_cli import checkpoint, student_init
 from minillm_cli import models as models_mod
-from minillm_cli.config import validate
+from minillm_cli.config import MiniLlmMethod, validate
 from minillm_cli.errors import RunStopped, UserError
+from minillm_cli.evaluate import metrics as metrics_mod
+from minillm_cli.rows import file_sha256
 
 REPO = Path(__file__).resolve().parents[2]
-DATA_DIR = REPO.parent / "shared" / "data"
+SHARED_DATA = REPO.parent / "shared" / "data"
+BUILTIN_DATA = REPO / "minillm_cli" / "recipes" / "data"
 TEACHER = "smollm2-135m-instruct"
 SYSTEM_PROMPT = "Answer briefly."  # as in the quickstart: ~40% fewer prompt tokens than SmolLM2's default
 STUDENT_LAYERS = 8
 SEED = 42
-EVALS = {
-    # kind (report prefix) -> metrics: generation metrics over every seed, teacher metrics on the first
-    "eval": "rougeL,loss",
-    "div": "kl,exposure_bias",
-}
+PPO_EPOCHS = 2
+CONTROL, KD = "sft-continued", "kd"  # the two rows every arm is compared with
 
 
 @dataclass(frozen=True)
-class Size:
-    """How big the study is. Every training stage uses `batch_size` sequences per optimizer step."""
+class Setup:
+    """Everything that decides what the study trains and how it evaluates (saved in study.json)."""
 
-    teacher_sft_steps: int
-    warmup_steps: int
-    distill_steps: int
-    """Optimizer steps of each of the eight compared students (equal budget)."""
-    batch_size: int
+    train: str
     max_prompt_tokens: int
     max_total_tokens: int
+    teacher_sft_steps: int
+    teacher_sft_lr: float
+    warmup_steps: int
+    warmup_lr: float
+    batch_size: int
+    """Sequences per optimizer step of every training stage."""
+    arm_steps: int
+    """Optimizer steps of every compared arm (equal budget)."""
     rollout_tokens: int
     """max_new_tokens of MiniLLM / GKD rollouts and of the SeqKD teacher answers."""
     num_rollouts: int
-    """MiniLLM rollouts per buffer (with ppo_epochs 2: 2 * num_rollouts / batch_size steps per buffer)."""
-    eval_samples: int
-    """First N rows of each evaluation set for Rouge-L, LM loss and mean length (all seeds)."""
+    """MiniLLM rollouts per buffer (with ppo_epochs 2: 2 × num_rollouts / batch_size steps per buffer)."""
+    lr: dict[str, float]
+    """Learning rate per method name (sft, kd, seqkd, gkd, minillm), fixed before any evaluation."""
+    eval_samples: int | None
+    """First N rows of each set for Rouge-L, LM loss, length, Dist-4 (all seeds); None = all rows."""
     div_samples: int
-    """First N rows of each set for reverse KL and exposure bias (first seed only: these metrics need a
-    teacher and a student forward over the vocabulary per continuation, ~4x the cost of generating)."""
+    """First N rows of each set for reverse KL and ExAccErr (first seed: ~4x the cost of generating)."""
     eval_seeds: tuple[int, ...]
     eval_new_tokens: int
     eval_batch_size: int
 
 
-# Full size: ~2 h on 2 CPU cores. Measured on the 2-core development machine with this script at the
-# full per-step shape (batch 8, <= 256 tokens, 64-token rollouts, 16 rollouts per MiniLLM buffer),
-# seconds per optimizer step (MiniLLM: step + its share of a 24 s rollout buffer every 4 steps):
-#   teacher-sft 4.4, warmup 3.7, sft 3.8, kd 8.3, seqkd 4.0 (+13 s of teacher answers per 16 prompts),
-#   gkd 4.2, minillm 9.5, minillm-no-mix 6.6, minillm-no-norm 9.7, minillm-no-single 8.7
-#   -> 40 teacher + 100 warm-up + 8 x 40 compared steps = ~50 min of training.
-# Evaluation at the full shape (20 prompts, batch 20, 64 new tokens, per seed): a student generates in
-# ~7 s, its reference loss ~7 s, its divergences from the teacher ~28 s; the teacher generates in ~17 s
-# -> 60 rows x 5 seeds (Rouge-L, loss, length) + 40 rows x 1 seed (KL, ExAccErr) on both sets, 10
-# models = ~67 min. Total ~118 min. README.md has the arithmetic.
-SIZES = {
-    "full": Size(teacher_sft_steps=40, warmup_steps=100, distill_steps=40, batch_size=8, max_prompt_tokens=192,
-                 max_total_tokens=256, rollout_tokens=64, num_rollouts=16, eval_samples=60, div_samples=40,
-                 eval_seeds=(10, 20, 30, 40, 50), eval_new_tokens=64, eval_batch_size=20),
-    # Very few steps at half the batch, a tiny evaluation: checks the pipeline end to end in a few
-    # minutes and measures per-step times. Its numbers are NOT results.
-    "smoke": Size(teacher_sft_steps=2, warmup_steps=2, distill_steps=2, batch_size=4, max_prompt_tokens=192,
-                  max_total_tokens=256, rollout_tokens=64, num_rollouts=8, eval_samples=4, div_samples=4,
-                  eval_seeds=(10, 20), eval_new_tokens=16, eval_batch_size=4),
+# builtin: the quickstart's task and shapes (minillm_cli/recipes/quickstart.yaml), with the arms' budget
+# of issue 20's equal-budget comparison (48 steps × 16 sequences) and learning rates: sft, kd, seqkd,
+# gkd 5e-5; minillm 2e-5 (the shipped cpu/minillm.yaml). All 204 test rows × 3 seeds: the interval of
+# a Rouge-L difference is about ±1.2 there (issue 20 measured ±1.5 on 128 rows).
+BUILTIN = Setup(
+    train=str(BUILTIN_DATA / "quickstart-train.jsonl"), max_prompt_tokens=96, max_total_tokens=160,
+    teacher_sft_steps=30, teacher_sft_lr=4.0e-4, warmup_steps=80, warmup_lr=5.0e-4, batch_size=16,
+    arm_steps=48, rollout_tokens=32, num_rollouts=32,
+    lr={"sft": 5.0e-5, "kd": 5.0e-5, "seqkd": 5.0e-5, "gkd": 5.0e-5, "minillm": 2.0e-5},
+    eval_samples=None, div_samples=64, eval_seeds=(10, 20, 30), eval_new_tokens=32, eval_batch_size=16,
+)
+# shared: the instruction data of ../shared/data at the paper-like shapes of issue 10's study (prompts
+# <= 192 tokens, 64-token responses), learning rates of the shipped minillm_cli/recipes/cpu/*.yaml.
+SHARED = Setup(
+    train=str(SHARED_DATA / "instruct-train.jsonl"), max_prompt_tokens=192, max_total_tokens=256,
+    teacher_sft_steps=40, teacher_sft_lr=3.0e-4, warmup_steps=100, warmup_lr=5.0e-4, batch_size=8,
+    arm_steps=40, rollout_tokens=64, num_rollouts=16,
+    lr={"sft": 1.0e-4, "kd": 1.0e-4, "seqkd": 1.0e-4, "gkd": 5.0e-5, "minillm": 2.0e-5},
+    eval_samples=120, div_samples=40, eval_seeds=(10, 20, 30), eval_new_tokens=64, eval_batch_size=20,
+)
+STUDIES = {"builtin": BUILTIN, "shared": SHARED}
+DEFAULT_SETS = {
+    "builtin": {"test": BUILTIN_DATA / "quickstart-test.jsonl"},
+    "shared": {"dev": SHARED_DATA / "instruct-dev.jsonl", "seed-tasks": SHARED_DATA / "seed-tasks.jsonl"},
 }
 
-PPO_EPOCHS = 2
-STUDENTS: dict[str, tuple[dict[str, Any], float]] = {
-    # name -> (method section, learning rate); the lr of the shipped minillm_cli/recipes/cpu/<method>.yaml
-    "sft": ({"name": "sft"}, 1.0e-4),
-    "kd": ({"name": "kd", "kd_ratio": 0.5, "loss": "forward_kl"}, 1.0e-4),
-    "seqkd": ({"name": "seqkd", "batch_size": 16}, 1.0e-4),
-    "gkd": ({"name": "gkd", "beta": 0.5, "lmbda": 0.5}, 5.0e-5),
-    "minillm": ({"name": "minillm", "teacher_mix": 0.2, "ppo_epochs": PPO_EPOCHS}, 2.0e-5),
-    "minillm-no-mix": ({"name": "minillm", "teacher_mix": 0.0, "ppo_epochs": PPO_EPOCHS}, 2.0e-5),
-    "minillm-no-norm": ({"name": "minillm", "length_norm": False, "ppo_epochs": PPO_EPOCHS}, 2.0e-5),
-    "minillm-no-single": ({"name": "minillm", "single_step": False, "ppo_epochs": PPO_EPOCHS}, 2.0e-5),
+
+def smoke(setup: Setup) -> Setup:
+    """A few steps at batch 4 and a tiny evaluation: checks the pipeline end to end. NOT results."""
+    return replace(setup, teacher_sft_steps=2, warmup_steps=2, batch_size=4, arm_steps=2, num_rollouts=8,
+                   eval_samples=4, div_samples=4, eval_seeds=(10, 20), eval_new_tokens=16, eval_batch_size=4)
+
+
+# Arm name -> method section (the learning rate is Setup.lr[method name]). Default arms: DEFAULT_ARMS.
+ARMS: dict[str, dict[str, Any]] = {
+    CONTROL: {"name": "sft"},
+    KD: {"name": "kd", "kd_ratio": 0.5, "loss": "forward_kl"},
+    "seqkd": {"name": "seqkd", "batch_size": 16},
+    "gkd": {"name": "gkd", "beta": 0.5, "lmbda": 0.5},
+    "minillm": {"name": "minillm", "teacher_mix": 0.2, "ppo_epochs": PPO_EPOCHS},
+    "minillm-exact": {"name": "minillm", "teacher_mix": 0.2, "ppo_epochs": PPO_EPOCHS, "include_current": False},
+    "minillm-resp": {"name": "minillm", "teacher_mix": 0.2, "ppo_epochs": PPO_EPOCHS,
+                     "response_weight": 1.0, "response_beta": 0.5},
+    # ablations (paper Table 6) and diagnostics, by --arms only
+    "minillm-no-mix": {"name": "minillm", "teacher_mix": 0.0, "ppo_epochs": PPO_EPOCHS},
+    "minillm-no-norm": {"name": "minillm", "length_norm": False, "ppo_epochs": PPO_EPOCHS},
+    "minillm-no-single": {"name": "minillm", "single_step": False, "ppo_epochs": PPO_EPOCHS},
+    "gkd-onpolicy-rkl": {"name": "gkd", "beta": 1.0, "lmbda": 1.0},  # = MiniLLM's L_reg alone, on q samples
+    "gkd-offpolicy": {"name": "gkd", "beta": 0.5, "lmbda": 0.0},  # JSD on the dataset's responses only
 }
-ROLLOUT_METHODS = ("minillm", "gkd", "seqkd")  # methods whose max_new_tokens is Size.rollout_tokens
+DEFAULT_ARMS = [CONTROL, KD, "seqkd", "gkd", "minillm", "minillm-exact", "minillm-resp"]
+ROLLOUT_METHODS = ("minillm", "gkd", "seqkd")  # methods whose max_new_tokens is Setup.rollout_tokens
+
+
+def arm_available(name: str) -> bool:
+    """An arm needs every key of its method section in the installed minillm's schema."""
+    method = ARMS[name]
+    return method["name"] != "minillm" or all(k in MiniLlmMethod.model_fields for k in method)
 
 
 # ------------------------------------------------------------------------------------ stages
@@ -130,43 +166,40 @@ def stage_done(run_dir: Path, steps: int) -> bool:
     return last is not None and json.loads((last / "meta.json").read_text(encoding="utf-8"))["step"] >= steps
 
 
-def step_times(run_dir: Path) -> list[float]:
-    """Seconds of every logged optimizer step (metrics.jsonl `step_time`), in step order."""
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's metrics.jsonl records, one per step (a resumed step replaces its first attempt)."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    by_step: dict[int, float] = {}
+    by_step: dict[int, dict[str, Any]] = {}
     for line in path.read_text(encoding="utf-8").splitlines():
         rec = json.loads(line)
         if "step_time" in rec:
-            by_step[rec["step"]] = rec["step_time"]  # a resumed step overwrites its first attempt
+            by_step[rec["step"]] = rec
     return [by_step[s] for s in sorted(by_step)]
 
 
 class Study:
-    """The study's output directory, its size, its timings file and its console."""
+    """The study's output directory, its setup, its timings file and its console."""
 
-    def __init__(self, out: Path, size_name: str, console: Console) -> None:
-        self.out = out
-        self.size_name = size_name
-        self.size = SIZES[size_name]
-        self.console = console
+    def __init__(self, out: Path, name: str, setup: Setup, size: str, console: Console) -> None:
+        self.out, self.name, self.setup, self.size, self.console = out, name, setup, size, console
         self.timings_path = out / "timings.json"
         self.timings: dict[str, Any] = {}
         out.mkdir(parents=True, exist_ok=True)
-        self._check_size()
+        self._check_setup()
         if self.timings_path.is_file():
             self.timings = json.loads(self.timings_path.read_text(encoding="utf-8"))
 
-    def _check_size(self) -> None:
-        """Refuse to resume a study of another size (its finished stages would be reused silently)."""
+    def _check_setup(self) -> None:
+        """Refuse to resume a study of another setup (its finished stages would be reused silently)."""
         marker = self.out / "study.json"
-        wanted = {"size": self.size_name, **asdict(self.size)}
-        wanted["eval_seeds"] = list(self.size.eval_seeds)
+        wanted = json.loads(json.dumps({"study": self.name, "size": self.size, **asdict(self.setup)}))
         if marker.is_file():
             found = json.loads(marker.read_text(encoding="utf-8"))
             if found != wanted:
-                raise UserError(f"--out {self.out}: holds a study of another size/config ({found.get('size')}); "
+                keys = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+                raise UserError(f"--out {self.out}: holds a study with other settings ({', '.join(keys)}); "
                                 "choose another directory")
         else:
             marker.write_text(json.dumps(wanted, indent=2) + "\n", encoding="utf-8")
@@ -176,84 +209,117 @@ class Study:
         self.timings[name] = {"wall_s": round(wall_s, 2), **extra}
         self.timings_path.write_text(json.dumps(self.timings, indent=2) + "\n", encoding="utf-8")
 
-    def train_stage(self, name: str, tree: dict[str, Any], steps: int) -> Path:
-        """Run (or resume, or skip) one training stage; returns its final step directory."""
-        from minillm_cli.loop import train
+    def train_stage(self, name: str, tree: dict[str, Any], steps: int, train: bool) -> Path | None:
+        """Run (or resume, or skip) one training stage; returns its final step directory.
+
+        With `train` False (--eval-only) nothing trains: a complete stage is returned, else None."""
+        from minillm_cli.loop import train as train_run
 
         run_dir = self.out / name
         if stage_done(run_dir, steps):
             self.console.print(f"skip {name}: complete ({steps} steps)", highlight=False, markup=False)
+        elif not train:
+            self.console.print(f"{name}: not trained yet (--eval-only): left out", highlight=False, markup=False)
+            return None
         else:
             resume = checkpoint.latest_step_dir(run_dir) is not None
             tree = {**tree, "output": {"dir": str(run_dir), "overwrite": run_dir.exists() and not resume}}
             self.console.rule(f"{name}: {steps} steps" + (" (resuming)" if resume else ""))
             t0 = time.time()
-            train(validate(tree), {}, resume=resume, console=self.console)
-            times = step_times(run_dir)
+            train_run(validate(tree), {}, resume=resume, console=self.console)
+            times = [r["step_time"] for r in read_metrics(run_dir)]
             self.record(name, time.time() - t0, steps=steps, resumed=resume, step_times=[round(t, 3) for t in times])
-        final = checkpoint.latest_step_dir(run_dir)
-        assert final is not None  # stage_done or a finished train() left a checkpoint
-        return final
+        return checkpoint.latest_step_dir(run_dir)
 
-    def data(self, train: str, pool: int | None = None) -> dict[str, Any]:
+    def data(self, pool: int | None = None) -> dict[str, Any]:
         """The data section shared by every stage; `pool` caps the training rows (first N)."""
-        s = self.size
-        tree: dict[str, Any] = {"train": train, "dev_fraction": 0.0, "system_prompt": SYSTEM_PROMPT,
+        s = self.setup
+        tree: dict[str, Any] = {"train": s.train, "dev_fraction": 0.0, "system_prompt": SYSTEM_PROMPT,
                                 "max_prompt_tokens": s.max_prompt_tokens, "max_total_tokens": s.max_total_tokens}
         if pool is not None:
             tree["max_train_samples"] = pool
         return tree
 
-    def eval_stage(self, kind: str, set_name: str, data: str, models: dict[str, Path], teacher: Path) -> Path:
-        """One evaluation of the teacher and `models` on one set; skipped when its report exists.
+    def set_dir(self, set_name: str, path: Path) -> Path:
+        """eval/<set>/, bound to one data file: the same name given another file is refused."""
+        d = self.out / "eval" / set_name
+        d.mkdir(parents=True, exist_ok=True)
+        marker = d / "set.json"
+        wanted = {"path": str(path), "sha256": file_sha256(path)}
+        if marker.is_file():
+            found = json.loads(marker.read_text(encoding="utf-8"))
+            if found["sha256"] != wanted["sha256"]:
+                raise UserError(f"--eval-set {set_name}={path}: this study evaluated another file under that name "
+                                f"({found['path']}); give the set another name")
+        else:
+            marker.write_text(json.dumps(wanted, indent=2) + "\n", encoding="utf-8")
+        return d
 
-        kind "eval": Rouge-L and LM loss over `eval_seeds` on `eval_samples` rows (+ the samples file
-        for the mean length); kind "div": reverse KL and exposure bias with the first seed on the first
-        `div_samples` rows.
-        """
+    def _eval(self, label: str, report: Path, samples: Path | None, **kwargs: Any) -> None:
+        """run_eval into `.partial` files, renamed when complete (the report's presence marks it done)."""
         from minillm_cli.evaluate.command import run_eval
 
-        s = self.size
-        report = self.out / f"{kind}-{set_name}.json"
-        samples = self.out / f"samples-{set_name}.jsonl" if kind == "eval" else None
-        if report.is_file():
-            self.console.print(f"skip {kind} {set_name}: {report} exists", highlight=False, markup=False)
-            return report
-        seeds = s.eval_seeds if kind == "eval" else s.eval_seeds[:1]
-        n = s.eval_samples if kind == "eval" else s.div_samples
-        self.console.rule(f"{kind} on {set_name} ({data}): {EVALS[kind]}, {n} rows, seeds {list(seeds)}")
+        s = self.setup
         partial = report.with_suffix(".json.partial")
         partial_samples = samples.with_suffix(".jsonl.partial") if samples else None
         t0 = time.time()
-        run_eval(models=[str(p) for p in models.values()], data=data, teacher=str(teacher), metrics=EVALS[kind],
-                 seeds=",".join(map(str, seeds)), max_samples=n, max_new_tokens=s.eval_new_tokens,
-                 batch_size=s.eval_batch_size, json_out=str(partial),
+        run_eval(max_new_tokens=s.eval_new_tokens, batch_size=s.eval_batch_size, json_out=str(partial),
                  samples_out=str(partial_samples) if partial_samples else None,
-                 overrides=[f"system_prompt={json.dumps(SYSTEM_PROMPT)}"], console=self.console)
+                 overrides=[f"system_prompt={json.dumps(SYSTEM_PROMPT)}"], console=self.console, **kwargs)
         if samples and partial_samples:
             partial_samples.replace(samples)
-        partial.replace(report)  # last: the report's presence marks the stage complete
-        self.record(f"{kind}-{set_name}", time.time() - t0, models=len(models) + 1, samples=n, seeds=len(seeds),
+        partial.replace(report)
+        self.record(label, time.time() - t0, samples=kwargs.get("max_samples"), seeds=kwargs["seeds"],
                     new_tokens=s.eval_new_tokens, batch_size=s.eval_batch_size)
+
+    def eval_model(self, set_name: str, path: Path, model_name: str, model: Path) -> None:
+        """Rouge-L and LM loss of one model over every seed (+ its generations); skipped when done."""
+        d = self.set_dir(set_name, path)
+        report = d / f"{model_name}.json"
+        if report.is_file():
+            return
+        s = self.setup
+        self.console.rule(f"eval {model_name} on {set_name}: rougeL, loss, seeds {list(s.eval_seeds)}")
+        self._eval(f"eval-{set_name}-{model_name}", report, d / f"{model_name}.samples.jsonl", models=[str(model)],
+                   data=str(path), metrics="rougeL,loss", seeds=",".join(map(str, s.eval_seeds)),
+                   max_samples=s.eval_samples)
+
+    def eval_divergences(self, set_name: str, path: Path, models: dict[str, Path], teacher: Path) -> Path:
+        """Reverse KL to the teacher and ExAccErr of `models` (one pass: the teacher samples once);
+        redone when the set of models changed (an arm was added)."""
+        d = self.set_dir(set_name, path)
+        report = d / "divergences.json"
+        names = sorted(models)
+        if report.is_file() and json.loads(report.read_text(encoding="utf-8")).get("study_models") == names:
+            return report
+        s = self.setup
+        self.console.rule(f"divergences on {set_name}: kl, exposure_bias, {s.div_samples} rows, seed {s.eval_seeds[0]}")
+        self._eval(f"div-{set_name}", report, None, models=[str(models[n]) for n in names], data=str(path),
+                   teacher=str(teacher), metrics="kl,exposure_bias", seeds=str(s.eval_seeds[0]),
+                   max_samples=s.div_samples)
+        data = json.loads(report.read_text(encoding="utf-8"))
+        data["study_models"] = names
+        report.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         return report
 
 
-def run_study(out: Path, size_name: str, train: str, dev: str, seed_tasks: str, console: Console) -> dict[str, Any]:
+def run_study(study: Study, arms: list[str], sets: dict[str, Path], train: bool) -> dict[str, Any]:
     """Run every stage of the study (skipping complete ones) and write the summary; returns it."""
-    for path in (train, dev, seed_tasks):
-        if not Path(path).is_file():
-            raise UserError(f"data file not found: {path} (pass --train/--dev/--seed-tasks)")
-    study = Study(out, size_name, console)
-    s = study.size
+    s, out, console = study.setup, study.out, study.console
+    for path in [Path(s.train), *sets.values()]:
+        if not path.is_file():
+            raise UserError(f"data file not found: {path}")
     t_start = time.time()
 
-    # 1. The teacher, fine-tuned on the task first (its top 6 blocks, as in the quickstart).
-    base = models_mod.resolve_model(TEACHER)
+    # 1. The teacher, fine-tuned on the task first (its top 6 blocks).
     teacher = study.train_stage("teacher-sft", {
-        "models": {"student": str(base), "trainable_layers": 6}, "data": study.data(train), "method": {"name": "sft"},
-        "optim": {"lr": 3.0e-4, "warmup_steps": 5, "weight_decay": 0.0},
+        "models": {"student": str(models_mod.resolve_model(TEACHER)), "trainable_layers": 6},
+        "data": study.data(), "method": {"name": "sft"},
+        "optim": {"lr": s.teacher_sft_lr, "warmup_steps": 4, "weight_decay": 0.0},
         "train": {"max_steps": s.teacher_sft_steps, "batch_size": s.batch_size, "seed": SEED, "keep_last": 1},
-    }, s.teacher_sft_steps)
+    }, s.teacher_sft_steps, train)
+    if teacher is None:
+        raise UserError(f"--eval-only: {out / 'teacher-sft'} is not complete; run the study without --eval-only first")
 
     # 2. One student init: an evenly spaced 8-of-30-layer copy of the fine-tuned teacher.
     init_dir = out / "student-init"
@@ -262,16 +328,17 @@ def run_study(out: Path, size_name: str, train: str, dev: str, seed_tasks: str, 
 
     # 3. SFT warm-up of that student (all 8 blocks; embeddings shared with the teacher stay frozen).
     warm = study.train_stage("warmup", {
-        "models": {"student": str(init_dir), "trainable_layers": STUDENT_LAYERS}, "data": study.data(train),
-        "method": {"name": "sft"}, "optim": {"lr": 5.0e-4, "warmup_steps": 5, "weight_decay": 0.0},
+        "models": {"student": str(init_dir), "trainable_layers": STUDENT_LAYERS}, "data": study.data(),
+        "method": {"name": "sft"}, "optim": {"lr": s.warmup_lr, "warmup_steps": 5, "weight_decay": 0.0},
         "train": {"max_steps": s.warmup_steps, "batch_size": s.batch_size, "seed": SEED, "keep_last": 1},
-    }, s.warmup_steps)
+    }, s.warmup_steps, train)
+    if warm is None:
+        raise UserError(f"--eval-only: {out / 'warmup'} is not complete; run the study without --eval-only first")
 
-    # 4. The compared students: same init, same pool, same data seed, same steps x sequences.
-    pool = s.distill_steps * s.batch_size
-    students: dict[str, Path] = {"warm-up (init)": warm}
-    for name, (method, lr) in STUDENTS.items():
-        method = dict(method)
+    # 4. The arms: same init, same pool, same data seed, same steps × sequences.
+    students: dict[str, Path] = {"warm-up start": warm}
+    for name in arms:
+        method = dict(ARMS[name])
         if method["name"] in ROLLOUT_METHODS:
             method["max_new_tokens"] = s.rollout_tokens
         if method["name"] == "minillm":
@@ -279,21 +346,24 @@ def run_study(out: Path, size_name: str, train: str, dev: str, seed_tasks: str, 
         models = {"student": str(warm), "trainable_layers": STUDENT_LAYERS}
         if method["name"] != "sft":
             models["teacher"] = str(teacher)
-        students[name] = study.train_stage(name, {
-            "models": models, "data": study.data(train, pool), "method": method,
-            "rollout": {"batch_size": 16}, "optim": {"lr": lr, "warmup_steps": 5},
-            "train": {"max_steps": s.distill_steps, "batch_size": s.batch_size, "seed": SEED, "keep_last": 1},
-        }, s.distill_steps)
+        final = study.train_stage(name, {
+            "models": models, "data": study.data(s.arm_steps * s.batch_size), "method": method,
+            "rollout": {"batch_size": 16}, "optim": {"lr": s.lr[method["name"]], "warmup_steps": 5},
+            "train": {"max_steps": s.arm_steps, "batch_size": s.batch_size, "seed": SEED, "keep_last": 1},
+        }, s.arm_steps, train)
+        if final is not None:
+            students[name] = final
 
-    # 5. Evaluation on both held-out sets.
-    sets = {"dev": dev, "seed-tasks": seed_tasks}
+    # 5. Evaluation: per model (teacher included) Rouge-L and loss; per set one divergence pass.
     for set_name, path in sets.items():
-        for kind in EVALS:
-            study.eval_stage(kind, set_name, path, students, teacher)
+        study.eval_model(set_name, path, "teacher", teacher)
+        for name, model in students.items():
+            study.eval_model(set_name, path, slug(name), model)
+        study.eval_divergences(set_name, path, {slug(n): p for n, p in students.items()}, teacher)
     console.print(f"study stages took {time.time() - t_start:.0f}s in this invocation")
 
     # 6. Summary.
-    summary = summarize(study, list(sets), students, teacher)
+    summary = summarize(study, sets, students, teacher)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     (out / "summary.md").write_text(render_markdown(summary), encoding="utf-8")
     console.print(render_markdown(summary), markup=False, highlight=False)
@@ -301,203 +371,303 @@ def run_study(out: Path, size_name: str, train: str, dev: str, seed_tasks: str, 
     return summary
 
 
+def slug(name: str) -> str:
+    """A row name as a file name ("warm-up start" -> "warm-up-start")."""
+    return name.replace(" ", "-")
+
+
 # ----------------------------------------------------------------------------------- summary
-def mean_lengths(samples: Path, tokenizer: Any) -> dict[str, float]:
-    """Mean generated length in tokens per model (all seeds): the response text re-tokenised."""
-    counts: dict[str, list[int]] = {}
-    for line in samples.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        counts.setdefault(row["model"], []).append(len(tokenizer(row["response"], add_special_tokens=False)["input_ids"]))
-    return {name: statistics.fmean(v) for name, v in counts.items()}
+def per_prompt(samples: Path, score: Any) -> tuple[list[int], np.ndarray, list[dict[str, Any]]]:
+    """Scores of one model's generations as (prompt indices, (S, N) array seeds × prompts, rows).
+
+    `score(row) -> float` scores one generation; prompts are sorted by their data index."""
+    rows = [json.loads(line) for line in samples.read_text(encoding="utf-8").splitlines()]
+    seeds = sorted({r["seed"] for r in rows})
+    index = sorted({r["index"] for r in rows})
+    col = {i: j for j, i in enumerate(index)}
+    values = np.full((len(seeds), len(index)), np.nan)
+    for r in rows:
+        values[seeds.index(r["seed"]), col[r["index"]]] = score(r)
+    if np.isnan(values).any():
+        raise UserError(f"{samples}: not every prompt has a generation for every seed")
+    return index, values, rows
 
 
-def summarize(study: Study, set_names: list[str], students: dict[str, Path], teacher: Path) -> dict[str, Any]:
-    """Collect the reports into one dict: per set and model the table's numbers, target checks, timings."""
+def rouge_of(row: dict[str, Any]) -> float:
+    return metrics_mod.rouge_l(row["response"], row["references"])
+
+
+def length_buckets(ref_words: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Tertiles of the reference length in words: (bucket id per prompt, labels). Ties at a cut put
+    every prompt of that length in the lower bucket, so buckets are equal-count only without ties."""
+    lo, hi = (int(v) for v in np.quantile(ref_words, [1 / 3, 2 / 3], method="inverted_cdf"))
+    hi = max(hi, lo + 1)
+    ids = np.where(ref_words <= lo, 0, np.where(ref_words <= hi, 1, 2))
+    middle = f"{hi} words" if hi == lo + 1 else f"{lo + 1}-{hi} words"
+    return ids, [f"<= {lo} words", middle, f"> {hi} words"]
+
+
+def interval(values: np.ndarray, base: np.ndarray) -> dict[str, float | bool]:
+    d = metrics_mod.paired_bootstrap(values, base)
+    return {"diff": d.diff, "low": d.low, "high": d.high, "prompts": d.prompts, "within_noise": d.within_noise}
+
+
+def diagnostics(run_dir: Path) -> dict[str, Any] | None:
+    """What the training log says about a MiniLLM / GKD arm: first vs last buffer and step means."""
+    recs = read_metrics(run_dir)
+    if not recs:
+        return None
+    buffers = [r for r in recs if r.get("new_buffer") == 1]
+
+    def first_last(key: str, rows: list[dict[str, Any]]) -> list[float] | None:
+        vals = [r[key] for r in rows if r.get(key) is not None]
+        return [round(vals[0], 4), round(vals[-1], 4)] if vals else None
+
+    def mean(key: str) -> float | None:
+        vals = [r[key] for r in recs if r.get(key) is not None]
+        return round(statistics.fmean(vals), 4) if vals else None
+
+    out: dict[str, Any] = {"steps": len(recs), "buffers": len(buffers), "grad_norm_mean": mean("grad_norm"),
+                           "loss": first_last("loss", recs)}
+    if buffers:
+        out.update({k: first_last(k, buffers) for k in ("reward", "rkl", "rkl_ess", "resp_len")})
+        out.update({f"{k}_mean": mean(k) for k in ("clip_frac", "pg_loss", "reg_loss", "resp_kd_loss")})
+    return out
+
+
+def summarize(study: Study, sets: dict[str, Path], students: dict[str, Path], teacher: Path) -> dict[str, Any]:
+    """Collect the reports into one dict: per set and model the table's numbers, intervals, checks."""
     from minillm_cli.evaluate import report as report_mod
 
+    names = list(students)
+    label_of = {str(p): n for n, p in students.items()}  # run_eval names a row by its path
     tokenizer = models_mod.load_tokenizer(teacher)
-    label_of = {str(p): label for label, p in students.items()}
-    label_of[f"{teacher} (teacher)"] = "teacher (fine-tuned)"
-    sets: dict[str, Any] = {}
-    for set_name in set_names:
-        gen = json.loads((study.out / f"eval-{set_name}.json").read_text(encoding="utf-8"))
-        div = json.loads((study.out / f"div-{set_name}.json").read_text(encoding="utf-8"))
-        lengths = mean_lengths(study.out / f"samples-{set_name}.jsonl", tokenizer)
-        div_metrics = {model["name"]: model["metrics"] for model in div["models"]}
-        rows: dict[str, Any] = {}
-        for model in gen["models"]:
-            m, d = model["metrics"], div_metrics.get(model["name"], {})
-            exacc = next((k for k in d if k.startswith("exaccerr@")), None)
-            rows[label_of.get(model["name"], model["name"])] = {
-                "rougeL": m.get("rougeL"), "loss": m.get("loss"), "rkl_student": d.get("rkl_student"),
-                "exaccerr": d.get(exacc) if exacc else None, "exaccerr_at": exacc,
-                "mean_length": lengths.get(model["name"]),
+    out_sets: dict[str, Any] = {}
+    for set_name, path in sets.items():
+        d = study.out / "eval" / set_name
+        scores: dict[str, np.ndarray] = {}
+        index: list[int] = []
+        model_rows: dict[str, Any] = {}
+        ref_words: np.ndarray | None = None
+        div = json.loads((d / "divergences.json").read_text(encoding="utf-8"))
+        div_by_path = {m["name"]: m["metrics"] for m in div["models"]}
+        for name in ["teacher", *names]:
+            rep = json.loads((d / f"{slug(name)}.json").read_text(encoding="utf-8"))
+            m = rep["models"][0]
+            idx, values, rows = per_prompt(d / f"{slug(name)}.samples.jsonl", rouge_of)
+            if index and idx != index:
+                raise UserError(f"{d}: {name} was evaluated on other prompts than the teacher")
+            index = idx
+            scores[name] = values
+            if ref_words is None:
+                first = {r["index"]: r["references"][0] for r in rows}
+                ref_words = np.array([len(first[i].split()) for i in index])
+            by_seed: dict[int, list[str]] = {}
+            for r in rows:
+                by_seed.setdefault(r["seed"], []).append(r["response"])
+            lengths = [len(tokenizer(r["response"], add_special_tokens=False)["input_ids"]) for r in rows]
+            dv = div_by_path.get(str(students[name]), {}) if name != "teacher" else {}
+            exacc = next((k for k in dv if k.startswith("exaccerr@")), None)
+            model_rows[name] = {
+                "rougeL": float(values.mean()), "rougeL_seed_std": float(values.mean(1).std(ddof=1)) if len(values) > 1 else None,
+                "loss": (m["metrics"].get("loss") or {}).get("mean"),
+                "rkl": (dv.get("rkl_student") or {}).get("mean"),
+                "exaccerr": (dv.get(exacc) or {}).get("mean") if exacc else None, "exaccerr_at": exacc,
+                "mean_length": statistics.fmean(lengths),
+                "dist4": statistics.fmean(metrics_mod.distinct_n(t, 4) for t in by_seed.values()),
             }
-        settings = gen["settings"]
-        sets[set_name] = {"path": settings["data"]["path"], "examples": settings["data"]["examples"],
-                          "seeds": settings["seeds"], "div_examples": div["settings"]["data"]["examples"],
-                          "div_seeds": div["settings"]["seeds"], "rows": rows}
+        assert ref_words is not None
+        for name in names:
+            for base in (CONTROL, KD):
+                if base in scores and name != base:
+                    model_rows[name][f"vs_{base}"] = interval(scores[name], scores[base])
+        bucket_ids, labels = length_buckets(ref_words)
+        buckets: dict[str, Any] = {"labels": labels, "prompts": [int((bucket_ids == b).sum()) for b in range(3)],
+                                   "rougeL": {}, "vs_control": {}}
+        present = [b for b in range(3) if (bucket_ids == b).any()]  # a tiny set may leave a tertile empty
+        for name in ["teacher", *names]:
+            buckets["rougeL"][name] = [float(scores[name][:, bucket_ids == b].mean()) if b in present else None
+                                       for b in range(3)]
+            if CONTROL in scores and name not in ("teacher", CONTROL):
+                buckets["vs_control"][name] = [
+                    interval(scores[name][:, bucket_ids == b], scores[CONTROL][:, bucket_ids == b]) if b in present else None
+                    for b in range(3)]
         report = report_mod.from_json(div)
         for row in report.rows:
             row.name = label_of.get(row.name, row.name)
         report_mod.plot_exposure_bias(report, study.out / f"exposure-bias-{set_name}.png")
-    summary = {
-        "size": study.size_name,
-        "is_result": study.size_name == "full",
-        "config": {**asdict(study.size), "students": {k: {"method": v[0], "lr": v[1]} for k, v in STUDENTS.items()}},
-        "sets": sets,
-        "targets": check_targets(sets),
+        seeds = sorted({int(s) for s in json.loads((d / "teacher.json").read_text(encoding="utf-8"))["settings"]["seeds"]})
+        out_sets[set_name] = {"path": str(path), "prompts": len(index), "seeds": seeds,
+                              "div_prompts": div["settings"]["data"]["examples"], "div_seed": div["settings"]["seeds"][0],
+                              "rows": model_rows, "buckets": buckets}
+    return {
+        "study": study.name, "size": study.size, "is_result": study.size == "full",
+        "setup": json.loads(json.dumps(asdict(study.setup))),
+        "arms": {n: ARMS[n] for n in names if n in ARMS},
+        "sets": out_sets,
+        "targets": check_targets(out_sets),
+        "diagnostics": {n: diagnostics(study.out / n) for n in names if n in ARMS and ARMS[n]["name"] in ("minillm", "gkd")},
         "timings": study.timings,
     }
-    if study.size_name != "full":
-        summary["extrapolated_full"] = extrapolate(study.timings, study.size, SIZES["full"])
-    return summary
-
-
-def _mean(row: dict[str, Any], key: str) -> float | None:
-    v = row.get(key)
-    return None if v is None or v.get("mean") is None else v["mean"]
 
 
 def check_targets(sets: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets: MiniLLM >= KD + 1 Rouge-L and >= SFT on each set; ExAccErr below KD's."""
+    """Issue 20's targets per set and MiniLLM arm: Rouge-L >= KD + 1 and >= sft-continued with the
+    interval of the difference above 0; ExAccErr below KD's."""
     checks = []
     for set_name, block in sets.items():
         rows = block["rows"]
-        mini, kd, sft = rows["minillm"], rows["kd"], rows["sft"]
-        pairs = [
-            ("rougeL(minillm) >= rougeL(kd) + 1", _mean(mini, "rougeL"), _mean(kd, "rougeL"), 1.0, True),
-            ("rougeL(minillm) >= rougeL(sft)", _mean(mini, "rougeL"), _mean(sft, "rougeL"), 0.0, True),
-            (f"{mini['exaccerr_at']}(minillm) < same(kd)", _mean(mini, "exaccerr"), _mean(kd, "exaccerr"), 0.0, False),
-        ]
-        for text, a, b, margin, higher in pairs:
-            ok = None if a is None or b is None else (a >= b + margin if higher else a < b)
-            checks.append({"set": set_name, "target": text, "minillm": a, "other": b, "met": ok})
+        for arm in [n for n in rows if n.startswith("minillm")]:
+            r = rows[arm]
+            if f"vs_{KD}" in r:
+                d = r[f"vs_{KD}"]
+                checks.append({"set": set_name, "arm": arm, "target": "rougeL >= kd + 1, interval above 0",
+                               "value": d["diff"], "low": d["low"], "high": d["high"],
+                               "met": d["diff"] >= 1.0 and d["low"] > 0})
+            if f"vs_{CONTROL}" in r:
+                d = r[f"vs_{CONTROL}"]
+                checks.append({"set": set_name, "arm": arm, "target": "rougeL >= sft-continued, interval above 0",
+                               "value": d["diff"], "low": d["low"], "high": d["high"], "met": d["low"] > 0})
+            if KD in rows and r["exaccerr"] is not None and rows[KD]["exaccerr"] is not None:
+                checks.append({"set": set_name, "arm": arm, "target": f"{r['exaccerr_at']} below kd's",
+                               "value": r["exaccerr"] - rows[KD]["exaccerr"], "low": None, "high": None,
+                               "met": r["exaccerr"] < rows[KD]["exaccerr"]})
     return checks
 
 
-def extrapolate(timings: dict[str, Any], measured: Size, target: Size) -> dict[str, Any]:
-    """A rough (low, high) wall-time range per stage at `target` size from the times measured at `measured`.
-
-    Training (low = high): time outside the steps (loading, saving) is kept; the mean step time is
-    scaled by the batch-size ratio and by the step count. MiniLLM's first step also collects a rollout
-    buffer: collect = t(step 1) - mean t(later steps), charged once per buffer of the target. SeqKD's
-    teacher generation (its time outside the steps beyond KD's) is scaled by the pool size. Linear in
-    the batch is optimistic: a larger batch also pads to a longer longest row.
-    Evaluation: per seed, linear in new tokens; low = linear in the number of batches (a batch of 20
-    costs what a batch of 4 does), high = linear in the number of rows (no batching gain).
-    """
-    est: dict[str, tuple[float, float]] = {}
-    per_step: dict[str, float] = {}
-    outside: dict[str, float] = {}
-    batch_ratio = target.batch_size / measured.batch_size
-    steps_of = {"teacher-sft": target.teacher_sft_steps, "warmup": target.warmup_steps}
-    steps_of.update({name: target.distill_steps for name in STUDENTS})
-    for name, n_target in steps_of.items():
-        t = timings.get(name)
-        if not t or not t["step_times"]:
-            continue
-        times = t["step_times"]
-        outside[name] = max(t["wall_s"] - sum(times), 0.0)
-        method = STUDENTS.get(name, ({"name": "sft"}, 0.0))[0]["name"]
-        if method == "minillm" and len(times) > 1:
-            rest = statistics.fmean(times[1:])
-            collect = max(times[0] - rest, 0.0)
-            buffers = math.ceil(n_target / math.ceil(PPO_EPOCHS * target.num_rollouts / target.batch_size))
-            step_part = batch_ratio * (rest * n_target + collect * buffers)
-        else:
-            step_part = batch_ratio * statistics.fmean(times) * n_target
-        per_step[name] = step_part / n_target
-        est[name] = (outside[name] + step_part,) * 2
-    if "seqkd" in est and "kd" in outside:
-        generation = max(outside["seqkd"] - outside["kd"], 0.0)
-        pool_ratio = (target.distill_steps * target.batch_size) / (measured.distill_steps * measured.batch_size)
-        est["seqkd"] = tuple(v + generation * (pool_ratio - 1.0) for v in est["seqkd"])  # type: ignore[assignment]
-    for key, t in timings.items():
-        kind = key.split("-")[0]
-        if kind in EVALS:
-            rows = target.eval_samples if kind == "eval" else target.div_samples
-            seeds = len(target.eval_seeds) if kind == "eval" else 1
-            per_seed = t["wall_s"] * (seeds / t["seeds"]) * (target.eval_new_tokens / t["new_tokens"])
-            batches = math.ceil(rows / target.eval_batch_size) / math.ceil(t["samples"] / t["batch_size"])
-            est[key] = (per_seed * batches, per_seed * rows / t["samples"])
-    return {"stages_s": {k: [round(lo, 1), round(hi, 1)] for k, (lo, hi) in est.items()},
-            "per_step_s": {k: round(v, 2) for k, v in per_step.items()},
-            "total_s": [round(sum(lo for lo, _ in est.values()), 1), round(sum(hi for _, hi in est.values()), 1)]}
+def _f(v: float | None, decimals: int = 2) -> str:
+    return "-" if v is None else f"{v:.{decimals}f}"
 
 
-def _cell(v: dict[str, Any] | None, decimals: int = 2) -> str:
-    if not v or v.get("mean") is None:
+def _ci(d: dict[str, Any] | None) -> str:
+    if not d:
         return "-"
-    text = f"{v['mean']:.{decimals}f}"
-    return text + (f" ± {v['std']:.{decimals}f}" if v.get("std") is not None else "")
+    text = f"{d['diff']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
+    return text + (" within noise" if d["within_noise"] else "")
+
+
+def _first_last(dg: dict[str, Any]) -> Any:
+    """A formatter of the diagnostics' [first, last] pairs as "a → b"."""
+    return lambda k: "-" if not dg.get(k) else f"{dg[k][0]:.3f} → {dg[k][1]:.3f}"
 
 
 def render_markdown(summary: dict[str, Any]) -> str:
-    """The summary as markdown: one table per set, the target checks, the timings."""
-    smoke = not summary["is_result"]
-    lines = [f"# Quality study: {summary['size']} size" + (" (SMOKE RUN: pipeline check, NOT results)" if smoke else ""), ""]
-    if smoke:
-        lines += ["These numbers come from a few optimizer steps and a handful of evaluation prompts; they only show "
-                  "that every stage runs. Do not read any ranking into them.", ""]
+    """The summary as markdown: per set the main table and the length buckets; targets, diagnostics, timings."""
+    smoke_run = not summary["is_result"]
+    lines = [f"# Quality study `{summary['study']}`: {summary['size']} size"
+             + (" (SMOKE RUN: pipeline check, NOT results)" if smoke_run else ""), ""]
     for set_name, block in summary["sets"].items():
         at = next((r["exaccerr_at"] for r in block["rows"].values() if r["exaccerr_at"]), "exaccerr")
-        lines += [f"## {set_name}: {block['path']}", "",
-                  f"Rouge-L, LM loss, mean length: first {block['examples']} rows, seeds {block['seeds']} (mean ± std "
-                  f"over seeds). Reverse KL KL(q‖p) on student-sampled text and ExAccErr: first {block['div_examples']} "
-                  f"rows, seed {block['div_seeds'][0]}.", "",
-                  f"| model | Rouge-L | LM loss | reverse KL | {at} (%) | mean length (tokens) |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"## {set_name}: `{block['path']}`", "",
+                  f"Rouge-L, LM loss, mean length (teacher tokens), Dist-4: {block['prompts']} prompts × seeds "
+                  f"{block['seeds']}; differences with 95% paired bootstrap intervals over prompts (2000 resamples, "
+                  f"seeds kept together). Reverse KL KL(q‖p) (nats/token, student samples) and {at}: first "
+                  f"{block['div_prompts']} prompts, seed {block['div_seed']}.", "",
+                  f"| model | Rouge-L | − {CONTROL} [95% CI] | − {KD} [95% CI] | LM loss | reverse KL | {at} (%) "
+                  "| length | Dist-4 |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, r in block["rows"].items():
-            length = "-" if r["mean_length"] is None else f"{r['mean_length']:.1f}"
-            lines.append(f"| {name} | {_cell(r['rougeL'])} | {_cell(r['loss'], 3)} | {_cell(r['rkl_student'], 3)} | "
-                         f"{_cell(r['exaccerr'], 1)} | {length} |")
+            rouge = _f(r["rougeL"]) + (f" ± {r['rougeL_seed_std']:.2f}" if r["rougeL_seed_std"] is not None else "")
+            lines.append(f"| {name} | {rouge} | {_ci(r.get(f'vs_{CONTROL}'))} | {_ci(r.get(f'vs_{KD}'))} | "
+                         f"{_f(r['loss'], 3)} | {_f(r['rkl'], 3)} | {_f(r['exaccerr'], 1)} | {_f(r['mean_length'], 1)} "
+                         f"| {_f(r['dist4'], 1)} |")
+        b = block["buckets"]
+        lines += ["", f"Rouge-L by reference length (tertiles; prompts per bucket {b['prompts']}), and the difference "
+                  f"to {CONTROL} with its 95% interval:", "",
+                  "| model | " + " | ".join(b["labels"]) + " |", "|---|" + "---:|" * len(b["labels"])]
+        for name, vals in b["rougeL"].items():
+            diffs = b["vs_control"].get(name)
+            cells = [_f(v) + (f" ({_ci(diffs[i])})" if diffs and diffs[i] else "") for i, v in enumerate(vals)]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["## Targets (issue 10)", "", "| set | target | minillm | other | met |", "|---|---|---:|---:|---|"]
+    lines += ["## Targets (issue 20)", "", "| set | arm | target | difference [95% CI] | met |", "|---|---|---|---:|---|"]
     for c in summary["targets"]:
-        fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-        met = "-" if c["met"] is None else ("yes" if c["met"] else "no")
-        lines.append(f"| {c['set']} | {c['target']} | {fmt(c['minillm'])} | {fmt(c['other'])} | {met}{' (smoke)' if smoke else ''} |")
+        span = f"{c['value']:+.2f}" + (f" [{c['low']:+.2f}, {c['high']:+.2f}]" if c["low"] is not None else "")
+        lines.append(f"| {c['set']} | {c['arm']} | {c['target']} | {span} | {'yes' if c['met'] else 'no'}"
+                     f"{' (smoke)' if smoke_run else ''} |")
+    lines += ["", "## Training diagnostics (first → last buffer; means over steps)", "",
+              "| arm | loss | reward | rkl (IS) | resp. length | clip frac | pg loss | reg loss | resp-kd loss | grad norm |",
+              "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for name, dg in summary["diagnostics"].items():
+        if not dg:
+            continue
+        fl = _first_last(dg)
+        lines.append(f"| {name} | {fl('loss')} | {fl('reward')} | {fl('rkl')} | {fl('resp_len')} | "
+                     f"{_f(dg.get('clip_frac_mean'), 3)} | {_f(dg.get('pg_loss_mean'), 3)} | {_f(dg.get('reg_loss_mean'), 3)} | "
+                     f"{_f(dg.get('resp_kd_loss_mean'), 3)} | {_f(dg.get('grad_norm_mean'), 3)} |")
     lines += ["", "## Timings (this machine)", "", "| stage | wall s | steps | mean s/step |", "|---|---:|---:|---:|"]
     for name, t in summary["timings"].items():
         times = t.get("step_times") or []
-        mean = f"{statistics.fmean(times):.2f}" if times else "-"
-        lines.append(f"| {name} | {t['wall_s']:.1f} | {t.get('steps', '-')} | {mean} |")
-    if "extrapolated_full" in summary:
-        e = summary["extrapolated_full"]
-        low, high = e["total_s"]
-        lines += ["", f"## Rough full-size time extrapolated from this run: {low / 60:.0f}-{high / 60:.0f} min", "",
-                  "Training: linear in batch size and steps (optimistic); evaluation: between linear in batches "
-                  "and linear in rows (see `extrapolate` in run.py).", "",
-                  "| stage | estimated s (low-high) | estimated s/step |", "|---|---:|---:|"]
-        for name, (lo, hi) in e["stages_s"].items():
-            span = f"{lo:.0f}" if lo == hi else f"{lo:.0f}-{hi:.0f}"
-            lines.append(f"| {name} | {span} | {e['per_step_s'].get(name, '-')} |")
+        lines.append(f"| {name} | {t['wall_s']:.1f} | {t.get('steps', '-')} | "
+                     f"{statistics.fmean(times) if times else float('nan'):.2f} |".replace("nan", "-"))
     return "\n".join(lines) + "\n"
 
 
 # -------------------------------------------------------------------------------------- main
+def parse_sets(values: list[str] | None, study: str) -> dict[str, Path]:
+    """`--eval-set NAME=FILE` (any number) -> {name: path}; none given: the study's default sets."""
+    if not values:
+        return dict(DEFAULT_SETS[study])
+    sets: dict[str, Path] = {}
+    for v in values:
+        name, sep, file = v.partition("=")
+        if not sep or not name or not file or "/" in name:
+            raise UserError(f"--eval-set {v!r}: expected NAME=FILE (a name without '/')")
+        if name in sets:
+            raise UserError(f"--eval-set {name}: given twice")
+        sets[name] = Path(file).expanduser()
+    return sets
+
+
+def parse_arms(value: str | None) -> list[str]:
+    """`--arms a,b,...` (default DEFAULT_ARMS, those the installed minillm supports)."""
+    if value is None:
+        return [a for a in DEFAULT_ARMS if arm_available(a)]
+    arms = [a.strip() for a in value.split(",") if a.strip()]
+    for a in arms:
+        if a not in ARMS:
+            raise UserError(f"--arms: unknown arm {a!r}; known: {', '.join(ARMS)}")
+        if not arm_available(a):
+            raise UserError(f"--arms: {a} needs method keys this minillm does not have")
+    for needed in (CONTROL, KD):
+        if needed not in arms:
+            arms.insert(0, needed)  # every arm is compared with these two
+    return list(dict.fromkeys(arms))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: parse the arguments, run the study, print the summary. Returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "quality", help="study directory")
-    parser.add_argument("--size", choices=sorted(SIZES), default="full")
-    parser.add_argument("--train", default=str(DATA_DIR / "instruct-train.jsonl"))
-    parser.add_argument("--dev", default=str(DATA_DIR / "instruct-dev.jsonl"))
-    parser.add_argument("--seed-tasks", default=str(DATA_DIR / "seed-tasks.jsonl"))
+    parser.add_argument("--study", choices=sorted(STUDIES), default="shared")
+    parser.add_argument("--out", type=Path, default=None, help="study directory (default bench/out/quality-STUDY)")
+    parser.add_argument("--size", choices=("full", "smoke"), default="full")
+    parser.add_argument("--train", default=None, help="training file (default: the study's)")
+    parser.add_argument("--eval-set", action="append", metavar="NAME=FILE",
+                        help="an evaluation set (any number; default: the study's sets)")
+    parser.add_argument("--arms", default=None, help=f"comma-separated arms (default {','.join(DEFAULT_ARMS)}; "
+                        f"all: {','.join(ARMS)})")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="train nothing: evaluate the students that exist (e.g. on a new --eval-set)")
     args = parser.parse_args(argv)
     console = Console()
     resume_hint = f"run the same command again to resume: python {' '.join(sys.argv)}"
     try:
-        run_study(args.out, args.size, args.train, args.dev, args.seed_tasks, console)
+        setup = STUDIES[args.study]
+        if args.train:
+            setup = replace(setup, train=str(Path(args.train).expanduser()))
+        if args.size == "smoke":
+            setup = smoke(setup)
+        out = args.out or REPO / "bench" / "out" / f"quality-{args.study}{'-smoke' if args.size == 'smoke' else ''}"
+        study = Study(out, args.study, setup, args.size, console)
+        run_study(study, parse_arms(args.arms), parse_sets(args.eval_set, args.study), train=not args.eval_only)
     except UserError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        console.print(f"error: {e}", highlight=False, markup=False)
         return 2
     except RunStopped as e:  # a training stage saved its last step on SIGINT / SIGTERM
-        console.print(f"{e}\n{resume_hint}", highlight=False)
+        console.print(f"{e}\n{resume_hint}", highlight=False, markup=False)
         return e.exit_code
     except KeyboardInterrupt:  # during an evaluation: its partial report is discarded on resume
-        console.print(f"interrupted\n{resume_hint}", highlight=False)
+        console.print(f"interrupted\n{resume_hint}", highlight=False, markup=False)
         return 130
     return 0
 

@@ -39,7 +39,7 @@ lower end is below 0, i.e. that is not better than the baseline with 95% confide
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,7 @@ from minillm_cli.evaluate.scoring import (
     evaluate_model,
     exposure_pass,
     generation_passes,
+    teacher_cache,
 )
 from minillm_cli.evaluate.thresholds import check_thresholds
 from minillm_cli.rows import file_sha256
@@ -119,7 +120,8 @@ def run_eval(
     samples_out: str | None = None,
     plot_out: str | None = None,
     fail_under: list[str] | None = None,
-    baseline: str | None = None,
+    baseline: str | Sequence[str] | None = None,
+    row_metrics: dict[str, list[str]] | None = None,
     overrides: list[str] | None = None,
     console: Console | None = None,
 ) -> int:
@@ -142,7 +144,13 @@ def run_eval(
         fail_under: `[MODEL:]METRIC=VALUE` thresholds, or `[MODEL:]METRIC@baseline=VALUE` on the lower
             end of the interval of the difference to the baseline.
         baseline: A model (as named on the command line, or the teacher) that every other row is
-            compared with: per metric the difference and its 95% paired bootstrap interval.
+            compared with: per metric the difference and its 95% paired bootstrap interval. A
+            sequence of names gives one comparison per baseline from the same generations (the
+            first is the report's "comparison" and the one `--fail-under ...@baseline` checks; the
+            JSON then also holds "comparisons": {baseline: ...} for every one).
+        row_metrics: Model (as in `models`) -> a subset of the metrics for that row only, e.g. to
+            skip the teacher divergences of a row nobody compares on them (they cost a teacher
+            forward per sampled continuation).
         overrides: `key=value` EvalConfig overrides (`--set`).
         console: Where the table and progress go (default: stdout).
 
@@ -178,7 +186,12 @@ def run_eval(
     if plot_out is not None and "exposure_bias" not in metric_names:
         raise UserError("--plot draws the exposure-bias curve; add exposure_bias to --metrics (needs --teacher)")
     names = ([f"{teacher} (teacher)"] if teacher else []) + list(models)
-    baseline_name = baseline_row(baseline, names, teacher)
+    for row_name, subset in (row_metrics or {}).items():
+        if row_name not in models or not set(subset) <= set(metric_names):
+            raise UserError(f"row_metrics: {row_name!r}: {subset} must be a subset of {metric_names} for an evaluated model")
+    wanted = [baseline] if isinstance(baseline, str) else list(baseline or [])
+    baseline_names = [name for name in (baseline_row(b, names, teacher) for b in wanted) if name is not None]
+    baseline_name = baseline_names[0] if baseline_names else None
     check_fail_under(fail_under, metric_names, names, baseline_name)
     for flag, path in (("--json", json_out), ("--samples", samples_out), ("--plot", plot_out)):
         if path is not None and path != "-":
@@ -215,7 +228,9 @@ def run_eval(
         sampled = None
         if "exposure_bias" in metric_names:
             sampled = exposure_pass(passes, t_model, teacher_tok, prompts, cfg, device)
-        teacher_state = TeacherState(model=t_model, passes=passes, sampled=sampled, width=output_width(t_model))
+        width = output_width(t_model)
+        teacher_state = TeacherState(model=t_model, passes=passes, sampled=sampled, width=width,
+                                     logits_cache=teacher_cache(passes, cfg.max_new_tokens, width))
         report_rows.append(row)
         templates[teacher_spec.name] = prompts.template
         samples += _sample_rows(teacher_spec.name, teacher_tok, passes, prompts.references, prompts.encoded)
@@ -233,8 +248,8 @@ def run_eval(
             say(f"data: {row_prompts.summary} (template: {row_prompts.template})")
         assert row_prompts is not None
         templates[spec.name] = row_prompts.template
-        row, passes = evaluate_model(spec.name, model, tok, row_prompts, cfg, metric_names, device,
-                                     teacher=teacher_state, labels=labels, words=words, say=say)
+        row, passes = evaluate_model(spec.name, model, tok, row_prompts, cfg,
+                                     (row_metrics or {}).get(spec.name, metric_names), device, teacher=teacher_state, labels=labels, words=words, say=say)
         report_rows.append(row)
         samples += _sample_rows(spec.name, tok, passes, row_prompts.references, row_prompts.encoded)
         free(model)
@@ -270,8 +285,10 @@ def run_eval(
         "device": str(device), "dtype": str(dtype).removeprefix("torch."),
         "minillm_version": __version__, "torch_version": torch.__version__,
     }
-    comparison = report_mod.compare(report_rows, baseline_name) if baseline_name is not None else None
-    report = report_mod.EvalReport(settings=settings, rows=report_rows, split="test", comparison=comparison)
+    comparisons = [report_mod.compare(report_rows, name) for name in baseline_names]
+    report = report_mod.EvalReport(settings=settings, rows=report_rows, split="test",
+                                   comparison=comparisons[0] if comparisons else None,
+                                   more_comparisons=comparisons[1:])
     out.print(report_mod.render_table(report))
     if json_out == "-":
         console.file.write(json.dumps(report_mod.to_json(report), indent=2, allow_nan=False) + "\n")

@@ -49,6 +49,7 @@ def divergences(
     response_ids: Tensor,
     response_mask: Tensor,
     chunk_size: int = 128,
+    teacher_logits: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Forward KL, reverse KL and top-1 agreement of one batch of continuations.
 
@@ -58,6 +59,8 @@ def divergences(
         response_ids, response_mask: (B, T) continuations (whoever sampled them).
         chunk_size: Response positions per fp32 KL computation; bounds the (B, chunk, V)
             temporaries (a 50k vocabulary makes full (B, T, V) fp32 tensors large).
+        teacher_logits: (B, T, Vp) the teacher's response logits of this very batch, when the
+            caller already has them (the teacher forward is then skipped; `teacher` is unused).
 
     Returns:
         {"fkl", "rkl", "agree"}: each (B, T) fp32 on the inputs' device, 0 where the mask is 0.
@@ -65,7 +68,7 @@ def divergences(
     b = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
          "response_mask": response_mask}
     q_logits = response_logits(student, b)  # (B, T, Vq)
-    p_logits = response_logits(teacher, b)  # (B, T, Vp)
+    p_logits = teacher_logits if teacher_logits is not None else response_logits(teacher, b)  # (B, T, Vp)
     p_logits = p_logits.to(q_logits.device)
     mask = response_mask.to(q_logits.device)
     return {

@@ -25,6 +25,7 @@ from minillm_cli import data as data_mod
 from minillm_cli.config import EvalConfig
 from minillm_cli.data import Encoded
 from minillm_cli.evaluate import distribution, metrics
+from minillm_cli.methods.batching import response_logits
 from minillm_cli.rollout import score
 
 
@@ -251,11 +252,15 @@ def continuation_divergences(
     batch_size: int,
     device: torch.device,
     width: int,
+    teacher_cache: dict[int, torch.Tensor] | None = None,
 ) -> Divergences:
     """KL(p‖q), KL(q‖p) and top-1 agreement at every position of some continuations.
 
     Both models are teacher-forced over prompt + continuation (whoever sampled it); the formulas are
-    in `distribution`. Row i belongs to `generations[i]`.
+    in `distribution`. Row i belongs to `generations[i]`. With `teacher_cache` (one dict per list of
+    generations, shared by every student scored on them), the teacher's logits of each batch are
+    kept there on first use, keyed by the batch's first row, and reused: the batches are the same
+    rows for every student, so the numbers are those of a fresh forward.
 
     Args:
         student, teacher: Causal LMs sharing a vocabulary, on `device`.
@@ -275,8 +280,11 @@ def continuation_divergences(
         b = _pairs(items[start : start + batch_size], pad_id, device)
         if not bool(b["response_mask"].any()):
             continue  # only empty continuations: nothing to score
+        cached = teacher_cache.get(start) if teacher_cache is not None else None
+        if teacher_cache is not None and cached is None:
+            cached = teacher_cache[start] = response_logits(teacher, b)  # (b, T, Vp)
         d = distribution.divergences(student, teacher, b["prompt_ids"], b["prompt_mask"], b["response_ids"],
-                                     b["response_mask"])
+                                     b["response_mask"], teacher_logits=cached)
         rows, t = slice(start, start + b["response_ids"].shape[0]), b["response_ids"].shape[1]
         fkl[rows, :t] = d["fkl"].cpu().numpy()
         rkl[rows, :t] = d["rkl"].cpu().numpy()

@@ -94,6 +94,9 @@ class EvalReport:
         rows: One row per model, in display order.
         split: "test" (held-out set evaluated by `eval`) or "dev" (numbers logged during training).
         comparison: Differences to a baseline row, or None.
+        more_comparisons: Differences to further baseline rows (one evaluation, several paired
+            comparisons, e.g. the quickstart's distilled student against its warm-up and against an
+            equal-budget SFT control); `--fail-under ...@baseline` uses `comparison` only.
     """
 
     settings: dict[str, Any]
@@ -101,6 +104,8 @@ class EvalReport:
     split: str = "test"
     comparison: Comparison | None = None
     """Differences to a baseline row (`compare`), or None."""
+    more_comparisons: list[Comparison] = field(default_factory=list)
+    """Differences to further baseline rows (`compare`), after `comparison`."""
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -179,14 +184,15 @@ def fmt_diff(d: PairedDifference) -> str:
     return text + (" within noise" if d.within_noise else "")
 
 
-def render_comparison(report: EvalReport) -> Table | None:
-    """The differences to the baseline as a table (None without a comparison).
+def render_comparison(report: EvalReport, c: Comparison | None = None) -> Table | None:
+    """The differences to the baseline (`c`, default the report's comparison) as a table (None
+    without a comparison).
 
     One row per compared model, one column per metric of the main table; cells read
     "diff [low, high]" with the paired bootstrap interval, "within noise" when it covers 0, and "-"
     where the metric has no per-prompt values (dist4, ece, exaccerr@L) or was not measured on both.
     """
-    c = report.comparison
+    c = c or report.comparison
     if c is None:
         return None
     names = report.metric_names()
@@ -203,8 +209,8 @@ def render_comparison(report: EvalReport) -> Table | None:
 
 
 def render_table(report: EvalReport) -> RenderableType:
-    """A rich table with one row per model and one column per metric (and, when the report has a
-    comparison, the table of differences to the baseline under it: `render_comparison`).
+    """A rich table with one row per model and one column per metric (and, when the report has
+    comparisons, the table of differences to each baseline under it: `render_comparison`).
 
     Cells read "mean ± std" when a std is known, a bare mean otherwise, and "-" for a metric the
     model was not measured on. The title says which split the numbers come from.
@@ -219,8 +225,9 @@ def render_table(report: EvalReport) -> RenderableType:
     for row in report.rows:
         cells = [_fmt_cell(*row.metrics[name]) if name in row.metrics else "-" for name in names]
         table.add_row(row.name, *cells)
-    comparison = render_comparison(report)
-    return table if comparison is None else Group(table, comparison)
+    comparisons = [render_comparison(report, c) for c in ([report.comparison] if report.comparison else [])
+                   + report.more_comparisons]
+    return Group(table, *[c for c in comparisons if c is not None]) if comparisons else table
 
 
 def _plain(obj: Any) -> Any:
@@ -246,7 +253,9 @@ def to_json(report: EvalReport) -> dict[str, Any]:
     Layout: {"split", "settings", "models": [{"name", "metrics": {metric: {"mean", "std"}},
     "curves"}]}, plus with a baseline "comparison": {"baseline", "method", "resamples",
     "confidence", "seed", "models": {name: {metric: {"diff", "low", "high", "prompts",
-    "within_noise"}}}}. Non-finite numbers (e.g. ExAccErr where E(l) = 0) are written as null.
+    "within_noise"}}}}; with further baselines (`more_comparisons`) also "comparisons": {baseline:
+    the same layout} for every baseline, the first included. Non-finite numbers (e.g. ExAccErr
+    where E(l) = 0) are written as null.
     """
     models = [
         {
@@ -257,17 +266,31 @@ def to_json(report: EvalReport) -> dict[str, Any]:
         for row in report.rows
     ]
     out: dict[str, Any] = {"split": report.split, "settings": report.settings, "models": models}
-    c = report.comparison
-    if c is not None:
-        out["comparison"] = {
-            "baseline": c.baseline,
-            "method": "paired bootstrap over prompts (seeds of a prompt kept together), percentile interval",
-            "resamples": c.resamples, "confidence": c.confidence, "seed": c.seed,
-            "models": {model: {metric: {"diff": d.diff, "low": d.low, "high": d.high, "prompts": d.prompts,
-                                        "within_noise": d.within_noise} for metric, d in diffs.items()}
-                       for model, diffs in c.differences.items()},
-        }
+    if report.comparison is not None:
+        out["comparison"] = _comparison_json(report.comparison)
+        if report.more_comparisons:
+            out["comparisons"] = {c.baseline: _comparison_json(c) for c in [report.comparison, *report.more_comparisons]}
     return _plain(out)
+
+
+def _comparison_json(c: Comparison) -> dict[str, Any]:
+    return {
+        "baseline": c.baseline,
+        "method": "paired bootstrap over prompts (seeds of a prompt kept together), percentile interval",
+        "resamples": c.resamples, "confidence": c.confidence, "seed": c.seed,
+        "models": {model: {metric: {"diff": d.diff, "low": d.low, "high": d.high, "prompts": d.prompts,
+                                    "within_noise": d.within_noise} for metric, d in diffs.items()}
+                   for model, diffs in c.differences.items()},
+    }
+
+
+def _comparison_from_json(c: dict[str, Any]) -> Comparison:
+    nan = lambda v: math.nan if v is None else v  # noqa: E731  (null = no interval)
+    return Comparison(
+        baseline=c["baseline"], resamples=c["resamples"], confidence=c["confidence"], seed=c["seed"],
+        differences={model: {metric: PairedDifference(diff=d["diff"], low=nan(d["low"]), high=nan(d["high"]),
+                                                      prompts=d["prompts"])
+                             for metric, d in diffs.items()} for model, diffs in c["models"].items()})
 
 
 def from_json(data: dict[str, Any]) -> EvalReport:
@@ -285,16 +308,11 @@ def from_json(data: dict[str, Any]) -> EvalReport:
             )
             for model in data["models"]
         ]
-        comparison = None
-        if data.get("comparison") is not None:
-            c = data["comparison"]
-            nan = lambda v: math.nan if v is None else v  # noqa: E731  (null = no interval)
-            comparison = Comparison(
-                baseline=c["baseline"], resamples=c["resamples"], confidence=c["confidence"], seed=c["seed"],
-                differences={model: {metric: PairedDifference(diff=d["diff"], low=nan(d["low"]), high=nan(d["high"]),
-                                                              prompts=d["prompts"])
-                                     for metric, d in diffs.items()} for model, diffs in c["models"].items()})
-        return EvalReport(settings=data["settings"], rows=rows, split=data["split"], comparison=comparison)
+        comparison = None if data.get("comparison") is None else _comparison_from_json(data["comparison"])
+        more = [_comparison_from_json(c) for name, c in (data.get("comparisons") or {}).items()
+                if comparison is None or name != comparison.baseline]
+        return EvalReport(settings=data["settings"], rows=rows, split=data["split"], comparison=comparison,
+                          more_comparisons=more)
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         raise UserError(f"not an evaluation report (bad or missing field {exc})") from exc
 

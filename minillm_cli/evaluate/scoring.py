@@ -99,6 +99,22 @@ class TeacherState:
     """Sampled continuations with the first seed, for exposure bias (the first pass unless greedy)."""
     width: int
     """Output head rows."""
+    logits_cache: list[dict[int, "torch.Tensor"]] | None = None
+    """Per pass, the teacher's response logits of its own continuations by batch (filled by the
+    first student scored on them, reused by the others), or None when they would not fit
+    TEACHER_CACHE_BYTES."""
+
+
+TEACHER_CACHE_BYTES = 2 * 1024**3
+"""Most memory the teacher's logits of its own continuations may take to be kept across students
+(fp32 (N, T, V) per seed: 64 prompts × 32 tokens × 49k vocabulary ≈ 0.4 GB); above it they are
+recomputed for every student."""
+
+
+def teacher_cache(passes: list[list[Generation]], max_new_tokens: int, width: int) -> list[dict[int, "torch.Tensor"]] | None:
+    """Empty per-pass caches for `TeacherState.logits_cache`, or None when the logits would not fit."""
+    size = sum(len(p) for p in passes) * max_new_tokens * width * 4
+    return [{} for _ in passes] if size <= TEACHER_CACHE_BYTES else None
 
 
 def generation_passes(model: "torch.nn.Module", tokenizer: Any, prompts: Prompts, cfg: EvalConfig, device: "torch.device",
@@ -196,9 +212,11 @@ def evaluate_model(
         first: tuple[Divergences, Divergences] | None = None
         if "kl" in metric_names or "agreement" in metric_names:
             say(f"{name}: divergences from the teacher")
-            for gens_s, gens_t in zip(passes, teacher.passes):
+            caches: list[dict[int, torch.Tensor] | None] = (
+                list(teacher.logits_cache) if teacher.logits_cache is not None else [None] * len(teacher.passes))
+            for gens_s, gens_t, cache in zip(passes, teacher.passes, caches):
                 d_s = gen_mod.continuation_divergences(model, teacher.model, gens_s, **kw)
-                d_t = gen_mod.continuation_divergences(model, teacher.model, gens_t, **kw)
+                d_t = gen_mod.continuation_divergences(model, teacher.model, gens_t, teacher_cache=cache, **kw)
                 first = first or (d_s, d_t)
                 for who, d, gens in (("student", d_s, gens_s), ("teacher", d_t, gens_t)):
                     index = [g.index for g in gens]

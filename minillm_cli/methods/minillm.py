@@ -17,6 +17,13 @@ One buffer cycle:
 Every stabiliser can be switched off in the recipe (teacher_mix 0, single_step false, length_norm
 false, clip_eps null, whiten false) for the paper's ablations.
 
+Variant beyond the paper (`method.response_weight` > 0; off by default, and then nothing below runs
+and no extra examples are drawn): every optimizer step also draws `batch_size × grad_accum` training
+rows per rank from the same data stream and adds response_weight · L_resp, with L_resp GKD's token-mean
+generalized JSD(`response_beta`) between teacher and student (untempered, i.e. the saved student) at
+every token of those rows' own dataset responses, teacher-forced. This gives MiniLLM the off-policy
+share that GKD's lmbda and DistiLLM's mixing have. Logged as `resp_kd_loss`.
+
 Sampler settings. `rollout.temperature` T ≠ 1 makes the objective the TEMPERED student (as in the
 reference code): q̃_θ = softmax(z_θ / T) replaces q_θ everywhere — in the rollout's log q_old and
 mixture (the teacher's share of p~ is tempered too, see `rollout`), the reward log p − log q̃_old, the
@@ -229,6 +236,9 @@ class MiniLlmStepper:
         micro = [rows[i : i + tr.batch_size] for i in range(0, len(rows), tr.batch_size)]
         mean = TokenMean(ctx, buf["response_mask"][rows].sum())
         sums = {k: torch.zeros((), device=ctx.device) for k in ("pg", "reg", "clipped")}
+        # Extra terms after the PG/reg micro-batches; only the step's very last backward syncs gradients.
+        use_pt = bool(ctx.corpus) and cfg.pt_weight > 0
+        use_resp = cfg.response_weight > 0
         # Rows of similar length go through the student together, each group with only the padding it
         # needs (see `length_groups`): same per-token losses, less padded compute, smaller activations.
         groups = []
@@ -257,15 +267,19 @@ class MiniLlmStepper:
                 reg_sum = (reg_tok * m).sum()
                 sums["reg"] += reg_sum.detach()
                 loss_sum = loss_sum + reg_sum
-            last = j == len(groups) - 1 and not (ctx.corpus and cfg.pt_weight > 0)
+            last = j == len(groups) - 1 and not (use_pt or use_resp)
             mean.backward(loss_sum, last=last)
         pg, reg = mean.value(sums["pg"]), mean.value(sums["reg"])
         metrics: dict[str, float] = {"pg_loss": pg, "reg_loss": reg, "clip_frac": mean.value(sums["clipped"])}
         loss = pg + reg
-        if ctx.corpus and cfg.pt_weight > 0:
-            pt = self._pt_step()
+        if use_pt:
+            pt = self._pt_step(last=not use_resp)
             metrics["pt_loss"] = pt
             loss += cfg.pt_weight * pt
+        if use_resp:
+            resp = self._response_step()
+            metrics["resp_kd_loss"] = resp
+            loss += cfg.response_weight * resp
         train_time = time.time() - t0
         metrics.update(self.buffer_stats if fresh else {k: v for k, v in self.buffer_stats.items()
                                                         if k in ("reward", "rkl", "rkl_ess", "resp_len")})
@@ -273,8 +287,10 @@ class MiniLlmStepper:
                        new_buffer=int(fresh))
         return metrics
 
-    def _pt_step(self) -> float:
-        """Pre-training term on `grad_accum` corpus micro-batches: (1-k)·LM + k·CE(teacher, student)."""
+    def _pt_step(self, last: bool = True) -> float:
+        """Pre-training term on `grad_accum` corpus micro-batches: (1-k)·LM + k·CE(teacher, student).
+
+        `last`: this term's final backward is the step's last one (gradient sync)."""
         ctx, cfg, tr = self.ctx, self.cfg, self.ctx.recipe.train
         assert ctx.corpus is not None
         n = len(ctx.corpus)
@@ -294,8 +310,33 @@ class MiniLlmStepper:
                 t_logits = t_logits[..., : logits.shape[-1]]
             pt_sum, _ = losses.pt_loss(logits, b["labels"], t_logits, kd_ratio=cfg.pt_kd_ratio,
                                        chunk_size=tr.chunk_size)
-            mean.backward(pt_sum, last=j == len(batches) - 1, weight=cfg.pt_weight)
+            mean.backward(pt_sum, last=last and j == len(batches) - 1, weight=cfg.pt_weight)
             total += pt_sum.detach()
+        return mean.value(total)
+
+    def _response_step(self) -> float:
+        """The variant's term (module docstring): token-mean generalized JSD(response_beta) between
+        teacher and student on `batch_size × grad_accum` dataset rows per rank, teacher-forced, backward
+        with weight `response_weight`; always the step's last backward. Returns the global token mean."""
+        ctx, cfg, tr = self.ctx, self.cfg, self.ctx.recipe.train
+        examples = ctx.next_examples(self.per_step)
+        batches = [{k: v.to(ctx.device) for k, v in
+                    data_mod.collate_pairs(examples[i : i + tr.batch_size], ctx.tokenizer.pad_token_id).items()}
+                   for i in range(0, len(examples), tr.batch_size)]
+        mean = TokenMean(ctx, sum(b["response_mask"].sum() for b in batches))
+        total = torch.zeros((), device=ctx.device)
+        groups = [(b, g) for b in batches for g in length_groups(b["prompt_mask"], b["response_mask"])]
+        for j, (b, (rows, p, t)) in enumerate(groups):
+            check_stop(ctx)
+            g = take_group(b, rows, p, t)
+            logits = response_logits(ctx.student, g)  # (b, t, V), the untempered student
+            with torch.no_grad():
+                t_logits = response_logits(self.teacher, g, vocab=logits.shape[-1])  # (b, t, V)
+            div = losses.generalized_jsd(logits, t_logits, g["response_mask"], beta=cfg.response_beta,
+                                         chunk_size=tr.chunk_size)  # (b, t)
+            loss_sum = (div * g["response_mask"]).sum()
+            mean.backward(loss_sum, last=j == len(groups) - 1, weight=cfg.response_weight)
+            total += loss_sum.detach()
         return mean.value(total)
 
     # ------------------------------------------------------------------------------ resume
