@@ -44,12 +44,17 @@ def _fail(message: str, code: int) -> None:
 
         # The message holds paths, column lists and user text: never read it as rich markup. One line.
         message = " ".join(line.strip() for line in message.splitlines() if line.strip())
+        _last_error.append(message)
         err_console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
     else:
         import time
 
         time.sleep(1.0)  # the launcher stops every process once one exits: leave rank 0 time to print
     raise typer.Exit(code)
+
+
+_last_error: list[str] = []
+"""The message of the last `_fail` (for `--json` run summaries)."""
 
 
 def _guard(fn: Callable[[], Any]) -> Any:
@@ -105,6 +110,9 @@ _TRAIN_FLAGS: dict[str, _Flag] = {  # the command parameter's name -> its option
                            "GPUs), started by accelerate launch."),
     "accelerate_config": _Flag(("--accelerate-config",), None, "accelerate config file, or ddp / fsdp / zero3 for "
                                "the shipped ones (minillm_cli/recipes/accelerate/)."),
+    "json_out": _Flag(("--json",), None, "Write a machine-readable summary of how the run ended here (- for stdout; "
+                      "the run's output then goes to stderr): exit code and its meaning, run dir, final step and "
+                      "checkpoint, wall time, tokens/s, last metrics."),
 }
 
 
@@ -121,9 +129,45 @@ def _recipe_flags(params: dict[str, Any]) -> dict[str, Any]:
             for name, flag in _TRAIN_FLAGS.items() if flag.key is not None and name in params}
 
 
+def _summarized(command: str, json_out: Optional[str], body: Callable[[dict[str, Any]], Any]) -> None:
+    """Run a training command's body under `_guard`; with `--json`, write the run summary on every exit.
+
+    `body(report)` puts the run directory into `report["run_dir"]` as soon as it is known."""
+    if json_out is None:
+        _guard(lambda: body({}))
+        return
+    import time
+
+    from minillm_cli import run_summary
+
+    global console
+    saved_console = console
+    if json_out == "-":  # stdout carries the summary alone
+        console = Console(stderr=True)
+    report: dict[str, Any] = {}
+    t0, code = time.time(), 0
+    try:
+        _guard(lambda: body(report))
+    except typer.Exit as e:
+        code = e.exit_code
+        raise
+    finally:
+        console = saved_console
+        if os.environ.get("RANK", "0") == "0":
+            run_dir = report.get("run_dir")
+            summary = run_summary.summarize(command, code, _last_error[-1] if code and _last_error else None,
+                                            Path(run_dir) if run_dir else None, time.time() - t0)
+            try:
+                run_summary.write(json_out, summary)
+            except OSError as e:
+                err_console.print(f"error: --json {json_out}: cannot write ({e.strerror or e})", highlight=False,
+                                  markup=False)
+
+
 def _run_training(recipe_path: Optional[str], overrides: list[str], flags: dict[str, Any], method: str,
                   resume: bool, dry_run: bool = False, num_processes: Optional[int] = None,
-                  accelerate_config: Optional[str] = None, extend: bool = False) -> None:
+                  accelerate_config: Optional[str] = None, extend: bool = False,
+                  report: Optional[dict[str, Any]] = None) -> None:
     from minillm_cli.recipe_loading import load_recipe, output_dir_of
     from minillm_cli.rundir import saved_recipe
 
@@ -138,6 +182,8 @@ def _run_training(recipe_path: Optional[str], overrides: list[str], flags: dict[
             raise UserError("--resume: name the run to continue with -o RUN")
         base = saved_recipe(Path(out))
     recipe, source = load_recipe(recipe_path, overrides, flags, default_method=method, base=base)
+    report = report if report is not None else {}
+    report["run_dir"] = recipe.output.dir  # None: set_up picks a fresh runs/<method>-<time> (set below)
     if recipe.method.name != method and method == "sft":
         raise UserError(f"method.name: `minillm sft` runs method sft, the recipe says {recipe.method.name}; use `minillm distill`")
     if num_processes is not None and num_processes < 1:
@@ -163,7 +209,7 @@ def _run_training(recipe_path: Optional[str], overrides: list[str], flags: dict[
         sharding = sharding_of(accelerate_config_path(accelerate_config)) if accelerate_config else "none"
         print_plan(recipe, console, num_processes=num_processes or 1, sharding=sharding)
         return
-    _train_resolved(recipe, source, resume, extend)
+    report["run_dir"] = _train_resolved(recipe, source, resume, extend)
 
 
 def _print_resolved(recipe: Recipe, source: dict[str, str]) -> None:
@@ -173,12 +219,12 @@ def _print_resolved(recipe: Recipe, source: dict[str, str]) -> None:
         console.print(Syntax(dump_resolved(recipe, source), "yaml", theme="ansi_dark", background_color="default"))
 
 
-def _train_resolved(recipe: Recipe, source: dict[str, str], resume: bool, extend: bool) -> None:
-    """Print the resolved recipe (rank 0) and train it, in this process."""
+def _train_resolved(recipe: Recipe, source: dict[str, str], resume: bool, extend: bool) -> Path:
+    """Print the resolved recipe (rank 0) and train it, in this process; returns the run directory."""
     _print_resolved(recipe, source)
     from minillm_cli.loop import train
 
-    train(recipe, source, resume=resume, extend=extend, console=console)
+    return train(recipe, source, resume=resume, extend=extend, console=console)
 
 
 def _version(value: bool) -> None:
@@ -210,6 +256,7 @@ def distill(
     dry_run: bool = _option("dry_run"),
     num_processes: Optional[int] = _option("num_processes"),
     accelerate_config: Optional[str] = _option("accelerate_config"),
+    json_out: Optional[str] = _option("json_out"),
 ) -> None:
     """Distill a teacher into a student (MiniLLM by default; baselines with method=kd|seqkd|gkd).
 
@@ -222,10 +269,10 @@ def distill(
             and not extend and num_processes is None and accelerate_config is None):
         from minillm_cli.quickstart import run_quickstart
 
-        _guard(lambda: run_quickstart(console))
+        _summarized("distill", json_out, lambda report: report.update(run_dir=run_quickstart(console)))
         return
-    _guard(lambda: _run_training(recipe, rest, flags, method or "minillm", resume, dry_run, num_processes,
-                                 accelerate_config, extend))
+    _summarized("distill", json_out, lambda report: _run_training(
+        recipe, rest, flags, method or "minillm", resume, dry_run, num_processes, accelerate_config, extend, report))
 
 
 @app.command()
@@ -241,12 +288,14 @@ def sft(
     overwrite: bool = _option("overwrite"),
     num_processes: Optional[int] = _option("num_processes"),
     accelerate_config: Optional[str] = _option("accelerate_config"),
+    json_out: Optional[str] = _option("json_out"),
 ) -> None:
     """Supervised fine-tuning of a model on instruction data (response tokens only, EOS trained)."""
     flags = _recipe_flags(locals())
     recipe, rest = _split_recipe(recipe, overrides)
-    _guard(lambda: _run_training(recipe, rest, flags, "sft", resume, num_processes=num_processes,
-                                 accelerate_config=accelerate_config, extend=extend))
+    _summarized("sft", json_out, lambda report: _run_training(
+        recipe, rest, flags, "sft", resume, num_processes=num_processes, accelerate_config=accelerate_config,
+        extend=extend, report=report))
 
 
 @app.command("_train", hidden=True)

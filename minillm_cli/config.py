@@ -273,6 +273,8 @@ class TrainConfig(Section):
     """Compute the dev loss every N steps (0: never during training)."""
     chunk_size: int = Field(128, ge=1)
     """Positions per chunk when a divergence runs over the vocabulary (bounds peak memory)."""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(default_factory=list)
+    """Experiment trackers (accelerate's), any subset; each is an optional extra (`minillm[tensorboard]`)."""
     max_bad_steps: int = Field(5, ge=1)
     """Stop after this many consecutive steps with a non-finite loss or gradient."""
     threads: int | None = Field(None, ge=1)

@@ -32,6 +32,7 @@ from minillm_cli.methods import METHODS
 from minillm_cli.methods.batching import response_logits
 from minillm_cli.progress import Progress
 from minillm_cli.run_setup import set_up
+from minillm_cli.tracking import Trackers, check_installed
 from minillm_cli.train_state import Checkpointer, State
 
 
@@ -114,6 +115,7 @@ def _train(recipe: Recipe, source: dict[str, str], resume: bool, extend: bool, c
     console = console or Console()
     t_setup = time.time()
     tr, m, o = recipe.train, recipe.models, recipe.optim
+    check_installed(tr.report_to)  # before any model work
     if tr.threads:
         torch.set_num_threads(tr.threads)
 
@@ -165,7 +167,9 @@ def _train(recipe: Recipe, source: dict[str, str], resume: bool, extend: bool, c
     consecutive_bad = 0
     step = start_step
     last_saved = start_step if run.resume_state is not None else -1
-    with signals, Progress(run_dir, tr.max_steps, f"minillm {recipe.method.name}", console, start_step, main) as progress:
+    trackers = Trackers(accelerator, tr.report_to, run_dir, recipe.model_dump(mode="json", by_alias=True))
+    with signals, trackers, Progress(run_dir, tr.max_steps, f"minillm {recipe.method.name}", console, start_step, main,
+                                     on_log=trackers.log) as progress:
         while step < tr.max_steps:
             # State at the start of the step: what we save if a signal interrupts this step.
             safe_state = snapshot(step, bad_total)

@@ -8,6 +8,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,9 @@ class Progress:
     """Writes metrics.jsonl and shows progress; use as a context manager around the loop."""
 
     def __init__(self, run_dir: Path, total_steps: int, title: str, console: Console, start_step: int = 0,
-                 enabled: bool = True) -> None:
+                 enabled: bool = True, on_log: Callable[[int, dict[str, Any]], None] | None = None) -> None:
+        self.on_log = on_log
+        """Also called with every logged record (the experiment trackers)."""
         self.path = run_dir / "metrics.jsonl"
         self.total = total_steps
         self.title = title
@@ -94,6 +97,8 @@ class Progress:
             what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
             raise UserError(f"cannot write {self.path} at step {step}: {what}") from None
         self.last.update(metrics)
+        if self.on_log is not None:
+            self.on_log(step, metrics)
         if not show:
             return
         if self._live is not None:

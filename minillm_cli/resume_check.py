@@ -14,9 +14,10 @@ from minillm_cli.errors import UserError
 RESUME_SAFE = frozenset({
     "output.dir", "output.overwrite",
     "train.log_every", "train.save_every", "train.keep_last", "train.dev_loss_every", "train.threads",
+    "train.report_to",
 })
 """Recipe keys that may change on `--resume` without changing what is trained: logging and saving
-cadence, the teacher-forced dev loss (no RNG), CPU threads (float summation order only)."""
+cadence, the teacher-forced dev loss (no RNG), CPU threads (float summation order only), trackers."""
 _PATH_KEYS = ("data.train", "data.dev", "data.corpus", "models.teacher", "models.student")
 
 

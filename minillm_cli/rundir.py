@@ -42,7 +42,8 @@ from minillm_cli.errors import UserError
 MARKER = ".minillm-run"
 LOCK = ".minillm.lock"
 SEQKD_CACHE = "seqkd-teacher-responses.jsonl"
-RUN_FILES = frozenset({MARKER, LOCK, "recipe.yaml", "metrics.jsonl", "latest", SEQKD_CACHE, "curves.png"})
+RUN_FILES = frozenset({MARKER, LOCK, "recipe.yaml", "metrics.jsonl", "latest", SEQKD_CACHE, "curves.png",
+                       "tracking"})
 """File names minillm writes at the top of a run directory."""
 _RUN_PATTERN = re.compile(r"^(step-\d{6,}|\.tmp-.+|\..+\.tmp-\d+)$")
 """Step dirs and the temporary names of atomic writes (`.tmp-step-…`, `.latest.tmp-PID`)."""

@@ -15,6 +15,7 @@ import torch
 
 from minillm_cli import checkpoint as ckpt
 from minillm_cli.context import Ctx
+from minillm_cli.curves import write_curves
 from minillm_cli.distributed import any_rank
 from minillm_cli.errors import RunStopped
 from minillm_cli.methods import Stepper
@@ -55,6 +56,8 @@ class Checkpointer:
     recipe_text: str
     meta: dict[str, Any]
     """The run's part of meta.json (`run_setup.Setup.meta`)."""
+    curves_note: str | None = None
+    """The last note of `write_curves` printed (why curves.png was not drawn), to say it once."""
 
     @property
     def saves_optimizer(self) -> bool:
@@ -103,5 +106,9 @@ class Checkpointer:
                 recipe_text=self.recipe_text, meta=meta, trainer_state=state, state_tensors=tensors,
                 keep_last=recipe.train.keep_last, world_size=ctx.world, model_state_dict=full_weights,
             )
+            note = write_curves(run_dir, recipe.method.name)  # RUN/curves.png, redrawn at every checkpoint
+            if note and note != self.curves_note:
+                ctx.print(note)
+                self.curves_note = note  # said once, not at every checkpoint
         accelerator.wait_for_everyone()
         return path

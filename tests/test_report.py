@@ -213,3 +213,39 @@ def test_fail_under_on_the_difference_to_the_baseline() -> None:
         check_thresholds(report, ["gpt2:rougeL@baseline=0"])
     with pytest.raises(UserError, match="needs --baseline"):
         check_thresholds(EvalReport(settings={}, rows=report.rows), ["rougeL@baseline=0"])
+
+
+def test_short_names_tell_rows_apart() -> None:
+    from minillm_cli.evaluate.report import short_names
+
+    names = ["runs/ab/kd/step-000048", "runs/ab/gkd/step-000048", "/x/runs/ab/teacher (teacher)",
+             "runs/ab/warmup/step-000080", "other/kd/step-000048", "sft"]
+    short = short_names(names)
+    assert short["runs/ab/gkd/step-000048"] == "gkd/step-000048"
+    assert short["runs/ab/warmup/step-000080"] == "warmup/step-000080"
+    # two runs named kd under different parents: one more part each
+    assert short["runs/ab/kd/step-000048"] == "ab/kd/step-000048"
+    assert short["other/kd/step-000048"] == "other/kd/step-000048"
+    assert short["/x/runs/ab/teacher (teacher)"] == "teacher (teacher)"
+    assert short["sft"] == "sft"
+    assert len(set(short.values())) == len(names)
+
+
+def test_wide_tables_fold_by_metric_and_list_full_paths_once() -> None:
+    metrics = {f"metric_{i}": (10.0 + i, 0.5) for i in range(8)}
+    rows = [ModelRow(f"runs/study/{name}/step-000048", dict(metrics)) for name in ("kd", "gkd", "minillm")]
+    report = EvalReport(settings={}, rows=rows, split="test")
+    console = Console(record=True, width=80)
+    console.print(render_table(report, width=80))
+    text = console.export_text()
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    for i in range(8):  # every metric shown, each number whole on one line
+        assert f"metric_{i}" in text and f"{10.0 + i:.2f} ± 0.50" in text
+    header_lines = [line for line in lines if "model" in line]
+    assert len(header_lines) >= 2  # folded into several tables
+    assert sum("minillm/step-000048" in line for line in lines if line.strip().startswith("│")) == len(header_lines)
+    assert text.count("runs/study/minillm/step-000048") == 1  # the full path, listed once
+    narrow = Console(record=True, width=200)
+    narrow.print(render_table(report, width=200))
+    assert sum("model" in line for line in narrow.export_text().splitlines()) == 1  # fits: one table

@@ -289,7 +289,7 @@ def run_eval(
     report = report_mod.EvalReport(settings=settings, rows=report_rows, split="test",
                                    comparison=comparisons[0] if comparisons else None,
                                    more_comparisons=comparisons[1:])
-    out.print(report_mod.render_table(report))
+    out.print(report_mod.render_table(report, width=out.width))
     if json_out == "-":
         console.file.write(json.dumps(report_mod.to_json(report), indent=2, allow_nan=False) + "\n")
     elif json_out is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 from rich.console import Group, RenderableType
 from rich.table import Table
+from rich.text import Text
 
 from minillm_cli.errors import UserError
 from minillm_cli.evaluate.metrics import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, PairedDifference, paired_bootstrap
@@ -184,50 +186,111 @@ def fmt_diff(d: PairedDifference) -> str:
     return text + (" within noise" if d.within_noise else "")
 
 
-def render_comparison(report: EvalReport, c: Comparison | None = None) -> Table | None:
-    """The differences to the baseline (`c`, default the report's comparison) as a table (None
-    without a comparison).
+_STEP_DIR = re.compile(r"step-\d+")
+_TEACHER_SUFFIX = " (teacher)"
 
-    One row per compared model, one column per metric of the main table; cells read
-    "diff [low, high]" with the paired bootstrap interval, "within noise" when it covers 0, and "-"
-    where the metric has no per-prompt values (dist4, ece, exaccerr@L) or was not measured on both.
+
+def short_names(names: list[str]) -> dict[str, str]:
+    """The shortest distinguishing name of each model row: the fewest trailing path parts that no
+    other row shares (a `step-NNNNNN` directory always keeps its run's name: `kd/step-000048`).
+
+    `runs/ab/kd/step-000048` and `runs/ab/gkd/step-000048` -> `kd/step-000048`, `gkd/step-000048`;
+    a teacher row keeps its " (teacher)" mark; a name that is no path is kept whole.
+    """
+    def parts(name: str) -> list[str]:
+        return [p for p in name.removesuffix(_TEACHER_SUFFIX).replace("\\", "/").split("/") if p not in ("", ".")]
+
+    split = {n: parts(n) for n in names}
+    out: dict[str, str] = {}
+    for name, ps in split.items():
+        k = 2 if len(ps) >= 2 and _STEP_DIR.fullmatch(ps[-1]) else 1
+        while k < len(ps) and any(o != name and split[o][-k:] == ps[-k:] for o in names):
+            k += 1
+        short = "/".join(ps[-k:]) if ps else name
+        out[name] = short + (_TEACHER_SUFFIX if name.endswith(_TEACHER_SUFFIX) else "")
+    return out
+
+
+def _fold(header: list[str], cells: list[list[str]], width: int | None) -> list[list[int]]:
+    """Metric columns (indices into `header`) grouped so that each table fits `width` characters:
+    wide tables fold by metric (another table with the same model column), never inside a cell.
+
+    header: the metric column titles; cells: per row, the model name then one cell per metric."""
+    if width is None or not header:
+        return [list(range(len(header)))]
+    col = lambda i: max(len(header[i]), *(len(r[i + 1]) for r in cells)) + 3  # noqa: E731  padding + border
+    model = max([5, *(len(r[0]) for r in cells)]) + 3
+    groups: list[list[int]] = [[]]
+    used = model + 1
+    for i in range(len(header)):
+        if groups[-1] and used + col(i) > width:
+            groups.append([])
+            used = model + 1
+        groups[-1].append(i)
+        used += col(i)
+    return groups
+
+
+def _tables(title: str, header: list[str], rows: list[list[str]], width: int | None,
+            min_width: int) -> list[Table]:
+    """One table per group of metric columns (`_fold`); the title goes on the first."""
+    tables = []
+    for j, group in enumerate(_fold(header, rows, width)):
+        t = Table(title=title if j == 0 else None, min_width=min_width if j == 0 else None)
+        t.add_column("model", style="bold")
+        for i in group:
+            t.add_column(header[i], justify="right")
+        for r in rows:
+            t.add_row(r[0], *[r[i + 1] for i in group])
+        tables.append(t)
+    return tables
+
+
+def render_comparison(report: EvalReport, c: Comparison | None = None, width: int | None = None) -> list[Table]:
+    """The differences to the baseline (`c`, default the report's comparison) as tables (none
+    without a comparison), folded by metric to fit `width`.
+
+    One row per compared model (shortest distinguishing names), one column per metric of the main
+    table; cells read "diff [low, high]" with the paired bootstrap interval, "within noise" when it
+    covers 0, and "-" where the metric has no per-prompt values (dist4, ece, exaccerr@L) or was not
+    measured on both.
     """
     c = c or report.comparison
     if c is None:
-        return None
+        return []
     names = report.metric_names()
+    short = short_names([r.name for r in report.rows])
     prompts = sorted({d.prompts for diffs in c.differences.values() for d in diffs.values()})
-    title = (f"Difference to {c.baseline}, {c.confidence:.0%} paired bootstrap interval "
+    title = (f"Difference to {short.get(c.baseline, c.baseline)}, {c.confidence:.0%} paired bootstrap interval "
              f"({c.resamples} resamples of {'/'.join(map(str, prompts)) or 0} prompts, seeds paired)")
-    table = Table(title=title, min_width=min(len(title) + 2, 120))  # a narrow table would wrap the title
-    table.add_column("model", style="bold")
-    for name in names:
-        table.add_column(f"Δ {name}", justify="right")
-    for model, diffs in c.differences.items():
-        table.add_row(model, *[fmt_diff(diffs[n]) if n in diffs else "-" for n in names])
-    return table
+    rows = [[short.get(model, model), *[fmt_diff(diffs[n]) if n in diffs else "-" for n in names]]
+            for model, diffs in c.differences.items()]
+    # min_width: a narrow table would wrap the title
+    return _tables(title, [f"Δ {n}" for n in names], rows, width, min(len(title) + 2, width or 120))
 
 
-def render_table(report: EvalReport) -> RenderableType:
-    """A rich table with one row per model and one column per metric (and, when the report has
-    comparisons, the table of differences to each baseline under it: `render_comparison`).
+def render_table(report: EvalReport, width: int | None = None) -> RenderableType:
+    """Rich tables with one row per model and one column per metric (and, when the report has
+    comparisons, the tables of differences to each baseline under them: `render_comparison`).
 
-    Cells read "mean ± std" when a std is known, a bare mean otherwise, and "-" for a metric the
-    model was not measured on. The title says which split the numbers come from.
+    Rows carry the shortest distinguishing name of each model (`short_names`), with the full paths
+    listed once underneath when they differ; with `width` (the terminal's), a table wider than that
+    folds by metric into several tables rather than wrapping cells. Cells read "mean ± std" when a
+    std is known, a bare mean otherwise, and "-" for a metric the model was not measured on. The
+    title says which split the numbers come from.
     """
     names = report.metric_names()
+    short = short_names([r.name for r in report.rows])
     title = f"Evaluation ({_SPLIT_NOTE[report.split]})"
+    rows = [[short[row.name], *[_fmt_cell(*row.metrics[n]) if n in row.metrics else "-" for n in names]]
+            for row in report.rows]
     # min_width keeps a narrow table (one metric) from wrapping its title
-    table = Table(title=title, min_width=len(title) + 2)
-    table.add_column("model", style="bold")
-    for name in names:
-        table.add_column(name, justify="right")
-    for row in report.rows:
-        cells = [_fmt_cell(*row.metrics[name]) if name in row.metrics else "-" for name in names]
-        table.add_row(row.name, *cells)
-    comparisons = [render_comparison(report, c) for c in ([report.comparison] if report.comparison else [])
-                   + report.more_comparisons]
-    return Group(table, *[c for c in comparisons if c is not None]) if comparisons else table
+    parts: list[RenderableType] = list(_tables(title, names, rows, width, len(title) + 2))
+    if any(short[n] != n for n in short):
+        parts.append(Text("\n".join(f"  {short[n]} = {n}" for n in short if short[n] != n)))
+    for comparison in ([report.comparison] if report.comparison else []) + report.more_comparisons:
+        parts += render_comparison(report, comparison, width)
+    return parts[0] if len(parts) == 1 else Group(*parts)
 
 
 def _plain(obj: Any) -> Any:

@@ -248,25 +248,11 @@ class MiniLlmStepper:
                        length_groups(buf["prompt_mask"][index], buf["response_mask"][index])]
         for j, (index, P, T) in enumerate(groups):
             check_stop(ctx)
-            b = take_group(buf, index, P, T)
-            m = b["response_mask"].float()  # (B, T)
-            logits = response_logits(ctx.student, b)  # (B, T, V)
-            if self.temperature != 1.0:
-                logits = logits / self.temperature  # the tempered student q̃_θ (module docstring)
-            logq_new = losses.token_logprobs(logits, b["response_ids"], chunk_size=tr.chunk_size)  # (B, T)
-            logq_old = buf["logq"][index, :T]
-            log_w = logq_old - buf["log_mix"][index, :T]  # log(q_old / p~): the importance weight
-            pg_tok, clip_frac = policy_gradient.policy_loss(logq_new, logq_old, log_w, buf["adv"][index, :T], m,
-                                                   clip_eps=cfg.clip_eps)
-            loss_sum = (pg_tok * m).sum()
-            sums["pg"] += loss_sum.detach()
-            sums["clipped"] += clip_frac.detach() * m.sum()
-            if cfg.single_step:
-                assert self.teacher_logits is not None  # set with the buffer whenever single_step is on
-                reg_tok = losses.reverse_kl(logits, self.teacher_logits[index, :T], m, chunk_size=tr.chunk_size)
-                reg_sum = (reg_tok * m).sum()
-                sums["reg"] += reg_sum.detach()
-                loss_sum = loss_sum + reg_sum
+            pg_sum, reg_sum, clipped = self.group_losses(index, P, T)
+            sums["pg"] += pg_sum.detach()
+            sums["clipped"] += clipped
+            sums["reg"] += reg_sum.detach()
+            loss_sum = pg_sum + reg_sum
             last = j == len(groups) - 1 and not (use_pt or use_resp)
             mean.backward(loss_sum, last=last)
         pg, reg = mean.value(sums["pg"]), mean.value(sums["reg"])
@@ -286,6 +272,32 @@ class MiniLlmStepper:
         metrics.update(loss=loss, train_time=train_time, tok_per_s=mean.tokens / max(train_time, 1e-9),
                        new_buffer=int(fresh))
         return metrics
+
+    def group_losses(self, index: torch.Tensor, P: int, T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token sums of L_pg and L_reg (0 without single_step) over one length group of buffer rows,
+        with the student's graph, and its number of clipped tokens (no graph).
+
+        `index`: (B,) buffer rows; P, T: the group's prompt and response widths (`length_groups`).
+        Used by `step` and by diagnostics that need the two terms' gradients apart."""
+        ctx, cfg, tr, buf = self.ctx, self.cfg, self.ctx.recipe.train, self.buffer
+        assert buf is not None
+        b = take_group(buf, index, P, T)
+        m = b["response_mask"].float()  # (B, T)
+        logits = response_logits(ctx.student, b)  # (B, T, V)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature  # the tempered student q̃_θ (module docstring)
+        logq_new = losses.token_logprobs(logits, b["response_ids"], chunk_size=tr.chunk_size)  # (B, T)
+        logq_old = buf["logq"][index, :T]
+        log_w = logq_old - buf["log_mix"][index, :T]  # log(q_old / p~): the importance weight
+        pg_tok, clip_frac = policy_gradient.policy_loss(logq_new, logq_old, log_w, buf["adv"][index, :T], m,
+                                                        clip_eps=cfg.clip_eps)
+        pg_sum = (pg_tok * m).sum()
+        reg_sum = torch.zeros((), device=pg_sum.device)
+        if cfg.single_step:
+            assert self.teacher_logits is not None  # set with the buffer whenever single_step is on
+            reg_tok = losses.reverse_kl(logits, self.teacher_logits[index, :T], m, chunk_size=tr.chunk_size)
+            reg_sum = (reg_tok * m).sum()
+        return pg_sum, reg_sum, clip_frac.detach() * m.sum()
 
     def _pt_step(self, last: bool = True) -> float:
         """Pre-training term on `grad_accum` corpus micro-batches: (1-k)·LM + k·CE(teacher, student).

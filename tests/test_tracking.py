@@ -1,0 +1,67 @@
+"""`train.report_to`: accelerate's trackers get the run's metrics, its recipe and its final numbers."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from minillm_cli.errors import UserError
+from minillm_cli.tracking import TRACKING_DIR, check_installed, flat_config
+from tests.test_train import _run
+
+
+def test_a_missing_tracker_is_one_line_naming_the_install(tmp_path: Path, tiny_dir: Path, tiny_data: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(UserError, match=r"train.report_to: wandb is not installed: pip install 'minillm\[wandb\]'"):
+        check_installed(["tensorboard", "wandb"])
+    with pytest.raises(UserError, match="wandb is not installed"):
+        _run(tiny_dir, tiny_data, tmp_path / "run", "sft", 2, ["train.report_to=[wandb]"])
+    assert not (tmp_path / "run").exists()  # refused before any model work
+
+
+def test_unknown_tracker_names_the_key(tmp_path: Path, tiny_dir: Path, tiny_data: Path) -> None:
+    with pytest.raises(UserError, match="train.report_to"):
+        _run(tiny_dir, tiny_data, tmp_path / "run", "sft", 2, ["train.report_to=[neptune]"])
+
+
+def test_flat_config_is_dotted_scalars() -> None:
+    assert flat_config({"optim": {"lr": 1e-3, "betas": [0.9, 0.95]}, "train": {"report_to": [], "seed": 1},
+                        "models": {"teacher": None}}) == {
+        "optim.lr": 1e-3, "optim.betas": "[0.9, 0.95]", "train.report_to": "[]", "train.seed": 1,
+        "models.teacher": "None"}
+
+
+def test_tensorboard_gets_every_step_the_recipe_and_the_final_dev_loss(tmp_path: Path, tiny_dir: Path,
+                                                                       tiny_data: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = _run(tiny_dir, tiny_data, tmp_path / "run", "sft", 3,
+               ["train.report_to=[tensorboard]", "train.dev_loss_every=3", "data.dev_fraction=0.25"])
+    events = sorted((run / TRACKING_DIR).rglob("events.out.tfevents.*"))
+    assert events, list((run / TRACKING_DIR).rglob("*"))
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in events:
+        acc = EventAccumulator(str(path.parent))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    assert [s for s, _ in scalars["loss"]] == [1, 2, 3]
+    import json
+
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    by_step = {r["step"]: r["loss"] for r in logged if "loss" in r}
+    assert all(v == pytest.approx(by_step[s], rel=1e-6) for s, v in scalars["loss"])
+    assert "dev/loss" in scalars and "final/dev/loss" in scalars and len(scalars["final/dev/loss"]) == 1
+    # the resolved recipe went in as hyper-parameters (accelerate also keeps them as hparams.yml)
+    import yaml
+
+    hparams = [yaml.safe_load(p.read_text()) for p in (run / TRACKING_DIR).rglob("hparams.yml")]
+    assert len(hparams) == 1 and hparams[0]["method.name"] == "sft" and hparams[0]["train.max_steps"] == 3
+    from minillm_cli import rundir
+
+    assert all(rundir.is_run_entry(p.name) for p in run.iterdir())  # tracking/ is a run entry
