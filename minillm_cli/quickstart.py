@@ -196,22 +196,27 @@ def _train_stage(console: Console, recipe: Any) -> None:
 
 def _print_gain(console: Console, report: dict[str, Any], init: Path, warmed: Path, distilled: Path,
                 control: Path | None = None) -> None:
-    """Two tables: teacher / initial / warmed-up / SFT-continued control / distilled side by side with
-    the pipeline's gain; then the MiniLLM stage's own change, distilled minus warmed-up and distilled
-    minus the equal-budget control, each with its paired 95% interval from the report's comparisons
-    (`run_eval(baseline=[warmed, control])`). Two tables, not one, so both fit ~100 columns."""
+    """The quickstart's result in two sets of tables, one row per model and one column per metric,
+    folded by metric to fit the terminal (`evaluate.report.fold_tables`; no cell wraps at 80 columns):
+
+    1. teacher / initial / warmed-up / SFT-continued control / distilled, and the pipeline's gain
+       (distilled minus initial);
+    2. the MiniLLM stage's own change, one narrow table per comparison (metric rows): distilled minus
+       warmed-up and distilled minus the equal-budget control, each with its paired 95% interval from
+       the report's comparisons (`run_eval(baseline=[warmed, control])`).
+    """
+    from minillm_cli.evaluate.report import fold_tables
+
     rows = {m["name"]: m["metrics"] for m in report["models"]}
     by_baseline = report.get("comparisons") or {}
     if not by_baseline and report.get("comparison"):
         by_baseline = {report["comparison"]["baseline"]: report["comparison"]}
     teacher = next((n for n in rows if n.endswith("(teacher)")), None)
-    control_col = [("SFT continued (same budget)", str(control))] if control is not None else []
-    cols = [("initial student", str(init)), ("after SFT warm-up", str(warmed)), *control_col, ("distilled", str(distilled))]
-    table = Table(title="held-out split (test): the quickstart's students against the teacher")
-    table.add_column("metric")
-    for label in (["teacher"] if teacher else []) + [c[0] for c in cols] + ["gain"]:
-        table.add_column(label, justify="right")
+    control_row = [("SFT continued (same budget)", str(control))] if control is not None else []
+    models = ([("teacher", teacher)] if teacher else []) + [
+        ("initial student", str(init)), ("after SFT warm-up", str(warmed)), *control_row, ("distilled", str(distilled))]
     lower_better = ("loss", "kl", "ece")
+    metrics = list(rows[str(distilled)])
 
     def cell(name: str | None, m: str) -> str:
         v = rows.get(name or "", {}).get(m)
@@ -238,24 +243,26 @@ def _print_gain(console: Console, report: dict[str, Any], init: Path, warmed: Pa
             return f"[yellow]{text} within noise[/]"
         return f"[{colour(m, d['diff'])}]{text}[/]"
 
-    metrics = list(rows[str(distilled)])
-    for m in metrics:
-        table.add_row(m, *([cell(teacher, m)] if teacher else []), *[cell(n, m) for _, n in cols],
-                      delta(str(init), str(distilled), m))
-    console.print(table)
-    baselines = [("vs after SFT warm-up", str(warmed))] + [("vs SFT continued (same budget)", n) for _, n in control_col]
-    stage = Table(title="MiniLLM stage: distilled minus ..., 95% paired bootstrap interval")
-    stage.add_column("metric")
-    for label, _ in baselines:
-        stage.add_column(label, justify="right")
-    for m in metrics:
-        stage.add_row(m, *[stage_change(n, m) for _, n in baselines])
-    console.print(stage)
+    numbers = [[label, *[cell(name, m) for m in metrics]] for label, name in models]
+    numbers.append(["gain (distilled - initial)", *[delta(str(init), str(distilled), m) for m in metrics]])
+    for t in fold_tables("held-out split (test): the quickstart's students against the teacher", metrics, numbers,
+                         console.width, 0, first="model"):
+        console.print(t)
+    # One narrow table per comparison (metric rows): an interval cell is ~33 characters, two side by
+    # side with the metric names would not fit 80 columns.
+    baselines = [("vs after SFT warm-up", str(warmed))] + [("vs SFT continued (same budget)", n) for _, n in control_row]
+    for label, name in baselines:
+        t = Table(title=f"MiniLLM stage {label}: distilled minus it, 95% paired bootstrap interval")
+        t.add_column("metric", style="bold")
+        t.add_column("difference [95% CI]", justify="right")
+        for m in metrics:
+            t.add_row(m, stage_change(name, m))
+        console.print(t)
     control_note = (" The SFT-continued control is the warmed-up student trained on with SFT for exactly the "
                     "distillation's steps, batch and seed: 'vs SFT continued' is what MiniLLM adds over simply "
                     "training longer; within noise or negative there means this run does not show that it adds "
                     "anything.") if control is not None else ""
     console.print("gain = distilled - initial (the whole pipeline); MiniLLM stage = distilled minus the model named "
-                  "in the column, with its 95% paired bootstrap interval over the held-out prompts (seeds paired; "
+                  "in the table's title, with its 95% paired bootstrap interval over the held-out prompts (seeds paired; "
                   "'within noise' when it covers 0)." + control_note + " rougeL: higher is better; fkl/rkl (KL to "
                   "the teacher on student- or teacher-sampled text): lower.")

@@ -144,18 +144,22 @@ def test_gain_table_shows_the_minillm_stage_with_its_interval():
             "rougeL": {"diff": 1.78, "low": -0.9, "high": 4.4, "prompts": 64, "within_noise": True},
             "rkl_student": {"diff": -0.17, "low": -0.25, "high": -0.09, "prompts": 64, "within_noise": False}}}},
     }
-    console = Console(record=True, width=100)
+    console = Console(record=True, width=80)
     _print_gain(console, report, init, warmed, distilled)
     text = console.export_text()
     assert "SFT continued" not in text
     lines = text.splitlines()
-    rouge = [line for line in lines if line.lstrip("│ ").startswith("rougeL")]
-    assert len(rouge) == 2 and "+30.17" in rouge[0]  # the gain, in the table of numbers
-    assert rouge[1].rstrip(" │").endswith("+1.78 [-0.90, +4.40] within noise")  # the stage's interval
-    rkl = [line for line in lines if line.lstrip("│ ").startswith("rkl_student")]
-    assert "-0.17 [-0.25, -0.09]" in rkl[1] and "within noise" not in rkl[1]
-    dist4 = [line for line in lines if line.lstrip("│ ").startswith("dist4")]
-    assert dist4[1].rstrip(" │").endswith("+2.00")  # no per-prompt interval for dist4: the plain difference
+    assert max(len(line) for line in lines if line.startswith(("│", "┃", "┏", "└"))) <= 80
+
+    def row(label: str) -> str:  # the table rows (not the note under them) that start with `label`
+        return " ".join(line for line in lines if line.startswith("│") and line.lstrip("│ ").startswith(label))
+
+    assert "+30.17" in row("gain (distilled - initial)")  # the pipeline's gain
+    assert "MiniLLM stage vs after SFT warm-up" in text
+    assert row("rougeL").endswith("+1.78 [-0.90, +4.40] within noise │")  # the interval, whole on one line
+    assert "-0.17 [-0.25, -0.09] │" in row("rkl_student")  # excludes 0: not "within noise"
+    assert "+2.00 │" in row("dist4")  # no per-prompt interval for dist4: the plain difference
+    assert "30.17 ± 1.52" in row("distilled") and "28.39 ± 2.72" in row("after SFT warm-up")
     assert "95% paired bootstrap interval" in text
 
 
@@ -183,16 +187,21 @@ def test_gain_table_shows_the_stage_against_the_equal_budget_control():
                 "rougeL": {"diff": -1.5, "low": -3.1, "high": 0.1, "prompts": 64, "within_noise": True}}}},
         },
     }
-    console = Console(record=True, width=100)
+    console = Console(record=True, width=80)
     _print_gain(console, report, init, warmed, distilled, control)
     text = console.export_text()
-    assert "SFT continued (same budget)" in text and "vs SFT continued (same budget)" in text
     lines = text.splitlines()
-    rouge = [line for line in lines if line.lstrip("│ ").startswith("rougeL")]
-    assert len(rouge) == 2
-    assert "31.00 ± 1.00" in rouge[0] and "+29.50" in rouge[0]  # the control's number; the gain
-    assert "+1.50 [+0.20, +2.90]" in rouge[1]  # against the warm-up: excludes 0
-    assert rouge[1].rstrip(" │").endswith("-1.50 [-3.10, +0.10] within noise")  # against the control
-    rkl = [line for line in lines if line.lstrip("│ ").startswith("rkl_student")]
-    assert rkl[0].rstrip(" │").endswith("-")  # no gain without the initial student's divergences
+    assert max(len(line) for line in lines if line.startswith(("│", "┃", "┏", "└"))) <= 80
+
+    def row(label: str) -> str:  # the table rows (not the note under them) that start with `label`
+        return " ".join(line for line in lines if line.startswith("│") and line.lstrip("│ ").startswith(label))
+
+    assert "31.00 ± 1.00" in row("SFT continued (same budget)")  # the control's numbers
+    assert "+29.50" in row("gain (distilled - initial)")
+    stage = [line for line in lines if line.lstrip("│ ").startswith("rougeL")]
+    assert len(stage) == 2 and "MiniLLM stage vs SFT continued (same budget)" in text
+    assert stage[0].rstrip(" │").endswith("+1.50 [+0.20, +2.90]")  # against the warm-up: excludes 0
+    assert stage[1].rstrip(" │").endswith("-1.50 [-3.10, +0.10] within noise")  # against the control
+    gain = [line for line in lines if line.lstrip("│ ").startswith("gain")]
+    assert gain and gain[0].rstrip(" │").endswith("-")  # no rkl gain without the initial student's divergences
     assert "within noise or negative" in text  # the note says what a non-positive control cell means

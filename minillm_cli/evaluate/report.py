@@ -211,6 +211,14 @@ def short_names(names: list[str]) -> dict[str, str]:
     return out
 
 
+def _width(cell: str) -> int:
+    """Terminal columns of a cell as rich shows it (markup such as "[green]" takes none)."""
+    try:
+        return Text.from_markup(cell).cell_len
+    except Exception:  # not valid markup: shown as it is
+        return len(cell)
+
+
 def _fold(header: list[str], cells: list[list[str]], width: int | None) -> list[list[int]]:
     """Metric columns (indices into `header`) grouped so that each table fits `width` characters:
     wide tables fold by metric (another table with the same model column), never inside a cell.
@@ -218,8 +226,8 @@ def _fold(header: list[str], cells: list[list[str]], width: int | None) -> list[
     header: the metric column titles; cells: per row, the model name then one cell per metric."""
     if width is None or not header:
         return [list(range(len(header)))]
-    col = lambda i: max(len(header[i]), *(len(r[i + 1]) for r in cells)) + 3  # noqa: E731  padding + border
-    model = max([5, *(len(r[0]) for r in cells)]) + 3
+    col = lambda i: max(_width(header[i]), *(_width(r[i + 1]) for r in cells)) + 3  # noqa: E731  padding + border
+    model = max([5, *(_width(r[0]) for r in cells)]) + 3
     groups: list[list[int]] = [[]]
     used = model + 1
     for i in range(len(header)):
@@ -231,13 +239,14 @@ def _fold(header: list[str], cells: list[list[str]], width: int | None) -> list[
     return groups
 
 
-def _tables(title: str, header: list[str], rows: list[list[str]], width: int | None,
-            min_width: int) -> list[Table]:
-    """One table per group of metric columns (`_fold`); the title goes on the first."""
+def fold_tables(title: str, header: list[str], rows: list[list[str]], width: int | None,
+                min_width: int, first: str = "model") -> list[Table]:
+    """One table per group of metric columns (`_fold`) that fits `width`, each with the `first`
+    column (row names) again; the title goes on the first table."""
     tables = []
     for j, group in enumerate(_fold(header, rows, width)):
         t = Table(title=title if j == 0 else None, min_width=min_width if j == 0 else None)
-        t.add_column("model", style="bold")
+        t.add_column(first, style="bold")
         for i in group:
             t.add_column(header[i], justify="right")
         for r in rows:
@@ -266,7 +275,7 @@ def render_comparison(report: EvalReport, c: Comparison | None = None, width: in
     rows = [[short.get(model, model), *[fmt_diff(diffs[n]) if n in diffs else "-" for n in names]]
             for model, diffs in c.differences.items()]
     # min_width: a narrow table would wrap the title
-    return _tables(title, [f"Δ {n}" for n in names], rows, width, min(len(title) + 2, width or 120))
+    return fold_tables(title, [f"Δ {n}" for n in names], rows, width, min(len(title) + 2, width or 120))
 
 
 def render_table(report: EvalReport, width: int | None = None) -> RenderableType:
@@ -285,7 +294,7 @@ def render_table(report: EvalReport, width: int | None = None) -> RenderableType
     rows = [[short[row.name], *[_fmt_cell(*row.metrics[n]) if n in row.metrics else "-" for n in names]]
             for row in report.rows]
     # min_width keeps a narrow table (one metric) from wrapping its title
-    parts: list[RenderableType] = list(_tables(title, names, rows, width, len(title) + 2))
+    parts: list[RenderableType] = list(fold_tables(title, names, rows, width, len(title) + 2))
     if any(short[n] != n for n in short):
         parts.append(Text("\n".join(f"  {short[n]} = {n}" for n in short if short[n] != n)))
     for comparison in ([report.comparison] if report.comparison else []) + report.more_comparisons:
