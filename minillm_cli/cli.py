@@ -402,7 +402,7 @@ def export(
             raise UserError(f"--format: must be safetensors or gguf, got {fmt!r}")
         opts = ExportOptions(out=out, format=fmt, dtype=dtype, shard_size=shard_size, merge_lora=merge,
                              gguf_type=gguf_type, step=step, overwrite=overwrite, verify=verify)
-        result = do_export(run, opts)
+        result = do_export(run, opts, console=console)
         console.print(f"exported {result.step_dir} -> {result.out} ({len(result.files)} files)")
         if verify:
             console.print(f"verified: max |logit diff| = {result.max_abs_logit_diff:.3g} (tolerance {result.tolerance:.3g})")

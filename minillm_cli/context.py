@@ -47,6 +47,8 @@ class Ctx:
     """DeepSpeed owns the optimizer step (taken inside the backward of a step's last micro-batch)."""
     weights_version: int = 0
     """Optimizer steps applied in this process (tells `sampling_model` when its copy is stale)."""
+    console: Any = None
+    """The main process's rich console (None elsewhere): progress of long phases (`progress.Phase`)."""
     _replica: torch.nn.Module | None = None
     _replica_version: int = -1
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from minillm_cli.errors import UserError
 from minillm_cli.model_dirs import convert_gguf
+from minillm_cli.progress import Phase
 
 if TYPE_CHECKING:
     import torch
@@ -149,8 +150,8 @@ def _convert_cached(gguf_path: Path, dest: Path, say: Callable[[str], None] | No
     if (dest / "config.json").is_file():
         return dest
     say = say or (lambda s: print(s, file=sys.stderr))
-    say(f"converting {gguf_path} -> {dest} (once; later runs reuse it)")
-    return convert_gguf(gguf_path, dest)
+    with Phase(f"converting {gguf_path} -> {dest} (once; later runs reuse it)", None, "", None, say):
+        return convert_gguf(gguf_path, dest)
 
 
 def _hub_offline() -> bool:

@@ -113,3 +113,72 @@ class Progress:
     def message(self, text: str) -> None:
         if self.enabled:
             self.console.print(text, highlight=False, markup=False)
+
+
+class Phase:
+    """Progress of one long phase outside the training loop (SeqKD's teacher answers, eval's
+    divergence passes, a GGUF conversion, export verification).
+
+    On a terminal (`console.is_terminal`): a rich bar with done/total, elapsed time and ETA (a
+    spinner with elapsed time when `total` is None), removed when the phase ends. Otherwise, or
+    without a console: plain lines through `say`, at most one per tenth of the work, each with the
+    elapsed time and an ETA, and a last line with the phase's time.
+
+        with Phase("seqkd: teacher answers", len(prompts), "prompts", console, say) as phase:
+            for batch in ...: ...; phase.advance(len(batch))
+    """
+
+    def __init__(self, label: str, total: int | None, unit: str, console: Console | None = None,
+                 say: Callable[[str], None] | None = None) -> None:
+        self.label, self.total, self.unit = label, total, unit
+        self.console = console
+        self.say = say or (lambda s: None)
+        self.done = 0
+        self._bar: Any = None
+        self._task: Any = None
+        self._next_line = 0.1  # fraction of the work after which the next plain line is printed
+        self.t0 = time.time()
+
+    def __enter__(self) -> Phase:
+        self.t0 = time.time()
+        if self.console is not None and self.console.is_terminal:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                SpinnerColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            columns = ([SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn()] if self.total is None
+                       else [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TextColumn(self.unit), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()])
+            self._bar = Progress(*columns, console=self.console, transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task(self.label, total=self.total)
+        else:
+            self.say(f"{self.label}: started" + (f" ({self.total} {self.unit})" if self.total is not None else ""))
+        return self
+
+    def advance(self, n: int = 1) -> None:
+        """`n` more units done."""
+        self.done += n
+        if self._bar is not None:
+            self._bar.advance(self._task, n)
+            return
+        if self.total and self.done / self.total >= self._next_line and self.done < self.total:
+            elapsed = time.time() - self.t0
+            eta = elapsed * (self.total - self.done) / max(self.done, 1)
+            self.say(f"{self.label}: {self.done}/{self.total} {self.unit} (elapsed {_duration(elapsed)}, "
+                     f"eta {_duration(eta)})")
+            while self._next_line <= self.done / self.total:
+                self._next_line += 0.1
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+        if exc_type is None:
+            count = f"{self.done} {self.unit} " if self.total is not None else ""
+            self.say(f"{self.label}: {count}done in {_duration(time.time() - self.t0)}")

@@ -7,7 +7,7 @@ the loop logs (the same numbers as metrics.jsonl) and, once, the run's final dev
 them however the run ends (a context manager around the loop).
 
 Where they write, unless the environment already says otherwise: tensorboard into RUN/tracking/,
-mlflow into a file store RUN/tracking/mlruns (MLFLOW_TRACKING_URI), wandb's local files into
+mlflow into a sqlite store RUN/tracking/mlflow.db (MLFLOW_TRACKING_URI), wandb's local files into
 RUN/tracking (WANDB_DIR; WANDB_MODE=offline keeps a run off the network); trackio keeps its own store.
 """
 
@@ -63,7 +63,8 @@ class Trackers:
         logging_dir = run_dir / TRACKING_DIR
         logging_dir.mkdir(exist_ok=True)
         os.environ.setdefault("WANDB_DIR", str(logging_dir))
-        os.environ.setdefault("MLFLOW_TRACKING_URI", (logging_dir / "mlruns").resolve().as_uri())
+        # mlflow 3 refuses a new file store; a sqlite file is its recommended local backend
+        os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{(logging_dir / 'mlflow.db').resolve()}")
         trackers = []
         for name in names:
             cls = LOGGER_TYPE_TO_CLASS[name]

@@ -65,3 +65,40 @@ def test_tensorboard_gets_every_step_the_recipe_and_the_final_dev_loss(tmp_path:
     from minillm_cli import rundir
 
     assert all(rundir.is_run_entry(p.name) for p in run.iterdir())  # tracking/ is a run entry
+
+
+def _scalar_steps(history: list[tuple[int, float]]) -> list[int]:
+    return sorted({s for s, _ in history})
+
+
+def test_mlflow_local_store_gets_metrics_params_and_final(tmp_path: Path, tiny_dir: Path, tiny_data: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the default: a sqlite store inside the run
+    run = _run(tiny_dir, tiny_data, tmp_path / "run", "sft", 3,
+               ["train.report_to=[mlflow]", "train.dev_loss_every=3", "data.dev_fraction=0.25"])
+    uri = f"sqlite:///{(run / TRACKING_DIR / 'mlflow.db').resolve()}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("minillm")
+    assert experiment is not None
+    (logged,) = client.search_runs([experiment.experiment_id])
+    assert _scalar_steps([(m.step, m.value) for m in client.get_metric_history(logged.info.run_id, "loss")]) == [1, 2, 3]
+    assert logged.data.params["method.name"] == "sft" and logged.data.params["train.max_steps"] == "3"
+    assert "final/dev/loss" in logged.data.metrics
+
+
+def test_wandb_offline_writes_its_run_inside_the_run_dir(tmp_path: Path, tiny_dir: Path, tiny_data: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = _run(tiny_dir, tiny_data, tmp_path / "run", "sft", 3, ["train.report_to=[wandb]"])
+    (offline,) = sorted((run / TRACKING_DIR / "wandb").glob("offline-run-*"))
+    (records,) = offline.glob("run-*.wandb")  # wandb's own record file, for `wandb sync`
+    data = records.read_bytes()
+    # the recipe (as config keys) and every logged metric name went into it
+    assert b"method.name" in data and b"train.max_steps" in data
+    assert b"grad_norm" in data and b"tok_per_s" in data  # history keys (no config key has these names)

@@ -222,7 +222,7 @@ def run_eval(
         prompts = encode_prompts(teacher_tok, examples, cfg, words, calibrate)  # shared by all rows
         say(f"data: {prompts.summary} (template: {prompts.template})")
         row, passes = evaluate_model(teacher_spec.name, t_model, teacher_tok, prompts, cfg, metric_names, device,
-                                     teacher=None, labels=labels, words=words, say=say)
+                                     teacher=None, labels=labels, words=words, say=say, console=out)
         if any(m in metric_names for m in TEACHER_METRICS) and not passes:
             passes = generation_passes(t_model, teacher_tok, prompts, cfg, device, say, teacher_spec.name)
         sampled = None
@@ -249,7 +249,7 @@ def run_eval(
         assert row_prompts is not None
         templates[spec.name] = row_prompts.template
         row, passes = evaluate_model(spec.name, model, tok, row_prompts, cfg,
-                                     (row_metrics or {}).get(spec.name, metric_names), device, teacher=teacher_state, labels=labels, words=words, say=say)
+                                     (row_metrics or {}).get(spec.name, metric_names), device, teacher=teacher_state, labels=labels, words=words, say=say, console=out)
         report_rows.append(row)
         samples += _sample_rows(spec.name, tok, passes, row_prompts.references, row_prompts.encoded)
         free(model)

@@ -18,6 +18,7 @@ from minillm_cli.evaluate import metrics as metrics_mod
 from minillm_cli.evaluate import report as report_mod
 from minillm_cli.evaluate.generate import Divergences, Generation
 from minillm_cli.evaluate.options import COLUMNS, TEACHER_METRICS, TEXT_METRICS
+from minillm_cli.progress import Phase
 
 if TYPE_CHECKING:
     import torch
@@ -165,6 +166,7 @@ def evaluate_model(
     labels: list[str],
     words: list[str],
     say: Callable[[str], None],
+    console: Any = None,
 ) -> tuple[report_mod.ModelRow, list[list[Generation]]]:
     """All asked metrics of one model; teacher metrics only when `teacher` is given.
 
@@ -211,12 +213,18 @@ def evaluate_model(
         kw = dict(pad_id=tokenizer.pad_token_id, batch_size=cfg.batch_size, device=device, width=cfg.max_new_tokens)
         first: tuple[Divergences, Divergences] | None = None
         if "kl" in metric_names or "agreement" in metric_names:
-            say(f"{name}: divergences from the teacher")
             caches: list[dict[int, torch.Tensor] | None] = (
                 list(teacher.logits_cache) if teacher.logits_cache is not None else [None] * len(teacher.passes))
-            for gens_s, gens_t, cache in zip(passes, teacher.passes, caches):
-                d_s = gen_mod.continuation_divergences(model, teacher.model, gens_s, **kw)
-                d_t = gen_mod.continuation_divergences(model, teacher.model, gens_t, teacher_cache=cache, **kw)
+            phase = Phase(f"{name}: divergences from the teacher", 2 * len(passes), "passes", console, say)
+            with phase:
+                divergences = []
+                for gens_s, gens_t, cache in zip(passes, teacher.passes, caches):
+                    d_s = gen_mod.continuation_divergences(model, teacher.model, gens_s, **kw)
+                    phase.advance()
+                    d_t = gen_mod.continuation_divergences(model, teacher.model, gens_t, teacher_cache=cache, **kw)
+                    phase.advance()
+                    divergences.append((gens_s, gens_t, d_s, d_t))
+            for gens_s, gens_t, d_s, d_t in divergences:
                 first = first or (d_s, d_t)
                 for who, d, gens in (("student", d_s, gens_s), ("teacher", d_t, gens_t)):
                     index = [g.index for g in gens]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from minillm_cli import rundir
 from minillm_cli.errors import UserError
@@ -13,9 +14,10 @@ from minillm_cli.export.gguf import write_gguf
 from minillm_cli.export.hf import write_adapter, write_hf
 from minillm_cli.export.options import ExportOptions, ExportResult, check_options
 from minillm_cli.export.verify import load_source, prompt_ids, tolerance_for, verify
+from minillm_cli.progress import Phase
 
 
-def export(run_or_step_dir: Path, opts: ExportOptions) -> ExportResult:
+def export(run_or_step_dir: Path, opts: ExportOptions, console: Any = None) -> ExportResult:
     """Export a step of a run to `opts.out`, verified, never clobbering anything by surprise.
 
     Args:
@@ -65,8 +67,10 @@ def export(run_or_step_dir: Path, opts: ExportOptions) -> ExportResult:
             model_card(step_dir, meta, opts, target_dtype, is_lora=is_lora, files=_list_files(tmp)), encoding="utf-8"
         )
         diff = float("nan")
-        if opts.verify:
-            diff = verify(tmp, opts, step_dir, ids, reference, tolerance)
+        if opts.verify:  # reloads the export and runs it: minutes for a large model
+            say = (lambda m: console.print(m, highlight=False, markup=False)) if console is not None else None
+            with Phase(f"export: verifying {out.name} against its source", None, "", console, say):
+                diff = verify(tmp, opts, step_dir, ids, reference, tolerance)
         files = _list_files(tmp)
         _install(tmp, out)
     except BaseException:

@@ -7,7 +7,6 @@ and the run's meta.json records the cache file and how many responses came from 
 from __future__ import annotations
 
 import json
-import time
 from typing import Any, ClassVar
 
 import torch
@@ -17,6 +16,7 @@ from minillm_cli.checkpoint import write_text_atomic
 from minillm_cli.config import SeqKdMethod
 from minillm_cli.context import Ctx, check_stop
 from minillm_cli.methods.sft import SftStepper
+from minillm_cli.progress import Phase
 from minillm_cli.rundir import SEQKD_CACHE
 
 CACHE_NAME = SEQKD_CACHE
@@ -31,19 +31,19 @@ def generate_teacher_responses(ctx: Ctx, cfg: SeqKdMethod) -> list[list[int]]:
     gen = torch.Generator(device=ctx.device)
     gen.manual_seed(ctx.recipe.train.seed + 7919)  # its own stream: the training RNG is not consumed
     out: list[list[int]] = []
-    t0 = time.time()
-    for i in range(0, len(ctx.train), cfg.batch_size):
-        check_stop(ctx)
-        chunk = ctx.train[i : i + cfg.batch_size]
-        ids, mask = data_mod.collate_prompts(chunk, ctx.tokenizer.pad_token_id)
-        roll = sample(ctx.teacher, ids.to(ctx.device), mask.to(ctx.device), alpha=0.0,
-                      max_new_tokens=cfg.max_new_tokens, eos_token_id=ctx.tokenizer.eos_token_id,
-                      pad_token_id=ctx.tokenizer.pad_token_id, temperature=r.temperature, top_k=r.top_k,
-                      top_p=r.top_p, generator=gen)
-        for row in range(len(chunk)):
-            n = int(roll.response_mask[row].sum())
-            out.append(roll.response_ids[row, :n].tolist())
-        ctx.print(f"seqkd: teacher answered {len(out)}/{len(ctx.train)} prompts ({time.time() - t0:.0f}s)")
+    with Phase("seqkd: teacher answers", len(ctx.train), "prompts", ctx.console, ctx.print) as phase:
+        for i in range(0, len(ctx.train), cfg.batch_size):
+            check_stop(ctx)
+            chunk = ctx.train[i : i + cfg.batch_size]
+            ids, mask = data_mod.collate_prompts(chunk, ctx.tokenizer.pad_token_id)
+            roll = sample(ctx.teacher, ids.to(ctx.device), mask.to(ctx.device), alpha=0.0,
+                          max_new_tokens=cfg.max_new_tokens, eos_token_id=ctx.tokenizer.eos_token_id,
+                          pad_token_id=ctx.tokenizer.pad_token_id, temperature=r.temperature, top_k=r.top_k,
+                          top_p=r.top_p, generator=gen)
+            for row in range(len(chunk)):
+                n = int(roll.response_mask[row].sum())
+                out.append(roll.response_ids[row, :n].tolist())
+            phase.advance(len(chunk))
     return out
 
 
