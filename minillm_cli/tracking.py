@@ -8,7 +8,8 @@ them however the run ends (a context manager around the loop).
 
 Where they write, unless the environment already says otherwise: tensorboard into RUN/tracking/,
 mlflow into a sqlite store RUN/tracking/mlflow.db (MLFLOW_TRACKING_URI), wandb's local files into
-RUN/tracking (WANDB_DIR; WANDB_MODE=offline keeps a run off the network); trackio keeps its own store.
+RUN/tracking (WANDB_DIR; WANDB_MODE=offline keeps a run off the network), trackio's local store into
+RUN/tracking/trackio (TRACKIO_DIR, read when trackio is first imported in the process).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class Trackers:
         logging_dir = run_dir / TRACKING_DIR
         logging_dir.mkdir(exist_ok=True)
         os.environ.setdefault("WANDB_DIR", str(logging_dir))
+        os.environ.setdefault("TRACKIO_DIR", str(logging_dir / "trackio"))  # read when trackio is first imported
         # mlflow 3 refuses a new file store; a sqlite file is its recommended local backend
         os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{(logging_dir / 'mlflow.db').resolve()}")
         trackers = []

@@ -102,3 +102,30 @@ def test_wandb_offline_writes_its_run_inside_the_run_dir(tmp_path: Path, tiny_di
     # the recipe (as config keys) and every logged metric name went into it
     assert b"method.name" in data and b"train.max_steps" in data
     assert b"grad_norm" in data and b"tok_per_s" in data  # history keys (no config key has these names)
+
+
+def test_trackio_local_store_gets_every_step(tmp_path: Path, tiny_dir: Path, tiny_data: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("trackio")
+    import subprocess
+    import sys
+
+    # trackio reads TRACKIO_DIR when first imported: a fresh process, as a user's run is
+    out = tmp_path / "run"
+    code = (
+        "import sys; from tests.test_train import _run; from pathlib import Path; "
+        "_run(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), 'sft', 3, ['train.report_to=[trackio]'])"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRACKIO_DIR"}
+    env["OMP_NUM_THREADS"] = "1"
+    done = subprocess.run([sys.executable, "-c", code, str(tiny_dir), str(tiny_data), str(out)], cwd=Path(__file__).parents[1],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    import json
+    import sqlite3
+
+    (db,) = (out / TRACKING_DIR / "trackio").glob("*.db")  # trackio's local sqlite store, one per project
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("select step, metrics from metrics").fetchall()
+    logged = {step: json.loads(blob) for step, blob in rows}
+    assert sorted(logged) == [1, 2, 3] and all("loss" in m and "grad_norm" in m for m in logged.values())
