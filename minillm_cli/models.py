@@ -150,7 +150,10 @@ def _convert_cached(gguf_path: Path, dest: Path, say: Callable[[str], None] | No
     if (dest / "config.json").is_file():
         return dest
     say = say or (lambda s: print(s, file=sys.stderr))
-    with Phase(f"converting {gguf_path} -> {dest} (once; later runs reuse it)", None, "", None, say):
+    from rich.console import Console
+
+    # A spinner with the elapsed time where stderr is a terminal; plain start / done lines otherwise.
+    with Phase(f"converting {gguf_path} -> {dest} (once; later runs reuse it)", None, "", Console(stderr=True), say):
         return convert_gguf(gguf_path, dest)
 
 
