@@ -35,6 +35,9 @@ Stages (all on the CPU, fp32):
 
 Nothing is tuned on the evaluation sets: every setting below was fixed before any evaluation, and no
 dev split is used during training (data.dev_fraction 0).
+
+Every minillm module the study uses is imported when it starts: a study runs for hours, and a module
+first imported hours later from a since-edited package (a mix of old and new code) once broke one.
 """
 
 from __future__ import annotations
@@ -56,6 +59,9 @@ from minillm_cli import models as models_mod
 from minillm_cli.config import MiniLlmMethod, validate
 from minillm_cli.errors import RunStopped, UserError
 from minillm_cli.evaluate import metrics as metrics_mod
+from minillm_cli.evaluate import report as report_mod
+from minillm_cli.evaluate.command import run_eval
+from minillm_cli.loop import train as train_run
 from minillm_cli.rows import file_sha256
 
 REPO = Path(__file__).resolve().parents[2]
@@ -213,8 +219,6 @@ class Study:
         """Run (or resume, or skip) one training stage; returns its final step directory.
 
         With `train` False (--eval-only) nothing trains: a complete stage is returned, else None."""
-        from minillm_cli.loop import train as train_run
-
         run_dir = self.out / name
         if stage_done(run_dir, steps):
             self.console.print(f"skip {name}: complete ({steps} steps)", highlight=False, markup=False)
@@ -257,8 +261,6 @@ class Study:
 
     def _eval(self, label: str, report: Path, samples: Path | None, **kwargs: Any) -> None:
         """run_eval into `.partial` files, renamed when complete (the report's presence marks it done)."""
-        from minillm_cli.evaluate.command import run_eval
-
         s = self.setup
         partial = report.with_suffix(".json.partial")
         partial_samples = samples.with_suffix(".jsonl.partial") if samples else None
@@ -437,8 +439,6 @@ def diagnostics(run_dir: Path) -> dict[str, Any] | None:
 
 def summarize(study: Study, sets: dict[str, Path], students: dict[str, Path], teacher: Path) -> dict[str, Any]:
     """Collect the reports into one dict: per set and model the table's numbers, intervals, checks."""
-    from minillm_cli.evaluate import report as report_mod
-
     names = list(students)
     label_of = {str(p): n for n, p in students.items()}  # run_eval names a row by its path
     tokenizer = models_mod.load_tokenizer(teacher)
