@@ -174,7 +174,7 @@ def run_minillm(args: argparse.Namespace, side: str, out: dict[str, Any]) -> Non
 
     from minillm_cli import losses, policy_gradient, rollout
     from minillm_cli.loop import train
-    from minillm_cli.methods import gkd, minillm
+    from minillm_cli.methods import batching, minillm
     from minillm_cli.recipe_loading import load_recipe
 
     total = args.warmup + args.steps
@@ -190,7 +190,7 @@ def run_minillm(args: argparse.Namespace, side: str, out: dict[str, Any]) -> Non
         return roll
 
     rollout.sample = phases.timed(sample_and_count, "rollout")
-    for module in (gkd, minillm):
+    for module in (batching, minillm):  # gkd's forwards run in batching.jsd_backward
         phases.wrap(module, "response_logits", _grad_name("student forward", "teacher forward"))
     phases.wrap(minillm.MiniLlmStepper, "_score_teacher", "teacher forward")
     for module, names in ((losses, ("generalized_jsd", "reverse_kl", "token_logprobs")),

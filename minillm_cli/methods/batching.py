@@ -119,3 +119,31 @@ def take_group(b: dict[str, torch.Tensor], rows: torch.Tensor, p: int, t: int) -
     """Rows `rows` of a prompt/response batch with the last `p` prompt and the first `t` response columns."""
     return {"prompt_ids": b["prompt_ids"][rows, -p:], "prompt_mask": b["prompt_mask"][rows, -p:],
             "response_ids": b["response_ids"][rows, :t], "response_mask": b["response_mask"][rows, :t]}
+
+
+def jsd_backward(ctx: Ctx, teacher: torch.nn.Module, batches: list[dict[str, torch.Tensor]], beta: float,
+                 weight: float = 1.0) -> tuple[TokenMean, torch.Tensor]:
+    """Backward of the token-mean generalized JSD(beta) between teacher and student over the response
+    tokens of `batches` (GKD's loss; MiniLLM's `response_weight` term), times `weight`.
+
+    Rows of similar length go through the models together (`length_groups`); the teacher runs under
+    no_grad; gradients sync on the last backward only. Returns the `TokenMean` and the summed
+    divergence (detached): `mean.value(total)` is the loss to log."""
+    from minillm_cli import losses
+    from minillm_cli.context import check_stop
+
+    mean = TokenMean(ctx, sum(b["response_mask"].sum() for b in batches))
+    total = torch.zeros((), device=ctx.device)
+    groups = [(b, g) for b in batches for g in length_groups(b["prompt_mask"], b["response_mask"])]
+    for i, (b, (rows, p, t)) in enumerate(groups):
+        check_stop(ctx)
+        g = take_group(b, rows, p, t)
+        logits = response_logits(ctx.student, g)  # (b, t, V)
+        with torch.no_grad():
+            t_logits = response_logits(teacher, g, vocab=logits.shape[-1])  # (b, t, V)
+        div = losses.generalized_jsd(logits, t_logits, g["response_mask"], beta=beta,
+                                     chunk_size=ctx.recipe.train.chunk_size)  # (b, t)
+        loss_sum = (div * g["response_mask"]).sum()
+        mean.backward(loss_sum, last=i == len(groups) - 1, weight=weight)
+        total += loss_sum.detach()
+    return mean, total

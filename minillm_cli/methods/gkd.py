@@ -15,14 +15,10 @@ from typing import Any, ClassVar
 import torch
 
 from minillm_cli import data as data_mod
-from minillm_cli import losses
 from minillm_cli.config import GkdMethod
 from minillm_cli.context import Ctx, check_stop
 from minillm_cli.methods.batching import (
-    TokenMean,
-    length_groups,
-    response_logits,
-    take_group,
+    jsd_backward,
 )
 
 
@@ -63,22 +59,7 @@ class GkdStepper:
                 b = self._on_policy(b)
                 on_policy += 1
             batches.append(b)
-        mean = TokenMean(ctx, sum(b["response_mask"].sum() for b in batches))
-        total = torch.zeros((), device=ctx.device)
-        # Rows of similar length go through the models together, each group with only the padding it
-        # needs (see `length_groups`): same per-token loss, less padded compute, smaller activations.
-        groups = [(b, g) for b in batches for g in length_groups(b["prompt_mask"], b["response_mask"])]
-        for i, (b, (rows, p, t)) in enumerate(groups):
-            check_stop(ctx)
-            g = take_group(b, rows, p, t)
-            logits = response_logits(ctx.student, g)  # (b, t, V)
-            with torch.no_grad():
-                t_logits = response_logits(self.teacher, g, vocab=logits.shape[-1])  # (b, t, V)
-            div = losses.generalized_jsd(logits, t_logits, g["response_mask"], beta=self.cfg.beta,
-                                         chunk_size=tr.chunk_size)  # (b, t)
-            loss_sum = (div * g["response_mask"]).sum()
-            mean.backward(loss_sum, last=i == len(groups) - 1)
-            total += loss_sum.detach()
+        mean, total = jsd_backward(ctx, self.teacher, batches, self.cfg.beta)
         tokens = mean.tokens
         return {"loss": mean.value(total), "on_policy_frac": on_policy / len(batches),
                 "resp_len": tokens / max(len(examples) * ctx.world, 1), "tokens": tokens,

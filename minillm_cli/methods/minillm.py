@@ -59,6 +59,7 @@ from minillm_cli.context import Ctx, check_stop
 from minillm_cli.errors import UserError
 from minillm_cli.methods.batching import (
     TokenMean,
+    jsd_backward,
     length_groups,
     response_logits,
     take_group,
@@ -335,20 +336,7 @@ class MiniLlmStepper:
         batches = [{k: v.to(ctx.device) for k, v in
                     data_mod.collate_pairs(examples[i : i + tr.batch_size], ctx.tokenizer.pad_token_id).items()}
                    for i in range(0, len(examples), tr.batch_size)]
-        mean = TokenMean(ctx, sum(b["response_mask"].sum() for b in batches))
-        total = torch.zeros((), device=ctx.device)
-        groups = [(b, g) for b in batches for g in length_groups(b["prompt_mask"], b["response_mask"])]
-        for j, (b, (rows, p, t)) in enumerate(groups):
-            check_stop(ctx)
-            g = take_group(b, rows, p, t)
-            logits = response_logits(ctx.student, g)  # (b, t, V), the untempered student
-            with torch.no_grad():
-                t_logits = response_logits(self.teacher, g, vocab=logits.shape[-1])  # (b, t, V)
-            div = losses.generalized_jsd(logits, t_logits, g["response_mask"], beta=cfg.response_beta,
-                                         chunk_size=tr.chunk_size)  # (b, t)
-            loss_sum = (div * g["response_mask"]).sum()
-            mean.backward(loss_sum, last=j == len(groups) - 1, weight=cfg.response_weight)
-            total += loss_sum.detach()
+        mean, total = jsd_backward(ctx, self.teacher, batches, cfg.response_beta, cfg.response_weight)
         return mean.value(total)
 
     # ------------------------------------------------------------------------------ resume
