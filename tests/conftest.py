@@ -41,3 +41,13 @@ def tiny_data(tmp_path_factory) -> Path:
     path = root / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+@pytest.fixture(scope="module")
+def models(tiny_dir):
+    """The tiny student and (frozen) teacher, loaded once per test module."""
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(tiny_dir / "student")
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_dir / "teacher").requires_grad_(False)
+    return student, teacher

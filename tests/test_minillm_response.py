@@ -32,15 +32,6 @@ from tests.test_train import METHOD_EXTRA, _run, _same, _weights
 BATCH, ACCUM = 2, 2  # two micro-batches per optimizer step: the term's token mean spans both
 
 
-@pytest.fixture(scope="module")
-def models(tiny_dir):
-    from transformers import AutoModelForCausalLM
-
-    student = AutoModelForCausalLM.from_pretrained(tiny_dir / "student")
-    teacher = AutoModelForCausalLM.from_pretrained(tiny_dir / "teacher").requires_grad_(False)
-    return student, teacher
-
-
 def _examples(vocab: int, eos: int) -> list[Encoded]:
     """Eight rows of different prompt and response lengths (padding on both sides of every batch)."""
     gen = torch.Generator().manual_seed(0)

@@ -58,15 +58,6 @@ class FakeCtx:
         return value * self.world
 
 
-@pytest.fixture(scope="module")
-def models(tiny_dir):
-    from transformers import AutoModelForCausalLM
-
-    student = AutoModelForCausalLM.from_pretrained(tiny_dir / "student")
-    teacher = AutoModelForCausalLM.from_pretrained(tiny_dir / "teacher").requires_grad_(False)
-    return student, teacher
-
-
 def _examples(vocab: int, eos: int) -> list[Encoded]:
     """Four examples of different prompt and response lengths (padding on both sides)."""
     gen = torch.Generator().manual_seed(0)
