@@ -55,6 +55,22 @@ def test_arms_always_include_the_two_comparison_rows(study: Any) -> None:
     assert diff == {"include_current"} and study.ARMS["minillm-exact"]["include_current"] is False
 
 
+def test_learning_rate_candidates_differ_from_minillm_only_in_lr(study: Any) -> None:
+    setup = study.STUDIES["builtin"]
+    assert study.arm_lr(setup, "minillm") == setup.lr["minillm"]
+    assert study.arm_lr(setup, "kd") == setup.lr["kd"]
+    for name, lr in study.ARM_LR.items():
+        assert study.ARMS[name] == study.ARMS["minillm"], name
+        assert study.arm_lr(setup, name) == lr != setup.lr["minillm"]
+
+
+def test_a_dev_split_summary_never_replaces_the_held_out_one(study: Any) -> None:
+    assert study.summary_stem("builtin", study.parse_sets(None, "builtin")) == "summary"
+    assert study.summary_stem("shared", study.parse_sets(None, "shared")) == "summary"
+    assert study.summary_stem("builtin", {"builtin-dev": Path("d.jsonl")}) == "summary-builtin-dev"
+    assert study.summary_stem("shared", {"dev": Path("a"), "mine": Path("b")}) == "summary-dev+mine"
+
+
 def _samples(path: Path, responses: dict[tuple[int, int], str], ref: str = "the cat sat on the mat") -> Path:
     path.write_text("".join(json.dumps({"model": "m", "seed": s, "index": i, "prompt": "p", "response": r,
                                         "references": [ref]}) + "\n" for (s, i), r in responses.items()))

@@ -34,7 +34,14 @@ Stages (all on the CPU, fp32):
      buffer) and the timings.
 
 Nothing is tuned on the evaluation sets: every setting below was fixed before any evaluation, and no
-dev split is used during training (data.dev_fraction 0).
+dev split is used during training (data.dev_fraction 0). Hyper-parameters are chosen on a dev split
+carved from the training data, never on a held-out set: the built-in data has one
+(minillm_cli/recipes/data/quickstart-dev.jsonl), e.g.
+
+    python bench/quality/run.py --study builtin --arms minillm,minillm-lr5e-5,minillm-lr1e-4 \
+        --eval-set builtin-dev=minillm_cli/recipes/data/quickstart-dev.jsonl
+
+writes summary-builtin-dev.md beside the held-out sets' summary.md.
 
 Every minillm module the study uses is imported when it starts: a study runs for hours, and a module
 first imported hours later from a since-edited package (a mix of old and new code) once broke one.
@@ -154,7 +161,12 @@ ARMS: dict[str, dict[str, Any]] = {
     "minillm-no-single": {"name": "minillm", "single_step": False, "ppo_epochs": PPO_EPOCHS},
     "gkd-onpolicy-rkl": {"name": "gkd", "beta": 1.0, "lmbda": 1.0},  # = MiniLLM's L_reg alone, on q samples
     "gkd-offpolicy": {"name": "gkd", "beta": 0.5, "lmbda": 0.0},  # JSD on the dataset's responses only
+    # learning-rate candidates for MiniLLM, to be chosen on a dev split (never on a test set)
+    "minillm-lr5e-5": {"name": "minillm", "teacher_mix": 0.2, "ppo_epochs": PPO_EPOCHS},
+    "minillm-lr1e-4": {"name": "minillm", "teacher_mix": 0.2, "ppo_epochs": PPO_EPOCHS},
 }
+ARM_LR: dict[str, float] = {"minillm-lr5e-5": 5.0e-5, "minillm-lr1e-4": 1.0e-4}
+"""Arms trained at a learning rate other than Setup.lr[method name]."""
 DEFAULT_ARMS = [CONTROL, KD, "seqkd", "gkd", "minillm", "minillm-exact", "minillm-resp"]
 ROLLOUT_METHODS = ("minillm", "gkd", "seqkd")  # methods whose max_new_tokens is Setup.rollout_tokens
 
@@ -163,6 +175,11 @@ def arm_available(name: str) -> bool:
     """An arm needs every key of its method section in the installed minillm's schema."""
     method = ARMS[name]
     return method["name"] != "minillm" or all(k in MiniLlmMethod.model_fields for k in method)
+
+
+def arm_lr(setup: Setup, name: str) -> float:
+    """The arm's learning rate: its own (ARM_LR) or its method's (Setup.lr)."""
+    return ARM_LR.get(name, setup.lr[ARMS[name]["name"]])
 
 
 # ------------------------------------------------------------------------------------ stages
@@ -350,7 +367,7 @@ def run_study(study: Study, arms: list[str], sets: dict[str, Path], train: bool)
             models["teacher"] = str(teacher)
         final = study.train_stage(name, {
             "models": models, "data": study.data(s.arm_steps * s.batch_size), "method": method,
-            "rollout": {"batch_size": 16}, "optim": {"lr": s.lr[method["name"]], "warmup_steps": 5},
+            "rollout": {"batch_size": 16}, "optim": {"lr": arm_lr(s, name), "warmup_steps": 5},
             "train": {"max_steps": s.arm_steps, "batch_size": s.batch_size, "seed": SEED, "keep_last": 1},
         }, s.arm_steps, train)
         if final is not None:
@@ -366,11 +383,18 @@ def run_study(study: Study, arms: list[str], sets: dict[str, Path], train: bool)
 
     # 6. Summary.
     summary = summarize(study, sets, students, teacher)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    (out / "summary.md").write_text(render_markdown(summary), encoding="utf-8")
+    stem = summary_stem(study.name, sets)
+    (out / f"{stem}.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (out / f"{stem}.md").write_text(render_markdown(summary), encoding="utf-8")
     console.print(render_markdown(summary), markup=False, highlight=False)
-    console.print(f"wrote {out / 'summary.md'} and {out / 'summary.json'}")
+    console.print(f"wrote {out / (stem + '.md')} and {out / (stem + '.json')}")
     return summary
+
+
+def summary_stem(study: str, sets: dict[str, Path]) -> str:
+    """"summary" for the study's default sets, else "summary-<set>+<set>": a dev-split evaluation
+    (hyper-parameter choice) never overwrites the summary of the held-out sets."""
+    return "summary" if list(sets) == list(DEFAULT_SETS[study]) else "summary-" + "+".join(sets)
 
 
 def slug(name: str) -> str:
@@ -503,7 +527,7 @@ def summarize(study: Study, sets: dict[str, Path], students: dict[str, Path], te
     return {
         "study": study.name, "size": study.size, "is_result": study.size == "full",
         "setup": json.loads(json.dumps(asdict(study.setup))),
-        "arms": {n: ARMS[n] for n in names if n in ARMS},
+        "arms": {n: {**ARMS[n], "lr": arm_lr(study.setup, n)} for n in names if n in ARMS},
         "sets": out_sets,
         "targets": check_targets(out_sets),
         "diagnostics": {n: diagnostics(study.out / n) for n in names if n in ARMS and ARMS[n]["name"] in ("minillm", "gkd")},
@@ -555,7 +579,9 @@ def render_markdown(summary: dict[str, Any]) -> str:
     """The summary as markdown: per set the main table and the length buckets; targets, diagnostics, timings."""
     smoke_run = not summary["is_result"]
     lines = [f"# Quality study `{summary['study']}`: {summary['size']} size"
-             + (" (SMOKE RUN: pipeline check, NOT results)" if smoke_run else ""), ""]
+             + (" (SMOKE RUN: pipeline check, NOT results)" if smoke_run else ""), "",
+             "Arms (method, learning rate): " + ", ".join(
+                 f"{n} ({a['name']}, {a['lr']:g})" for n, a in summary["arms"].items() if "lr" in a) + ".", ""]
     for set_name, block in summary["sets"].items():
         at = next((r["exaccerr_at"] for r in block["rows"].values() if r["exaccerr_at"]), "exaccerr")
         lines += [f"## {set_name}: `{block['path']}`", "",
