@@ -346,6 +346,40 @@ def plan(
     _guard(body)
 
 
+@app.command("teacher-cache")
+def teacher_cache(
+    recipe: Optional[str] = RecipeArg,
+    overrides: Optional[list[str]] = OverridesArg,
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher: local dir, .gguf file, alias or hub id."),
+    student: Optional[str] = typer.Option(None, "--student", help="Student whose tokenizer and output width the "
+                                          "training run will have (default: the teacher's)."),
+    data: Optional[str] = _option("data"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Cache directory (default: the recipe's "
+                                       "data.teacher_cache). Rerunning the same command continues it."),
+    top_k: int = typer.Option(64, "--top-k", help="Teacher ids kept per response position (+ one tail bucket)."),
+    dtype: str = typer.Option("fp16", "--dtype", help="Storage dtype of the log-probs: fp16, bf16 or fp32."),
+    shard_examples: int = typer.Option(512, "--shard-examples", help="Training examples per shard file."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per teacher forward "
+                                             "(default train.batch_size)."),
+) -> None:
+    """Run the teacher once over the training data and cache its top-k log-probs for `method: kd`
+    with `data.teacher_cache` (trains without loading the teacher)."""
+
+    def body() -> None:
+        from minillm_cli.recipe_loading import load_recipe
+        from minillm_cli.teacher_cache_command import build_cache
+
+        path, rest = _split_recipe(recipe, overrides)
+        r, _ = load_recipe(path, rest, {"models.teacher": teacher, "models.student": student, "data.train": data})
+        target = out or r.data.teacher_cache
+        if target is None:
+            raise UserError("--out: name the cache directory (or set data.teacher_cache in the recipe)")
+        build_cache(r, Path(target).expanduser(), top_k=top_k, dtype=dtype, shard_examples=shard_examples,
+                    batch_size=batch_size, console=console)
+
+    _guard(body)
+
+
 @app.command("eval")
 def eval_cmd(
     models: list[str] = typer.Argument(..., help="Checkpoints (run dir, step dir, model dir, .gguf or alias)."),

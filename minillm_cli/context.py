@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -15,6 +15,9 @@ from minillm_cli import data as data_mod
 from minillm_cli import models as models_mod
 from minillm_cli.config import Recipe
 from minillm_cli.distributed import gather_full_weights
+
+if TYPE_CHECKING:
+    from minillm_cli.teacher_cache import TeacherCache
 
 
 @dataclass
@@ -49,6 +52,8 @@ class Ctx:
     """Optimizer steps applied in this process (tells `sampling_model` when its copy is stale)."""
     console: Any = None
     """The main process's rich console (None elsewhere): progress of long phases (`progress.Phase`)."""
+    teacher_cache: TeacherCache | None = None
+    """`data.teacher_cache`, opened and checked: kd reads the teacher from it (`teacher` is then None)."""
     _replica: torch.nn.Module | None = None
     _replica_version: int = -1
 

@@ -150,7 +150,7 @@ def _train(recipe: Recipe, source: dict[str, str], resume: bool, extend: bool, c
         train=run.train, dev=run.dev, corpus=run.corpus, run_dir=run_dir, device=device, gen=gen, vocab=run.vocab,
         # Several processes stop together, at a step boundary (see the loop); one may stop mid-step.
         stop_requested=signals.requested if world == 1 else (lambda: False), print=say,
-        sharded=sharded, deepspeed=deepspeed, console=console if main else None,
+        sharded=sharded, deepspeed=deepspeed, console=console if main else None, teacher_cache=run.teacher_cache,
     )
     stepper = METHODS[recipe.method.name](ctx)
     checkpoints = Checkpointer(ctx, optimizer, stepper, run.recipe_text, run.meta(recipe))

@@ -14,6 +14,10 @@ weights — and add up, per device, for a launch of `num_processes` processes wi
                  dropout); with activation checkpointing B·L·(layers·h + 10h + k·i)·b
     working    2·B·L·(10h + k·i)·b: one block's forward temporaries / backward activation gradients
     logits     B·T·V·b ×2 (student logits and their gradient) + B·T·V·b (teacher, where used)
+    kd from a teacher cache (`data.teacher_cache`): no teacher weights and no teacher logits, but the
+               cache read buffers of one micro-batch B·T·(K·(b_c + 4) + 4) (top-K log-probs in the
+               cache's dtype b_c, int32 ids, fp32 tail; K and dtype from the cache's manifest, else
+               K = 64 fp16); its shards are memory-mapped (host page cache, not counted)
     rollouts   MiniLLM teacher-logit buffer (num_rollouts/W)·max_new_tokens·V·b, the small per-token
                buffers, KV caches of one rollout batch, and (sharded) a full student copy for sampling
 
@@ -36,6 +40,7 @@ from rich.table import Table
 from minillm_cli.config import GkdMethod, MiniLlmMethod, Recipe, SeqKdMethod
 from minillm_cli.errors import UserError
 from minillm_cli.model_shapes import Shape, model_shape, read_config, shape_from_config
+from minillm_cli.teacher_cache import DTYPE_BYTES, read_manifest
 
 GiB = 1024**3
 SHARDINGS = ("none", "fsdp", "zero3")
@@ -130,13 +135,16 @@ def plan_memory(recipe: Recipe, *, num_processes: int = 1, sharding: str = "none
     W, m, tr, name = num_processes, recipe.models, recipe.train, recipe.method.name
     b = _DTYPE_BYTES[m.dtype]
     s = _student_shape(recipe)
-    needs_teacher = name in ("kd", "seqkd", "gkd", "minillm")
+    cached = recipe.data.teacher_cache is not None  # kd from a teacher cache: no teacher in the process
+    needs_teacher = name in ("kd", "seqkd", "gkd", "minillm") and not cached
     t = model_shape(m.teacher) if needs_teacher and m.teacher is not None else None
     P_tr = _trainable(recipe, s)
     plan = MemoryPlan(rows=[], num_processes=W, sharding=sharding, activation_checkpointing=ac)
     add = plan.rows.append
 
     # ---- weights
+    if cached:
+        add(("teacher weights", 0.0, "not loaded: kd reads data.teacher_cache"))
     if t is not None:
         placement = m.teacher_placement
         if placement == "sharded":
@@ -176,9 +184,13 @@ def plan_memory(recipe: Recipe, *, num_processes: int = 1, sharding: str = "none
         add(("activations", s.layers * block, f"B={B} × L={L} tokens × {s.layers} blocks"))
     add(("working memory", 2 * block, "one block's temporaries (forward) / activation gradients (backward)"))
     logit = B * (T + 1) * s.vocab * b
-    teacher_logits = name in ("kd", "gkd", "minillm")
+    teacher_logits = name in ("kd", "gkd", "minillm") and not cached
     add(("logits (B×T×V)", logit * (3 if teacher_logits else 2),
          f"B={B} × T={T + 1} × V={s.vocab}: student + its gradient" + (" + teacher" if teacher_logits else "")))
+    if cached:
+        k, dtype = _cache_shape(recipe, plan)
+        add(("teacher cache buffers", B * T * (k * (DTYPE_BYTES[dtype] + 4) + 4),
+             f"B={B} × T={T} × K={k}: top-k log-probs ({dtype}) + int32 ids + fp32 tail, per micro-batch"))
 
     # ---- rollouts
     method = recipe.method
@@ -204,6 +216,17 @@ def plan_memory(recipe: Recipe, *, num_processes: int = 1, sharding: str = "none
     if sharding != "none" and name == "gkd":
         plan.notes.append("gkd is not supported with a sharded student (it samples at every micro-batch)")
     return plan
+
+
+def _cache_shape(recipe: Recipe, plan: MemoryPlan) -> tuple[int, str]:
+    """(K, storage dtype) of `data.teacher_cache` from its manifest; 64 / fp16 (the defaults) before it exists."""
+    assert recipe.data.teacher_cache is not None
+    root = Path(recipe.data.teacher_cache).expanduser()
+    manifest = read_manifest(root) if root.is_dir() else None
+    if manifest is None:
+        plan.notes.append(f"data.teacher_cache: {root} is not built yet; planned with the defaults --top-k 64 --dtype fp16")
+        return 64, "fp16"
+    return int(manifest["identity"]["top_k"]), str(manifest["identity"]["dtype"])
 
 
 def sharding_of(accelerate_config: Path) -> str:
@@ -246,7 +269,8 @@ def suggestions(recipe: Recipe, plan: MemoryPlan, device_memory: float, limit: i
         r.train.batch_size, r.train.grad_accum = bs, accum
         candidates.append((f"train.batch_size={bs} train.grad_accum={accum}", r, W, sharding, ac))
     teacher_can_shard = recipe.method.name != "seqkd" and getattr(recipe.method, "teacher_mix", 0) == 0
-    if recipe.models.teacher is not None and sharding == "fsdp" and teacher_can_shard:
+    live_teacher = recipe.models.teacher is not None and recipe.data.teacher_cache is None
+    if live_teacher and sharding == "fsdp" and teacher_can_shard:
         r = recipe.model_copy(deep=True)
         r.models.teacher_placement = "sharded"
         candidates.append(("models.teacher_placement=sharded", r, W, sharding, ac))
@@ -256,7 +280,7 @@ def suggestions(recipe: Recipe, plan: MemoryPlan, device_memory: float, limit: i
     for more in (2 * W, 4 * W, 8 * W):
         shard = sharding if sharding != "none" else "fsdp"
         candidates.append((f"--num-processes {more} --sharding {shard}", recipe, more, shard, shard == "fsdp" or ac))
-    if recipe.models.teacher is not None and recipe.models.teacher_placement != "cpu":
+    if live_teacher and recipe.models.teacher_placement != "cpu":
         r = recipe.model_copy(deep=True)
         r.models.teacher_placement = "cpu"  # last: a large teacher is slow on the CPU
         candidates.append(("models.teacher_placement=cpu (slow)", r, W, sharding, ac))

@@ -34,7 +34,7 @@ def resolve_models(recipe: Recipe, say: Callable[[str], None]) -> tuple[Path | N
     Returns (teacher_dir or None, student_dir, student_init record for the run's meta).
     """
     m = recipe.models
-    needs_teacher = METHODS[recipe.method.name].needs_teacher
+    needs_teacher = METHODS[recipe.method.name].needs_teacher and recipe.data.teacher_cache is None  # kd from a cache
     if needs_teacher and m.teacher is None:
         raise UserError(f"models.teacher: method {recipe.method.name} needs a teacher (set it or pass --teacher)")
     teacher_dir = _resolve("models.teacher", m.teacher) if m.teacher is not None else None

@@ -201,7 +201,8 @@ def output_dir_of(path: str | Path | None, overrides: list[str] | None, flags: d
     return None
 
 
-PATH_KEYS = (("data", "train"), ("data", "dev"), ("data", "corpus"), ("models", "teacher"), ("models", "student"))
+PATH_KEYS = (("data", "train"), ("data", "dev"), ("data", "corpus"), ("data", "teacher_cache"), ("models", "teacher"),
+             ("models", "student"))
 
 
 def _recipe_location(path: str | Path) -> Path:

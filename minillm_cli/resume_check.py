@@ -18,7 +18,7 @@ RESUME_SAFE = frozenset({
 })
 """Recipe keys that may change on `--resume` without changing what is trained: logging and saving
 cadence, the teacher-forced dev loss (no RNG), CPU threads (float summation order only), trackers."""
-_PATH_KEYS = ("data.train", "data.dev", "data.corpus", "models.teacher", "models.student")
+_PATH_KEYS = ("data.train", "data.dev", "data.corpus", "data.teacher_cache", "models.teacher", "models.student")
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -23,6 +23,7 @@ from minillm_cli.config import Recipe, validate
 from minillm_cli.distributed import agree_on_setup, check_launch
 from minillm_cli.errors import UserError
 from minillm_cli.recipe_loading import dump_resolved, read_recipe_file
+from minillm_cli.teacher_cache import TeacherCache, open_cache
 
 
 @dataclass
@@ -49,6 +50,8 @@ class Setup:
     teacher: torch.nn.Module | None
     vocab: int
     """Student output width; teacher logits are sliced to it."""
+    teacher_cache: TeacherCache | None = None
+    """The opened, checked `data.teacher_cache` (kd then runs without a teacher)."""
 
     def meta(self, recipe: Recipe) -> dict[str, Any]:
         """The run's part of every checkpoint's meta.json (the step adds its own)."""
@@ -62,6 +65,10 @@ class Setup:
             "extended": self.extended,
             "lora": m.lora.enabled, "base_model": str(self.student_dir) if m.lora.enabled else None,
             "minillm_version": __version__,
+            **({"teacher_cache": {"dir": str(self.teacher_cache.root), "top_k": self.teacher_cache.top_k,
+                                  "dtype": self.teacher_cache.dtype,
+                                  "teacher_sha256": self.teacher_cache.manifest["identity"]["teacher"]}}
+               if self.teacher_cache is not None else {}),
         }
 
 
@@ -72,6 +79,7 @@ def default_run_dir(method: str) -> Path:
 def protected_inputs(recipe: Recipe) -> dict[str, Path]:
     """The run's local inputs (recipe key -> path), which an --overwrite must never delete."""
     keys = {"data.train": recipe.data.train, "data.dev": recipe.data.dev, "data.corpus": recipe.data.corpus,
+            "data.teacher_cache": recipe.data.teacher_cache,
             "models.teacher": recipe.models.teacher, "models.student": recipe.models.student}
     out = {}
     for key, value in keys.items():
@@ -144,11 +152,16 @@ def set_up(recipe: Recipe, source: dict[str, str], accelerator: Any, resume: boo
         corpus = None
         if recipe.data.corpus and recipe.method.name == "minillm":
             corpus = data_mod.load_corpus(recipe.data.corpus, tokenizer, recipe.data.corpus_max_tokens)
+        cache = None
+        if recipe.data.teacher_cache is not None:  # checked against this run before any model is loaded
+            cache = open_cache(recipe, tokenizer, train_enc, models_mod.output_width(student_dir), teacher_dir)
 
         dtype = models_mod.pick_dtype(m.dtype, device)
         load_kw = dict(dtype=dtype, device=device, trust_remote_code=m.trust_remote_code, allow_pickle=m.allow_pickle)
         student = prepare.load_student(student_dir, recipe, resume_dir, load_kw)
-        teacher = prepare.load_teacher(teacher_dir, recipe, device, load_kw) if teacher_dir is not None else None
+        teacher = None
+        if teacher_dir is not None and cache is None:  # kd from a cache never loads the teacher
+            teacher = prepare.load_teacher(teacher_dir, recipe, device, load_kw)
         vocab = student.get_output_embeddings().weight.shape[0]
 
         resume_state = None
@@ -181,4 +194,4 @@ def set_up(recipe: Recipe, source: dict[str, str], accelerator: Any, resume: boo
     return Setup(run_dir=run_dir, resume_dir=resume_dir, resume_state=resume_state, recipe_text=recipe_text,
                  hashes=hashes, extended=extended, teacher_dir=teacher_dir, student_dir=student_dir,
                  student_init=student_init, tokenizer=tokenizer, train=train_enc, dev=dev_enc, corpus=corpus,
-                 dtype=dtype, student=student, teacher=teacher, vocab=vocab)
+                 dtype=dtype, student=student, teacher=teacher, vocab=vocab, teacher_cache=cache)
