@@ -393,3 +393,25 @@ def test_cached_kd_on_two_processes_matches_one(tmp_path, tiny_dir, tiny_data, f
     w1, w2 = _weights(one / "step-000002"), _weights(two / "step-000002")
     for key in w1:
         torch.testing.assert_close(w2[key], w1[key], atol=2e-6, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_bench_smoke_compares_live_and_cached_kd(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    run = subprocess.run([sys.executable, str(repo / "bench" / "teacher_cache.py"), "--smoke", "--threads", "1",
+                          "--json", str(out)], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["cache"]["build_s"] > 0 and r["cache"]["disk_bytes"] >= r["cache"]["tokens"] * r["cache"]["bytes_per_token"]
+    for side in ("live", "cached"):
+        assert r[side]["s_per_step"] > 0 and r[side]["rss_mib"] > 50
+    assert 0 <= r["kl_live_cached"] < 1 and r["kl_live_initial"] > 0
+    approx = r["approximation"]["initial/forward_kl/k=32"]
+    assert 0 < approx["rel_error"] < 1 and 0 < approx["grad_cos"] <= 1
+    assert "KL[live ‖ cached]" in run.stdout and "s/step" in run.stdout
