@@ -361,9 +361,12 @@ def teacher_cache(
     shard_examples: int = typer.Option(512, "--shard-examples", help="Training examples per shard file."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per teacher forward "
                                              "(default train.batch_size)."),
+    answers: bool = typer.Option(False, "--answers", help="Cache the teacher's sampled answers for `method: seqkd` "
+                                 "(method.max_new_tokens, method.batch_size, rollout.*) instead of log-probs."),
 ) -> None:
     """Run the teacher once over the training data and cache its top-k log-probs for `method: kd`
-    with `data.teacher_cache` (trains without loading the teacher)."""
+    (or, with --answers, its answers for `method: seqkd`) with `data.teacher_cache`: the run then
+    loads no teacher."""
 
     def body() -> None:
         from minillm_cli.recipe_loading import load_recipe
@@ -375,7 +378,7 @@ def teacher_cache(
         if target is None:
             raise UserError("--out: name the cache directory (or set data.teacher_cache in the recipe)")
         build_cache(r, Path(target).expanduser(), top_k=top_k, dtype=dtype, shard_examples=shard_examples,
-                    batch_size=batch_size, console=console)
+                    batch_size=batch_size, answers=answers, console=console)
 
     _guard(body)
 

@@ -134,8 +134,10 @@ class DataConfig(Section):
     corpus_max_tokens: int = Field(256, ge=8)
     teacher_cache: str | None = None
     """Directory written by `minillm teacher-cache`: `method: kd` then trains from the teacher's cached
-    top-k log-probs (a sparse divergence, README "Teacher cache") and loads no teacher. The cache must
-    have been built from this data, template, tokenizer and max lengths (checked before training)."""
+    top-k log-probs (a sparse divergence, README "Teacher cache"), `method: seqkd` from its cached
+    answers (`teacher-cache --answers`); neither loads the teacher. The cache must have been built from
+    this data, template, tokenizer and max lengths (and, for answers, sampler settings): checked before
+    training."""
 
     @model_validator(mode="after")
     def _lengths(self) -> "DataConfig":
@@ -391,21 +393,17 @@ def validate(tree: dict[str, Any]) -> Recipe:
         raise UserError(_format_errors(e, tree)) from None
     if recipe.method.name == "minillm":
         check_minillm_sampler(recipe.rollout)
-    if recipe.data.teacher_cache is not None and recipe.method.name != "kd":
-        raise UserError(f"data.teacher_cache: only method kd trains from a teacher cache (method {recipe.method.name} "
-                        f"{CACHE_REFUSAL[recipe.method.name]}); remove data.teacher_cache or use method.name=kd")
+    if recipe.data.teacher_cache is not None and recipe.method.name not in ("kd", "seqkd"):
+        raise UserError(f"data.teacher_cache: only methods kd (cached log-probs) and seqkd (cached answers) train "
+                        f"from a teacher cache (method {recipe.method.name} {CACHE_REFUSAL[recipe.method.name]}); "
+                        "remove data.teacher_cache")
     return recipe
 
 
 CACHE_REFUSAL = {
     "sft": "uses no teacher",
-    "seqkd": "trains on the teacher's sampled answers, not its distributions",
     "gkd": "needs the teacher on the student's own samples, which no cache can hold",
     "minillm": "needs the teacher on the student's own samples, which no cache can hold",
 }
 """Why a method other than kd cannot train from cached teacher log-probs."""
 
-
-def uses_live_teacher(recipe: Recipe) -> bool:
-    """Whether the run loads and runs the teacher (every distillation method, unless kd reads a cache)."""
-    return recipe.method.name != "sft" and recipe.data.teacher_cache is None

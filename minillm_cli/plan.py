@@ -17,7 +17,8 @@ weights — and add up, per device, for a launch of `num_processes` processes wi
     kd from a teacher cache (`data.teacher_cache`): no teacher weights and no teacher logits, but the
                cache read buffers of one micro-batch B·T·(K·(b_c + 4) + 4) (top-K log-probs in the
                cache's dtype b_c, int32 ids, fp32 tail; K and dtype from the cache's manifest, else
-               K = 64 fp16); its shards are memory-mapped (host page cache, not counted)
+               K = 64 fp16); its shards are memory-mapped (host page cache, not counted). seqkd from
+               cached answers: no teacher and no sampling KV caches
     rollouts   MiniLLM teacher-logit buffer (num_rollouts/W)·max_new_tokens·V·b, the small per-token
                buffers, KV caches of one rollout batch, and (sharded) a full student copy for sampling
 
@@ -187,7 +188,7 @@ def plan_memory(recipe: Recipe, *, num_processes: int = 1, sharding: str = "none
     teacher_logits = name in ("kd", "gkd", "minillm") and not cached
     add(("logits (B×T×V)", logit * (3 if teacher_logits else 2),
          f"B={B} × T={T + 1} × V={s.vocab}: student + its gradient" + (" + teacher" if teacher_logits else "")))
-    if cached:
+    if cached and name == "kd":
         k, dtype = _cache_shape(recipe, plan)
         add(("teacher cache buffers", B * T * (k * (DTYPE_BYTES[dtype] + 4) + 4),
              f"B={B} × T={T} × K={k}: top-k log-probs ({dtype}) + int32 ids + fp32 tail, per micro-batch"))
@@ -210,7 +211,8 @@ def plan_memory(recipe: Recipe, *, num_processes: int = 1, sharding: str = "none
         if t is not None and (isinstance(method, SeqKdMethod) or (isinstance(method, MiniLlmMethod) and method.teacher_mix > 0)):
             models.append(t)
         kv = sum(rb * ctx_len * sh.layers * 2 * sh.kv_dim * b for sh in models)
-        add(("KV caches (sampling)", kv, f"{rb} sequences × {ctx_len} positions, {len(models)} model(s)"))
+        if models:  # seqkd from cached answers samples nothing
+            add(("KV caches (sampling)", kv, f"{rb} sequences × {ctx_len} positions, {len(models)} model(s)"))
         if sharding != "none" and name == "minillm":
             add(("sampling copy of the student", s.params * b, "full student gathered once per buffer"))
     if sharding != "none" and name == "gkd":

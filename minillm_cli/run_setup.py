@@ -65,8 +65,8 @@ class Setup:
             "extended": self.extended,
             "lora": m.lora.enabled, "base_model": str(self.student_dir) if m.lora.enabled else None,
             "minillm_version": __version__,
-            **({"teacher_cache": {"dir": str(self.teacher_cache.root), "top_k": self.teacher_cache.top_k,
-                                  "dtype": self.teacher_cache.dtype,
+            **({"teacher_cache": {"dir": str(self.teacher_cache.root), "kind": self.teacher_cache.kind,
+                                  "top_k": self.teacher_cache.top_k, "dtype": self.teacher_cache.dtype,
                                   "teacher_sha256": self.teacher_cache.manifest["identity"]["teacher"]}}
                if self.teacher_cache is not None else {}),
         }

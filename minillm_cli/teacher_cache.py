@@ -1,6 +1,8 @@
-"""Teacher caches: the teacher's top-k log-probs at every response position of the training data,
-written once by `minillm teacher-cache` (`teacher_cache_command.py`) and read by `method: kd` with
-`data.teacher_cache: DIR`, which then loads no teacher.
+"""Teacher caches: the teacher's top-k log-probs at every response position of the training data
+(`kind: logprobs`, read by `method: kd`), or the teacher's own sampled answers to the training prompts
+(`kind: answers`, `teacher-cache --answers`, read by `method: seqkd`); written once by `minillm
+teacher-cache` (`teacher_cache_command.py`) and read with `data.teacher_cache: DIR`, so that the run
+loads no teacher.
 
 A cache directory holds
 
@@ -16,12 +18,15 @@ examples' rows one after the other, in training-set order), holds
     offsets   (E+1,) int64          example e's rows are offsets[e] : offsets[e+1]
     index     (E,)   int64          `Encoded.index` of each example
 
-so a response token costs K·(b + 4) + 4 bytes (b = 2 for fp16: 388 B at K = 64).
+so a response token costs K·(b + 4) + 4 bytes (b = 2 for fp16: 388 B at K = 64). An answers shard
+holds `response_ids` (N,) int32 (the teacher's answers, EOS included unless cut by
+`method.max_new_tokens`), `offsets` and `index`: 4 bytes per answer token.
 
 The identity names everything that decides which rows exist and what they hold: the teacher's
 weights (sha256), the tokenizer (sha256 of its pipeline, special tokens and chat template), the
 student's output width, the data (file hashes, format, split, system prompt, template, max lengths,
-overlong rule, dev split), a hash of the tokenised rows themselves, K and the storage dtype. A
+overlong rule, dev split), a hash of the tokenised rows themselves, K and the storage dtype (answers:
+the sampler's temperature, top-k, top-p, max new tokens, batch size and seed instead). A
 training run recomputes it from its own recipe and refuses a cache that differs, naming the first
 difference (`open_cache`); `minillm teacher-cache` continues a cache with the same identity and
 refuses to touch one with another (`check_out_dir`).
@@ -124,14 +129,37 @@ def data_identity(recipe: Recipe, tokenizer: Any) -> dict[str, Any]:
     }
 
 
-def identity(recipe: Recipe, tokenizer: Any, train: list[data_mod.Encoded], vocab: int) -> dict[str, Any]:
-    """What a training run with `recipe` needs a cache to be (teacher, K, dtype and shards aside)."""
-    return {"tokenizer": tokenizer_sha256(tokenizer), "vocab": vocab, **data_identity(recipe, tokenizer),
-            "rows": rows_sha256(train), "examples": len(train),
-            "tokens": sum(len(e.response_ids) for e in train)}
+def answers_identity(recipe: Recipe) -> dict[str, Any]:
+    """The sampler settings that decide SeqKD's answers (the recipe's, or seqkd's defaults under another method)."""
+    from minillm_cli.config import SeqKdMethod
+
+    m = recipe.method if isinstance(recipe.method, SeqKdMethod) else SeqKdMethod()
+    r = recipe.rollout
+    return {"rollout.temperature": r.temperature, "rollout.top_k": r.top_k, "rollout.top_p": r.top_p,
+            "method.max_new_tokens": m.max_new_tokens, "method.batch_size": m.batch_size,
+            "sampling.seed": recipe.train.seed}
 
 
-_WHAT = {"tokenizer": "the tokenizer (sha256)", "vocab": "the student's output width",
+def kind_of(recipe: Recipe) -> str:
+    """The cache a method reads: seqkd the teacher's answers, kd its log-probs."""
+    return "answers" if recipe.method.name == "seqkd" else "logprobs"
+
+
+def identity(recipe: Recipe, tokenizer: Any, train: list[data_mod.Encoded], vocab: int,
+             kind: str = "logprobs") -> dict[str, Any]:
+    """What a training run with `recipe` needs a cache of `kind` to be (teacher, K, dtype and shards aside)."""
+    ident: dict[str, Any] = {"kind": kind, "tokenizer": tokenizer_sha256(tokenizer)}
+    if kind == "logprobs":
+        ident["vocab"] = vocab
+    ident.update(data_identity(recipe, tokenizer))
+    if kind == "answers":
+        ident.update(answers_identity(recipe))
+    return {**ident, "examples": len(train), "tokens": sum(len(e.response_ids) for e in train),
+            "rows": rows_sha256(train)}
+
+
+_WHAT = {"kind": "what the cache holds (logprobs for kd, answers for seqkd)",
+         "sampling.seed": "train.seed (the answers' sampling seed)", "tokenizer": "the tokenizer (sha256)", "vocab": "the student's output width",
          "rows": "the tokenised training rows (sha256)", "examples": "the number of training examples",
          "tokens": "the number of response tokens", "data.train": "data.train (file sha256)",
          "data.dev": "data.dev (file sha256)", "teacher": "the teacher's weights (sha256)"}
@@ -166,14 +194,16 @@ def read_manifest(root: Path) -> dict[str, Any] | None:
     return manifest
 
 
-def new_manifest(ident: dict[str, Any], *, teacher: dict[str, str], top_k: int, dtype: str,
+def new_manifest(ident: dict[str, Any], *, teacher: dict[str, str], top_k: int | None, dtype: str | None,
                  shard_examples: int) -> dict[str, Any]:
     n = ident["examples"]
+    per_token = 4 if top_k is None or dtype is None else bytes_per_token(top_k, dtype)  # answers: one int32 id
     return {"format": FORMAT, "version": VERSION, "minillm_version": __version__,
             "identity": {**ident, "teacher": teacher["sha256"], "top_k": top_k, "dtype": dtype,
                          "shard_examples": shard_examples},
             "teacher_path": teacher["path"], "shards": (n + shard_examples - 1) // shard_examples,
-            "bytes_per_token": bytes_per_token(top_k, dtype), "complete": False, "shard_bytes": {}}
+            "bytes_per_token": per_token,
+            "complete": False, "shard_bytes": {}}
 
 
 def shard_problem(path: Path, examples: int, size: int | None = None) -> str | None:
@@ -202,7 +232,8 @@ class TeacherCache:
     def __init__(self, root: Path, manifest: dict[str, Any], where: dict[int, tuple[int, int, int]]) -> None:
         self.root = root
         self.manifest = manifest
-        self.top_k = int(manifest["identity"]["top_k"])
+        self.kind = str(manifest["identity"]["kind"])
+        self.top_k = int(manifest["identity"]["top_k"] or 0)
         self.dtype = str(manifest["identity"]["dtype"])
         self._where = where  # Encoded.index -> (shard, first row, rows)
         self._files: dict[int, Any] = {}
@@ -241,15 +272,26 @@ class TeacherCache:
             tail[row, :n] = f.get_slice("tail")[start : start + n]
         return ids.to(device), logprobs.to(device), tail.to(device)
 
+    def answers(self, train: list[data_mod.Encoded]) -> list[list[int]]:
+        """The teacher's answer to each example of `train` (an answers cache), in that order."""
+        out = []
+        for e in train:
+            shard, start, n = self._where[e.index]
+            out.append(self._file(shard).get_slice("response_ids")[start : start + n].tolist())
+        return out
+
 
 def open_cache(recipe: Recipe, tokenizer: Any, train: list[data_mod.Encoded], vocab: int,
                teacher_dir: Path | None) -> TeacherCache:
     """Open `data.teacher_cache` for a training run, or refuse it (before any model is loaded).
 
+    The cache must hold what the method reads (`kind_of`: log-probs for kd, answers for seqkd).
+
     Raises:
-        UserError: one line naming what differs from the run (tokenizer, data file, template, max
-            lengths, the rows, the teacher when the recipe names one), or the shard that is missing,
-            truncated or damaged, or that the cache is incomplete.
+        UserError: one line naming what differs from the run (what the cache holds, tokenizer, data
+            file, template, max lengths, sampler settings of answers, the rows, the teacher when the
+            recipe names one), or the shard that is missing, truncated or damaged, or that the cache
+            is incomplete.
     """
     assert recipe.data.teacher_cache is not None
     root = Path(recipe.data.teacher_cache).expanduser()
@@ -265,9 +307,8 @@ def open_cache(recipe: Recipe, tokenizer: Any, train: list[data_mod.Encoded], vo
                    for i in range(manifest["shards"]))
         raise UserError(f"{key}: incomplete ({done} of {manifest['shards']} shards written); finish it by running "
                         "the `minillm teacher-cache` command that started it again")
-    now = identity(recipe, tokenizer, train, vocab)
-    keys = ["tokenizer", "vocab", *data_identity(recipe, tokenizer), "examples", "tokens", "rows"]
-    diff = first_difference(cached, now, keys)
+    now = identity(recipe, tokenizer, train, vocab, kind_of(recipe))
+    diff = first_difference(cached, now, list(now))
     if diff is None and teacher_dir is not None:
         diff = first_difference(cached, {"teacher": model_sha256(teacher_dir)}, ["teacher"])
     if diff is not None:
@@ -284,11 +325,15 @@ def open_cache(recipe: Recipe, tokenizer: Any, train: list[data_mod.Encoded], vo
                             "`minillm teacher-cache` again)")
         with safe_open(str(path), framework="pt") as f:
             offsets, index = f.get_tensor("offsets").tolist(), f.get_tensor("index").tolist()
-            rows = f.get_slice("ids").get_shape()
-            dtype = f.get_slice("logprobs").get_dtype()
-        want = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}[cached["dtype"]]
-        if rows != [offsets[-1], cached["top_k"]] or dtype != want:
-            raise UserError(f"{key}: {shard_name(i)} does not match its manifest (ids {rows}, log-probs {dtype})")
+            if cached["kind"] == "answers":
+                shape, want_shape = f.get_slice("response_ids").get_shape(), [offsets[-1]]
+                dtype = want = f.get_slice("response_ids").get_dtype()
+            else:
+                shape, want_shape = f.get_slice("ids").get_shape(), [offsets[-1], cached["top_k"]]
+                dtype = f.get_slice("logprobs").get_dtype()
+                want = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}[cached["dtype"]]
+        if shape != want_shape or dtype != want:
+            raise UserError(f"{key}: {shard_name(i)} does not match its manifest (rows {shape}, dtype {dtype})")
         for e, idx in enumerate(index):
             where[idx] = (i, offsets[e], offsets[e + 1] - offsets[e])
     missing = [e.index for e in train if e.index not in where]

@@ -1,5 +1,6 @@
 """`minillm teacher-cache`: run the teacher once over the training data and write its top-k
-log-probs per response position (format: `minillm_cli.teacher_cache`).
+log-probs per response position, or (`--answers`) its sampled answers to the training prompts, as
+SeqKD draws them (format: `minillm_cli.teacher_cache`).
 
 The training rows are exactly a training run's (`data.prepare_datasets` with the recipe's data
 section and seed: same templates, truncation, dev split and masking), tokenised with the student's
@@ -105,6 +106,32 @@ def shard_tensors(teacher: torch.nn.Module, examples: list[data_mod.Encoded], *,
             "index": torch.tensor([e.index for e in examples], dtype=torch.int64)}
 
 
+@torch.no_grad()
+def shard_answers(teacher: torch.nn.Module, examples: list[data_mod.Encoded], recipe: Recipe, tokenizer: Any,
+                  device: torch.device, seed: int, stop: Callable[[], None]) -> dict[str, torch.Tensor]:
+    """The tensors of one answers shard: the teacher's SeqKD answers to `examples`' prompts, in their order.
+
+    Each shard samples from its own generator (`seed`), so a shard written after an interrupt is the
+    one an uninterrupted build writes."""
+    from minillm_cli.config import SeqKdMethod
+    from minillm_cli.methods.seqkd import sample_answers
+
+    cfg = recipe.method if isinstance(recipe.method, SeqKdMethod) else SeqKdMethod()
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    answers = sample_answers(teacher, examples, cfg, recipe.rollout, tokenizer, device, gen, stop=stop,
+                             advance=lambda n: None)
+    offsets = torch.tensor([0, *(len(a) for a in answers)]).cumsum(0)  # (E+1,)
+    flat = [t for a in answers for t in a]
+    return {"response_ids": torch.tensor(flat, dtype=torch.int32), "offsets": offsets.to(torch.int64),
+            "index": torch.tensor([e.index for e in examples], dtype=torch.int64)}
+
+
+def answers_seed(recipe: Recipe, shard: int) -> int:
+    """The sampling seed of answers shard `shard` (from train.seed, as SeqKD's own stream)."""
+    return (recipe.train.seed + 7919) * 1_000_003 + shard
+
+
 class _Stop:
     """SIGINT / SIGTERM during the build: stop at the next micro-batch (the shard in progress is lost)."""
 
@@ -134,9 +161,12 @@ class _Stop:
             raise KeyboardInterrupt
 
 
-def build_cache(recipe: Recipe, out: Path, *, top_k: int, dtype: str = "fp16", shard_examples: int = 512,
-                batch_size: int | None = None, console: Console | None = None) -> dict[str, Any]:
+def build_cache(recipe: Recipe, out: Path, *, top_k: int = 64, dtype: str = "fp16", shard_examples: int = 512,
+                batch_size: int | None = None, answers: bool = False, console: Console | None = None) -> dict[str, Any]:
     """Build (or continue) the teacher cache of `recipe`'s training data in `out`; returns its manifest.
+
+    `answers`: the teacher's sampled answers (SeqKD, settings from the recipe's seqkd method section
+    and `rollout.*`) instead of its top-k log-probs (`top_k`, `dtype` and `batch_size` unused).
 
     Raises:
         UserError: no teacher, bad options, an --out holding something else, the usual data / model errors.
@@ -146,7 +176,7 @@ def build_cache(recipe: Recipe, out: Path, *, top_k: int, dtype: str = "fp16", s
     say: Callable[[str], None] = lambda s: console.print(s, highlight=False, markup=False)  # noqa: E731
     if dtype not in tc.DTYPES:
         raise UserError(f"--dtype: must be one of {', '.join(tc.DTYPES)}, got {dtype!r}")
-    if top_k < 1:
+    if top_k < 1 and not answers:
         raise UserError(f"--top-k: must be >= 1, got {top_k}")
     if shard_examples < 1:
         raise UserError(f"--shard-examples: must be >= 1, got {shard_examples}")
@@ -166,28 +196,30 @@ def build_cache(recipe: Recipe, out: Path, *, top_k: int, dtype: str = "fp16", s
     if student_dir is not None:
         models_mod.check_tokenizers(models_mod.load_tokenizer(teacher_dir, trust_remote_code=m.trust_remote_code),
                                     tokenizer, teacher_vocab=models_mod.output_width(teacher_dir), student_vocab=vocab)
-    if top_k > vocab:
+    if top_k > vocab and not answers:
         raise UserError(f"--top-k: {top_k} is more than the vocabulary ({vocab} ids)")
     train, _, _, _ = data_mod.prepare_datasets(recipe.data, tokenizer, recipe.train.seed, say)
-    ident = tc.identity(recipe, tokenizer, train, vocab)
+    ident = tc.identity(recipe, tokenizer, train, vocab, "answers" if answers else "logprobs")
     say(f"hashing the teacher's weights ({teacher_dir})")
     teacher_rec = {"path": str(teacher_dir), "sha256": tc.model_sha256(teacher_dir)}
-    manifest = tc.new_manifest(ident, teacher=teacher_rec, top_k=top_k, dtype=dtype, shard_examples=shard_examples)
+    manifest = tc.new_manifest(ident, teacher=teacher_rec, top_k=None if answers else top_k,
+                               dtype=None if answers else dtype, shard_examples=shard_examples)
     existing = check_out_dir(out, manifest)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(f"{tc.TMP_PREFIX}*"):  # a shard an earlier, killed build did not finish
         stale.unlink()
-    if existing is not None:
-        manifest = {**existing, "minillm_version": manifest["minillm_version"]}
-        if existing.get("complete"):
-            say(f"teacher cache {out}: already complete ({existing['shards']} shards); nothing to do")
-            return existing
-    write_text_atomic(out / tc.MANIFEST, _dump(manifest))
-
     n_shards = manifest["shards"]
-    todo = [i for i in range(n_shards) if tc.shard_problem(out / tc.shard_name(i), tc.shard_size(manifest["identity"], i))]
-    if len(todo) < n_shards:
+    sizes = existing.get("shard_bytes", {}) if existing is not None else {}
+    todo = [i for i in range(n_shards) if tc.shard_problem(out / tc.shard_name(i), tc.shard_size(manifest["identity"], i),
+                                                           sizes.get(tc.shard_name(i)))]
+    if existing is not None:
+        if not todo:
+            say(f"teacher cache {out}: already complete ({n_shards} shards); nothing to do")
+            return existing
+        # the same cache, unfinished (or a shard lost since): keep what is intact, write the rest
+        manifest = {**existing, "minillm_version": manifest["minillm_version"], "complete": False}
         say(f"teacher cache {out}: continuing, {n_shards - len(todo)} of {n_shards} shards already written")
+    write_text_atomic(out / tc.MANIFEST, _dump(manifest))
     device = models_mod.pick_device(m.device)
     t_dtype = models_mod.pick_dtype(m.dtype, device)
     teacher = models_mod.load_model(teacher_dir, dtype=t_dtype, device=device, trust_remote_code=m.trust_remote_code,
@@ -195,13 +227,18 @@ def build_cache(recipe: Recipe, out: Path, *, top_k: int, dtype: str = "fp16", s
     bs = batch_size or recipe.train.batch_size
     t0 = time.time()
     remaining = sum(tc.shard_size(manifest["identity"], i) for i in todo)
-    with _Stop() as stop, Phase(f"teacher-cache: top-{top_k} log-probs", remaining, "examples", console, say) as phase:
+    what = "answers" if answers else f"top-{top_k} log-probs"
+    with _Stop() as stop, Phase(f"teacher-cache: {what}", remaining, "examples", console, say) as phase:
         try:
             for i in todo:
                 part = train[i * shard_examples : (i + 1) * shard_examples]
-                tensors = shard_tensors(teacher, part, top_k=top_k, dtype=dtype, vocab=vocab,
-                                        pad_id=tokenizer.pad_token_id, batch_size=bs,
-                                        chunk_size=recipe.train.chunk_size, device=device, stop=stop.check)
+                if answers:
+                    tensors = shard_answers(teacher, part, recipe, tokenizer, device, answers_seed(recipe, i),
+                                            stop=stop.check)
+                else:
+                    tensors = shard_tensors(teacher, part, top_k=top_k, dtype=dtype, vocab=vocab,
+                                            pad_id=tokenizer.pad_token_id, batch_size=bs,
+                                            chunk_size=recipe.train.chunk_size, device=device, stop=stop.check)
                 _write_shard(out / tc.shard_name(i), tensors, len(part))
                 phase.advance(len(part))
         except KeyboardInterrupt:
@@ -215,7 +252,8 @@ def build_cache(recipe: Recipe, out: Path, *, top_k: int, dtype: str = "fp16", s
     manifest["build_s"] = round(manifest.get("build_s", 0.0) + time.time() - t0, 3)
     write_text_atomic(out / tc.MANIFEST, _dump(manifest))
     total = sum(manifest["shard_bytes"].values())
-    say(f"teacher cache {out}: {ident['examples']} examples, {ident['tokens']} response tokens, top-{top_k} {dtype} "
+    held = "answers (int32 ids)" if answers else f"top-{top_k} {dtype}"
+    say(f"teacher cache {out}: {ident['examples']} examples, {ident['tokens']} response tokens, {held} "
         f"({manifest['bytes_per_token']} B per token), {total / 2**20:.1f} MiB in {n_shards} shards")
     return manifest
 

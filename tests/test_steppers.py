@@ -38,6 +38,7 @@ class FakeCtx:
     device: torch.device = torch.device("cpu")
     data_pos: int = 0
     tokenizer: Any = None
+    teacher_cache: Any = None
 
     def __post_init__(self) -> None:
         self.tokenizer = SimpleNamespace(pad_token_id=self.pad_token_id)

@@ -355,9 +355,9 @@ def test_a_cache_that_does_not_match_the_run_is_refused_before_training(tmp_path
     assert not (tmp_path / "run").exists()  # nothing written, nothing trained
 
 
-@pytest.mark.parametrize("method", ["sft", "seqkd", "gkd", "minillm"])
+@pytest.mark.parametrize("method", ["sft", "gkd", "minillm"])
 def test_other_methods_refuse_a_teacher_cache(method):
-    with pytest.raises(UserError, match=f"^data.teacher_cache: only method kd .*method {method}"):
+    with pytest.raises(UserError, match=f"^data.teacher_cache: only methods kd .*and seqkd .*method {method}"):
         load_recipe(None, [f"method.name={method}", "data.teacher_cache=somewhere"])
 
 
@@ -415,3 +415,87 @@ def test_bench_smoke_compares_live_and_cached_kd(tmp_path):
     approx = r["approximation"]["initial/forward_kl/k=32"]
     assert 0 < approx["rel_error"] < 1 and 0 < approx["grad_cos"] <= 1
     assert "KL[live ‖ cached]" in run.stdout and "s/step" in run.stdout
+
+
+# ----------------------------------------------------------------------------- seqkd answers
+SEQKD = ["method.name=seqkd", "method.max_new_tokens=6", "method.batch_size=4"]
+
+
+def _answers_recipe(tiny_dir: Path, data: Path, extra: list[str] = (), out: Path | None = None, teacher: bool = True):
+    return _recipe(tiny_dir, data, [*SEQKD, *extra], out=out, steps=2, teacher=teacher)
+
+
+@pytest.fixture(scope="module")
+def answers_cache(tmp_path_factory, tiny_dir, tiny_data) -> Path:
+    out = tmp_path_factory.mktemp("answers") / "cache"
+    recipe, _ = _answers_recipe(tiny_dir, tiny_data)
+    build_cache(recipe, out, shard_examples=10, answers=True)
+    return out
+
+
+def test_answers_cache_is_seqkds_sampling_shard_by_shard(tmp_path, tiny_dir, tiny_data, answers_cache, models):
+    from minillm_cli import data as data_mod
+    from minillm_cli import models as models_mod
+    from minillm_cli.methods.seqkd import sample_answers
+    from minillm_cli.teacher_cache_command import answers_seed
+
+    manifest = json.loads((answers_cache / "manifest.json").read_text())
+    ident = manifest["identity"]
+    assert manifest["complete"] and manifest["shards"] == 3 and manifest["bytes_per_token"] == 4
+    assert ident["kind"] == "answers" and ident["method.max_new_tokens"] == 6 and ident["sampling.seed"] == 42
+    recipe, _ = _answers_recipe(tiny_dir, tiny_data)
+    tok = models_mod.load_tokenizer(tiny_dir / "student")
+    train_enc, _, _, _ = data_mod.prepare_datasets(recipe.data, tok, recipe.train.seed, lambda s: None)
+    gen = torch.Generator().manual_seed(answers_seed(recipe, 1))
+    want = sample_answers(models[1], train_enc[10:20], recipe.method, recipe.rollout, tok, torch.device("cpu"), gen,
+                          stop=lambda: None, advance=lambda n: None)
+    shard = load_file(str(answers_cache / "shard-00001.safetensors"))
+    got = [shard["response_ids"][a:b].tolist() for a, b in zip(shard["offsets"][:-1], shard["offsets"][1:])]
+    assert got == want and all(0 < len(a) <= 6 for a in got)
+    # a shard lost after the build is rewritten, identical, by the same command
+    copy = tmp_path / "cache"
+    shutil.copytree(answers_cache, copy)
+    (copy / "shard-00001.safetensors").unlink()
+    build_cache(recipe, copy, shard_examples=10, answers=True)
+    assert load_file(str(copy / "shard-00001.safetensors"))["response_ids"].tolist() == shard["response_ids"].tolist()
+
+
+def test_seqkd_trains_on_cached_answers_without_a_teacher(tmp_path, tiny_dir, tiny_data, answers_cache, monkeypatch):
+    from minillm_cli import prepare
+    from minillm_cli.data import take_indices
+
+    monkeypatch.setattr(prepare, "load_teacher", lambda *a, **k: pytest.fail("a cached run must not load the teacher"))
+    recipe, source = _answers_recipe(tiny_dir, tiny_data, [f"data.teacher_cache={answers_cache}"],
+                                     out=tmp_path / "run", teacher=False)
+    run = train(recipe, source)
+    meta = json.loads((run / "step-000002" / "meta.json").read_text())
+    assert meta["seqkd"] == {"responses": str(answers_cache), "count": 24, "source": "teacher-cache"}
+    assert not (run / "seqkd-teacher-responses.jsonl").exists()
+    answers = []
+    for i in range(3):
+        shard = load_file(str(answers_cache / tc.shard_name(i)))
+        offsets = shard["offsets"].tolist()
+        answers += [len(range(a, b)) for a, b in zip(offsets[:-1], offsets[1:])]
+    first = take_indices(24, recipe.train.seed, 0, 4)  # the rows of step 1
+    assert _metrics(run)[0]["tokens"] == sum(answers[i] for i in first)  # trained on the teacher's answers
+
+
+@pytest.mark.parametrize("case", ["kd from answers", "seqkd from log-probs", "sampler"])
+def test_a_cache_of_the_wrong_kind_or_sampler_is_refused(tmp_path, tiny_dir, tiny_data, answers_cache, full_cache,
+                                                         case):
+    if case == "kd from answers":
+        recipe, source = _recipe(tiny_dir, tiny_data, [f"data.teacher_cache={answers_cache}"], out=tmp_path / "run",
+                                 teacher=False)
+        needle = "what the cache holds .*'answers' in the cache, 'logprobs' here"
+    elif case == "seqkd from log-probs":
+        recipe, source = _answers_recipe(tiny_dir, tiny_data, [f"data.teacher_cache={full_cache}"],
+                                         out=tmp_path / "run", teacher=False)
+        needle = "'logprobs' in the cache, 'answers' here"
+    else:
+        recipe, source = _answers_recipe(tiny_dir, tiny_data, [f"data.teacher_cache={answers_cache}",
+                                                               "method.max_new_tokens=5"], out=tmp_path / "run",
+                                         teacher=False)
+        needle = "method.max_new_tokens: 6 in the cache, 5 here"
+    with pytest.raises(UserError, match=f"^data.teacher_cache: .*{needle}"):
+        train(recipe, source)
+    assert not (tmp_path / "run").exists()

@@ -1,19 +1,20 @@
 """SeqKD: the teacher answers every training prompt once (sampling: T=1, top-k 0, top-p 1 by default,
-`rollout.*` to change), the answers are cached with the run, and the student is fine-tuned on the
-TEACHER's text with plain SFT. (The reference code silently trained on the gold outputs; we never do,
+`rollout.*` to change), the answers are cached with the run (or read from `data.teacher_cache`, built
+once by `minillm teacher-cache --answers` and shared between runs), and the student is fine-tuned on
+the TEACHER's text with plain SFT. (The reference code silently trained on the gold outputs; we never do,
 and the run's meta.json records the cache file and how many responses came from the teacher.)
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
 from minillm_cli import data as data_mod
 from minillm_cli.checkpoint import write_text_atomic
-from minillm_cli.config import SeqKdMethod
+from minillm_cli.config import RolloutConfig, SeqKdMethod
 from minillm_cli.context import Ctx, check_stop
 from minillm_cli.methods.sft import SftStepper
 from minillm_cli.progress import Phase
@@ -22,29 +23,37 @@ from minillm_cli.rundir import SEQKD_CACHE
 CACHE_NAME = SEQKD_CACHE
 
 
-def generate_teacher_responses(ctx: Ctx, cfg: SeqKdMethod) -> list[list[int]]:
-    """Sample one teacher response per training prompt (batched, KV-cached; our own sampler)."""
+def sample_answers(teacher: torch.nn.Module, examples: list[data_mod.Encoded], cfg: SeqKdMethod,
+                   rollout: RolloutConfig, tokenizer: Any, device: torch.device, gen: torch.Generator,
+                   stop: Callable[[], None], advance: Callable[[int], None]) -> list[list[int]]:
+    """Sample one teacher response per prompt of `examples`, in their order (batches of
+    `cfg.batch_size`, KV-cached; our own sampler). `stop()` runs before each batch (it may raise to
+    abandon the work), `advance(n)` after each batch of n prompts (progress)."""
     from minillm_cli.rollout import sample
 
+    out: list[list[int]] = []
+    for i in range(0, len(examples), cfg.batch_size):
+        chunk = examples[i : i + cfg.batch_size]
+        stop()
+        ids, mask = data_mod.collate_prompts(chunk, tokenizer.pad_token_id)
+        roll = sample(teacher, ids.to(device), mask.to(device), alpha=0.0, max_new_tokens=cfg.max_new_tokens,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                      temperature=rollout.temperature, top_k=rollout.top_k, top_p=rollout.top_p, generator=gen)
+        for row in range(len(chunk)):
+            n = int(roll.response_mask[row].sum())
+            out.append(roll.response_ids[row, :n].tolist())
+        advance(len(chunk))
+    return out
+
+
+def generate_teacher_responses(ctx: Ctx, cfg: SeqKdMethod) -> list[list[int]]:
+    """Sample one teacher response per training prompt (`sample_answers`, with progress and stop checks)."""
     assert ctx.teacher is not None
-    r = ctx.recipe.rollout
     gen = torch.Generator(device=ctx.device)
     gen.manual_seed(ctx.recipe.train.seed + 7919)  # its own stream: the training RNG is not consumed
-    out: list[list[int]] = []
     with Phase("seqkd: teacher answers", len(ctx.train), "prompts", ctx.console, ctx.print) as phase:
-        for i in range(0, len(ctx.train), cfg.batch_size):
-            check_stop(ctx)
-            chunk = ctx.train[i : i + cfg.batch_size]
-            ids, mask = data_mod.collate_prompts(chunk, ctx.tokenizer.pad_token_id)
-            roll = sample(ctx.teacher, ids.to(ctx.device), mask.to(ctx.device), alpha=0.0,
-                          max_new_tokens=cfg.max_new_tokens, eos_token_id=ctx.tokenizer.eos_token_id,
-                          pad_token_id=ctx.tokenizer.pad_token_id, temperature=r.temperature, top_k=r.top_k,
-                          top_p=r.top_p, generator=gen)
-            for row in range(len(chunk)):
-                n = int(roll.response_mask[row].sum())
-                out.append(roll.response_ids[row, :n].tolist())
-            phase.advance(len(chunk))
-    return out
+        return sample_answers(ctx.teacher, ctx.train, cfg, ctx.recipe.rollout, ctx.tokenizer, ctx.device, gen,
+                              stop=lambda: check_stop(ctx), advance=phase.advance)
 
 
 class SeqKdStepper:
@@ -56,6 +65,12 @@ class SeqKdStepper:
         self.ctx = ctx
         cfg = ctx.recipe.method
         assert isinstance(cfg, SeqKdMethod)
+        if ctx.teacher_cache is not None:  # answers built once by `teacher-cache --answers`, checked by open_cache
+            responses = ctx.teacher_cache.answers(ctx.train)
+            self._train_on(responses)
+            ctx.extra_meta["seqkd"] = {"responses": str(ctx.teacher_cache.root), "count": len(responses),
+                                       "source": "teacher-cache"}
+            return
         cache = ctx.run_dir / CACHE_NAME
         if cache.exists():
             responses = [json.loads(line)["response_ids"] for line in cache.read_text().splitlines() if line.strip()]
@@ -70,9 +85,14 @@ class SeqKdStepper:
                                      "response": ctx.tokenizer.decode(resp, skip_special_tokens=True)})
                          for e, resp in zip(ctx.train, responses)]
                 write_text_atomic(cache, "\n".join(lines) + "\n")
+        self._train_on(responses)
+        ctx.extra_meta["seqkd"] = {"responses": str(cache), "count": len(responses), "source": "teacher"}
+
+    def _train_on(self, responses: list[list[int]]) -> None:
+        """Replace the training rows' responses by the teacher's; SFT on them from now on."""
+        ctx = self.ctx
         ctx.train = [data_mod.Encoded(prompt_ids=e.prompt_ids, response_ids=resp, index=e.index)
                      for e, resp in zip(ctx.train, responses)]
-        ctx.extra_meta["seqkd"] = {"responses": str(cache), "count": len(responses), "source": "teacher"}
         self.sft = SftStepper(ctx)
 
     def step(self) -> dict[str, float]:
