@@ -145,7 +145,7 @@ def plan_memory(recipe: Recipe, *, num_processes: int = 1, sharding: str = "none
 
     # ---- weights
     if cached:
-        add(("teacher weights", 0.0, "not loaded: kd reads data.teacher_cache"))
+        add(("teacher weights", 0.0, f"not loaded: {name} reads data.teacher_cache"))
     if t is not None:
         placement = m.teacher_placement
         if placement == "sharded":

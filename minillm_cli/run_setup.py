@@ -23,7 +23,7 @@ from minillm_cli.config import Recipe, validate
 from minillm_cli.distributed import agree_on_setup, check_launch
 from minillm_cli.errors import UserError
 from minillm_cli.recipe_loading import dump_resolved, read_recipe_file
-from minillm_cli.teacher_cache import TeacherCache, open_cache
+from minillm_cli.teacher_cache import TeacherCache, check_resumed, open_cache, run_record
 
 
 @dataclass
@@ -65,10 +65,7 @@ class Setup:
             "extended": self.extended,
             "lora": m.lora.enabled, "base_model": str(self.student_dir) if m.lora.enabled else None,
             "minillm_version": __version__,
-            **({"teacher_cache": {"dir": str(self.teacher_cache.root), "kind": self.teacher_cache.kind,
-                                  "top_k": self.teacher_cache.top_k, "dtype": self.teacher_cache.dtype,
-                                  "teacher_sha256": self.teacher_cache.manifest["identity"]["teacher"]}}
-               if self.teacher_cache is not None else {}),
+            **({"teacher_cache": run_record(self.teacher_cache)} if self.teacher_cache is not None else {}),
         }
 
 
@@ -155,6 +152,8 @@ def set_up(recipe: Recipe, source: dict[str, str], accelerator: Any, resume: boo
         cache = None
         if recipe.data.teacher_cache is not None:  # checked against this run before any model is loaded
             cache = open_cache(recipe, tokenizer, train_enc, models_mod.output_width(student_dir), teacher_dir)
+            if resume_dir is not None:
+                check_resumed(cache, rundir.read_json(resume_dir / "meta.json").get("teacher_cache"))
 
         dtype = models_mod.pick_dtype(m.dtype, device)
         load_kw = dict(dtype=dtype, device=device, trust_remote_code=m.trust_remote_code, allow_pickle=m.allow_pickle)

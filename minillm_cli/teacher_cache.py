@@ -342,6 +342,28 @@ def open_cache(recipe: Recipe, tokenizer: Any, train: list[data_mod.Encoded], vo
     return TeacherCache(root, manifest, where)
 
 
+def run_record(cache: TeacherCache) -> dict[str, Any]:
+    """What a run's meta.json keeps of the cache it trains from (compared again on --resume)."""
+    ident = cache.manifest["identity"]
+    return {"dir": str(cache.root), "kind": cache.kind, "top_k": ident["top_k"], "dtype": ident["dtype"],
+            "teacher_sha256": ident["teacher"]}
+
+
+def check_resumed(cache: TeacherCache, saved: dict[str, Any] | None) -> None:
+    """A resumed run must read the cache its checkpoint was trained from, not one rebuilt since in its place.
+
+    Raises:
+        UserError: what differs from the checkpoint's record (`run_record` in its meta.json).
+    """
+    if saved is None:
+        return  # the run started without a cache: the recipe comparison of --resume names data.teacher_cache
+    now = run_record(cache)
+    for key in ("kind", "top_k", "dtype", "teacher_sha256"):
+        if saved.get(key) != now[key]:
+            raise UserError(f"--resume: data.teacher_cache {cache.root} changed since the run started ({key}: "
+                            f"{saved.get(key)!r} then, {now[key]!r} now); resume with the cache the run started with")
+
+
 def shard_size(ident: dict[str, Any], i: int) -> int:
     """Examples in shard `i` of a cache with this identity (shards hold `shard_examples`, the last the rest)."""
     s, n = int(ident["shard_examples"]), int(ident["examples"])

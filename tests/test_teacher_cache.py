@@ -222,6 +222,39 @@ def test_interrupted_build_continues_shard_by_shard(tmp_path, tiny_dir, tiny_dat
     assert json.loads((out / "manifest.json").read_text())["complete"]
 
 
+@pytest.mark.slow
+def test_sigint_stops_the_cli_build_and_the_same_command_continues(tmp_path, tiny_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rows = [{"instruction": f"Count to {n}.", "input": "", "output": " ".join(str(i) for i in range(n % 9 + 1))}
+            for n in range(300)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "minillm_cli.cli", "teacher-cache", "--teacher", str(tiny_dir / "teacher"), "--data",
+           str(data), "--out", str(out), "--top-k", "4", "--shard-examples", "1", "--batch-size", "1",
+           "data.dev_fraction=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "shard-00002.safetensors").exists():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output[-2000:]
+    assert "SIGINT received" in output and "run the same command again" in output
+    written = len(list(out.glob("shard-*.safetensors")))
+    assert 3 <= written < 300 and not list(out.glob(".tmp-*"))
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert f"{written} of 300 shards already written" in " ".join(again.stdout.split())
+    assert json.loads((out / "manifest.json").read_text())["complete"]
+
+
 def test_an_out_dir_holding_anything_else_is_refused(tmp_path, tiny_dir, tiny_data):
     out = tmp_path / "cache"
     _build(tiny_dir, tiny_data, out, k=8)
@@ -297,6 +330,19 @@ def test_cached_kd_resumes_bitwise(tmp_path, tiny_dir, tiny_data, full_cache):
     train(recipe, source, resume=True)
     a, b = _weights(straight / "step-000004"), _weights(killed / "step-000004")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_cache_rebuilt_in_place(tmp_path, tiny_dir, tiny_data, full_cache):
+    cache = tmp_path / "cache"
+    shutil.copytree(full_cache, cache)
+    extra = [f"data.teacher_cache={cache}", "train.save_every=1"]
+    run = train(*_recipe(tiny_dir, tiny_data, extra, out=tmp_path / "run", steps=1, teacher=False))
+    shutil.rmtree(cache)
+    _build(tiny_dir, tiny_data, cache, k=8, shard_examples=10)  # same data and identity, another K
+    recipe, source = _recipe(tiny_dir, tiny_data, extra, out=run, steps=1, teacher=False)
+    with pytest.raises(UserError, match=r"^--resume: data.teacher_cache .* changed since the run started \(top_k: "
+                                        f"{V} then, 8 now\\)"):
+        train(recipe, source, resume=True)
 
 
 def _mismatch(tmp_path: Path, tiny_dir: Path, cache: Path) -> dict[str, tuple[list[str], str]]:
