@@ -96,7 +96,11 @@ def shard(model: torch.nn.Module, accelerator: Any, settings: FsdpSettings, *, t
                         "(it declares no _no_split_modules)")
     if train and settings.activation_checkpointing:
         # Recompute each block in backward: autograd keeps only block inputs, (B, L, h) per block.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable: Any = getattr(model, "gradient_checkpointing_enable", None)
+        if enable is None:
+            raise UserError(f"accelerate config: fsdp_activation_checkpointing: {type(model).__name__} does not "
+                            "support it; set it to false")
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     kw = {"reshard_after_forward": settings.reshard_after_forward, "mp_policy": _mixed_precision(accelerator)}
     for block in blocks:
         fully_shard(block, **kw)
@@ -104,27 +108,26 @@ def shard(model: torch.nn.Module, accelerator: Any, settings: FsdpSettings, *, t
     return model
 
 
-def _is_dtensor(t: Any) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's slice of a sharded tensor (the tensor itself when it is not sharded)."""
-    return t.to_local() if _is_dtensor(t) else t
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor (collective for a sharded one: every rank calls it, in the same order)."""
-    return t.full_tensor() if _is_dtensor(t) else t
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Full weights on the CPU of rank 0 (empty elsewhere), names as in the unsharded model (collective)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {name: value for name, value in state.items() if isinstance(value, torch.Tensor)}
 
 
 def grad_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
