@@ -101,7 +101,12 @@ def shard(model: torch.nn.Module, accelerator: Any, settings: FsdpSettings, *, t
             raise UserError(f"accelerate config: fsdp_activation_checkpointing: {type(model).__name__} does not "
                             "support it; set it to false")
         enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    kw = {"reshard_after_forward": settings.reshard_after_forward, "mp_policy": _mixed_precision(accelerator)}
+    mp = _mixed_precision(accelerator)
+    if train and mp.param_dtype is not None:
+        # fp32 master shards (AdamW moments fp32 too), computed in param_dtype: what `minillm plan`
+        # counts (P·4/W); checkpoints then hold fp32 weights.
+        model.to(torch.float32)
+    kw = {"reshard_after_forward": settings.reshard_after_forward, "mp_policy": mp}
     for block in blocks:
         fully_shard(block, **kw)
     fully_shard(model, **kw)
