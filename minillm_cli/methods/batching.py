@@ -131,8 +131,9 @@ def even_passes(ctx: Ctx, groups: list[G]) -> list[tuple[G, bool]]:
     would leave the others waiting forever. A repeated group is real data of real shapes and adds
     exactly 0 to the gradients. One process: the groups unchanged. Collective when world > 1.
     """
-    if ctx.world == 1 or not groups:
+    if ctx.world == 1:
         return [(g, True) for g in groups]
+    assert groups, "every rank has at least one micro-batch, so at least one group"  # else nothing to repeat
     most = torch.tensor([len(groups)], device=ctx.device)
     torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
     return [(g, True) for g in groups] + [(groups[-1], False)] * (int(most) - len(groups))
