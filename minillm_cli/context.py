@@ -58,6 +58,11 @@ class Ctx:
     _replica_version: int = -1
 
     @property
+    def fsdp(self) -> bool:
+        """The student is sharded by FSDP2 (`minillm_cli.fsdp`)."""
+        return self.sharded and not self.deepspeed
+
+    @property
     def world(self) -> int:
         return self.accelerator.num_processes
 
@@ -83,7 +88,9 @@ class Ctx:
                 self.accelerator.backward(loss)
             finally:
                 state._set_sync_gradients(True)
-        elif last or self.world == 1:
+        elif last or self.world == 1 or self.fsdp:
+            # FSDP2 reduce-scatters every micro-batch's gradients: each rank keeps only its shard,
+            # numel / world per parameter, instead of an unsharded gradient until the last one.
             self.accelerator.backward(loss)
         else:
             with self.accelerator.no_sync(self.student):

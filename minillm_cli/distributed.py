@@ -1,9 +1,9 @@
 """What the loop needs to know about a multi-process launch (accelerate: DDP, FSDP, DeepSpeed).
 
 Collectives that every rank calls at the same point (`any_rank`, `reduce_metrics`, `agree_on_setup`,
-`gather_full_weights`), what kind of launch this is (`is_deepspeed`, `is_sharded`), and which recipe /
-launch combinations are refused before any work (`check_launch`). Single-process runs pass through
-every helper without communication.
+`gather_full_weights`), what kind of launch this is (`is_deepspeed`, `is_fsdp`, `is_sharded`), and which
+recipe / launch combinations are refused before any work (`check_launch`). Single-process runs pass
+through every helper without communication. FSDP is FSDP2 applied by minillm (`fsdp.py` says why).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from minillm_cli import fsdp
 from minillm_cli.config import Recipe
 from minillm_cli.errors import UserError
 
@@ -59,31 +60,32 @@ def is_deepspeed(accelerator: Any) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
+def is_fsdp(accelerator: Any) -> bool:
+    """Whether this is an FSDP launch of several processes (minillm shards with FSDP2, `fsdp.shard`).
+
+    An FSDP config launched as one process trains unsharded: there is nothing to shard over."""
+    return accelerator.num_processes > 1 and fsdp.fsdp_settings() is not None
+
+
 def is_sharded(accelerator: Any) -> bool:
     """Whether a prepared student holds only a shard of its weights in each process."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type == DistributedType.FSDP:
+    if is_fsdp(accelerator):
         return True
     return is_deepspeed(accelerator) and accelerator.state.deepspeed_plugin.zero_stage == 3
 
 
 def check_launch(recipe: Recipe, accelerator: Any, resume: bool) -> None:
     """Refuse recipe / launch combinations the loop cannot run correctly (before any work)."""
-    from accelerate.utils import DistributedType
-
     m, name = recipe.models, recipe.method.name
     world = accelerator.num_processes
-    fsdp = accelerator.distributed_type == DistributedType.FSDP
-    launch = "FSDP" if fsdp else "DeepSpeed" if is_deepspeed(accelerator) else None
+    sharded_fsdp = is_fsdp(accelerator)  # raises on an fsdp_config minillm does not implement (fsdp_version 1...)
+    launch = "FSDP" if sharded_fsdp else "DeepSpeed" if is_deepspeed(accelerator) else None
     teacher_samples = name == "seqkd" or (name == "minillm" and getattr(recipe.method, "teacher_mix", 0) > 0)
     placement = m.teacher_placement
-    if fsdp and getattr(accelerator, "is_fsdp2", False):
-        raise UserError("accelerate config: fsdp_version 2 is not supported; use the shipped one, --accelerate-config fsdp (version 1)")
     if placement == "sharded":
-        if not fsdp:
-            raise UserError("models.teacher_placement: sharded needs an FSDP launch "
-                            "(--accelerate-config fsdp)")
+        if not sharded_fsdp:
+            raise UserError("models.teacher_placement: sharded needs an FSDP launch of 2 or more processes "
+                            "(--accelerate-config fsdp --num-processes N)")
         if teacher_samples:
             raise UserError(f"models.teacher_placement: a sharded teacher cannot sample ({name} samples from the "
                             "teacher, and ranks decode for different lengths); use shared or cpu")
@@ -102,7 +104,7 @@ def check_launch(recipe: Recipe, accelerator: Any, resume: bool) -> None:
             raise UserError(f"models.lora: LoRA is not supported under {launch}; use --accelerate-config ddp")
     if launch == "DeepSpeed":
         clip = accelerator.state.deepspeed_plugin.deepspeed_config.get("gradient_clipping")
-        if resume:
+        if resume:  # checked before the run directory is touched (run_setup calls this first)
             raise UserError("--resume: DeepSpeed runs keep the optimizer in DeepSpeed's own format and cannot resume yet")
         if (recipe.optim.grad_clip or 0.0) != float(clip or 0.0):
             raise UserError(f"optim.grad_clip: {recipe.optim.grad_clip} differs from the DeepSpeed config's "
@@ -119,9 +121,7 @@ def gather_full_weights(sharded: Any, replica: torch.nn.Module, deepspeed: bool)
             with ds.zero.GatheredParameters([p]):
                 target[name].copy_(p.detach())
         return
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    with FSDP.summon_full_params(sharded, writeback=False):
-        # FSDP strips its own prefix from the names here; activation checkpointing adds another.
-        for name, p in sharded.named_parameters():
-            target[name.replace("_checkpoint_wrapped_module.", "")].copy_(p.detach())
+    # FSDP2 keeps the module tree and its names; each DTensor is all-gathered on its own (one full
+    # parameter of extra memory at a time), in the same order on every rank.
+    for name, p in sharded.named_parameters():
+        target[name].copy_(fsdp.full_tensor(p.detach()))

@@ -34,6 +34,30 @@ def accelerate_config_path(name: str) -> Path:
     raise UserError(f"--accelerate-config: {name}: no such file (shipped: ddp, fsdp, zero3)")
 
 
+def check_deepspeed(config: Path, resume: bool) -> None:
+    """Refuse a DeepSpeed launch minillm cannot run, before any process starts (one line each).
+
+    DeepSpeed is not installed where minillm's tests run, so ZeRO-3 is untested; it keeps the
+    optimizer in its own format, which `Checkpointer.restore` cannot read: no --resume.
+    """
+    import importlib.util
+
+    import yaml
+
+    try:
+        kind = str((yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("distributed_type", ""))
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"--accelerate-config: {config}: unreadable ({e})") from None
+    if kind.upper() != "DEEPSPEED":
+        return
+    if resume:
+        raise UserError(f"--resume: DeepSpeed runs ({config.name}) keep the optimizer in DeepSpeed's own format "
+                        "and cannot resume yet")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise UserError(f"--accelerate-config: {config.name} needs DeepSpeed (pip install deepspeed; untested "
+                        "in minillm's test-suite)")
+
+
 def launch_processes(job: dict[str, Any], num_processes: int | None, accelerate_config: str | None,
                      console: Console) -> int:
     """Run `minillm _train JOB` in several processes with accelerate's launcher; returns its exit status.
@@ -46,7 +70,9 @@ def launch_processes(job: dict[str, Any], num_processes: int | None, accelerate_
         raise UserError("--num-processes: this process was already started by a launcher; drop the option")
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if accelerate_config is not None:
-        cmd += ["--config_file", str(accelerate_config_path(accelerate_config))]
+        path = accelerate_config_path(accelerate_config)
+        check_deepspeed(path, bool(job.get("resume")))
+        cmd += ["--config_file", str(path)]
     else:
         # accelerate's multi-process (torchrun) launcher; without GPUs every process runs on the CPU
         # and they talk over gloo (`--cpu` would start a single process).

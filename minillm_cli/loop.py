@@ -22,7 +22,7 @@ from rich.console import Console
 
 from minillm_cli import checkpoint as ckpt
 from minillm_cli import data as data_mod
-from minillm_cli import losses, rundir
+from minillm_cli import fsdp, losses, rundir
 from minillm_cli import models as models_mod
 from minillm_cli.config import Recipe
 from minillm_cli.context import Ctx, Interrupted
@@ -126,20 +126,27 @@ def _train(recipe: Recipe, source: dict[str, str], resume: bool, extend: bool, c
     run = set_up(recipe, source, accelerator, resume, extend, say, claims)
     run_dir = run.run_dir
 
-    # ---- optimizer, accelerate wrapping, the method's stepper
-    params = [p for p in run.student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    # ---- sharding / accelerate wrapping, optimizer, the method's stepper
     deepspeed, sharded = is_deepspeed(accelerator), is_sharded(accelerator)
-    if deepspeed:  # DeepSpeed sizes its engine from the micro-batch; accumulation is ours (Ctx.backward)
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = tr.batch_size
-    student, optimizer = accelerator.prepare(run.student, optimizer)
+    settings = fsdp.fsdp_settings() if sharded and not deepspeed else None
     teacher = run.teacher
-    if teacher is not None and m.teacher_placement == "sharded":
-        # Not evaluation_mode: accelerate only shards (wraps in FSDP) a model prepared for training;
-        # the teacher has no trainable parameter and gets no optimizer, so it stays frozen.
-        teacher = accelerator.prepare_model(teacher)
-        teacher.eval()
-    clip_params = list(student.parameters()) if sharded else params  # FSDP finds its model by them
+    if settings is not None:
+        # FSDP2 by minillm, never through accelerator.prepare (fsdp.py: accelerate cannot on CPUs).
+        # The optimizer is built on the sharded parameters (DTensors), so its moments are sharded too.
+        student = fsdp.shard(run.student, accelerator, settings, train=True)
+        params = [p for p in student.parameters() if p.requires_grad]
+        optimizer = _adamw(params, recipe)
+        if teacher is not None and m.teacher_placement == "sharded":
+            teacher = fsdp.shard(teacher, accelerator, settings, train=False)
+            teacher.eval()
+        clip_params = params
+    else:
+        params = [p for p in run.student.parameters() if p.requires_grad]
+        optimizer = _adamw(params, recipe)
+        if deepspeed:  # DeepSpeed sizes its engine from the micro-batch; accumulation is ours (Ctx.backward)
+            accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = tr.batch_size
+        student, optimizer = accelerator.prepare(run.student, optimizer)
+        clip_params = list(student.parameters()) if deepspeed else params
 
     gen = torch.Generator(device=device)
     gen.manual_seed(tr.seed + accelerator.process_index)  # each rank draws its own samples
@@ -182,7 +189,8 @@ def _train(recipe: Recipe, source: dict[str, str], resume: bool, extend: bool, c
             except Interrupted:
                 optimizer.zero_grad(set_to_none=True)
                 _finish_interrupted(signals, step, last_saved, safe_state, save, dev_metrics, say)
-            grad_norm = _clip(accelerator, clip_params, o.grad_clip, sharded or deepspeed)
+            grad_norm = (fsdp.grad_norm(clip_params, o.grad_clip) if settings is not None
+                         else _clip(accelerator, clip_params, o.grad_clip, deepspeed))
             loss_value = float(metrics.get("loss", 0.0))
             if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
@@ -242,10 +250,15 @@ def _finish_interrupted(signals: _Signals, step: int, last_saved: int, state_and
     raise RunStopped(f"{name} received: stopped after step {step}; {where}; continue with --resume", 128 + signum)
 
 
+def _adamw(params: list[torch.nn.Parameter], recipe: Recipe) -> torch.optim.Optimizer:
+    o = recipe.optim
+    return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+
+
 def _clip(accelerator: Any, params: list[torch.nn.Parameter], max_norm: float | None, sharded: bool = False) -> float:
     if sharded:
-        # Each rank holds a part of the gradient: only accelerate (FSDP, DeepSpeed) knows the global
-        # norm; an infinite max_norm measures without clipping. DeepSpeed has already clipped.
+        # DeepSpeed: each rank holds a part of the gradient and only DeepSpeed knows the global norm;
+        # an infinite max_norm measures without clipping. DeepSpeed has already clipped.
         norm = accelerator.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf)
         return float(norm) if norm is not None else 0.0
     if max_norm is not None:

@@ -215,6 +215,11 @@ def plan_memory(recipe: Recipe, *, num_processes: int = 1, sharding: str = "none
             add(("KV caches (sampling)", kv, f"{rb} sequences × {ctx_len} positions, {len(models)} model(s)"))
         if sharding != "none" and name == "minillm":
             add(("sampling copy of the student", s.params * b, "full student gathered once per buffer"))
+    if sharding == "fsdp":
+        # Not in the total (not alive with the training state): the student is loaded whole in every
+        # process before `fsdp.shard` cuts it, and rank 0 gathers full weights (host memory) to save.
+        plan.notes.append(f"fsdp: each process first loads the whole student ({s.params * b / GiB:.2f} GiB) and "
+                          f"shards it; checkpoints gather full weights on rank 0's host ({s.params * 4 / GiB:.2f} GiB)")
     if sharding != "none" and name == "gkd":
         plan.notes.append("gkd is not supported with a sharded student (it samples at every micro-batch)")
     return plan

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from minillm_cli import checkpoint as ckpt
+from minillm_cli import fsdp
 from minillm_cli.context import Ctx
 from minillm_cli.curves import write_curves
 from minillm_cli.distributed import any_rank
@@ -39,8 +40,10 @@ def restore_rng(gen: torch.Generator, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def weights_finite(model: torch.nn.Module) -> bool:
-    """Whether every parameter of this process is finite (one fused reduction per dtype group)."""
-    params = [p.detach() for p in model.parameters() if p.numel()]
+    """Whether every parameter of this process is finite (one fused reduction per dtype group); of a
+    sharded (FSDP2) model, this process's slices."""
+    params = [fsdp.local(p.detach()) for p in model.parameters()]
+    params = [p for p in params if p.numel()]
     if not params:
         return True
     return all(bool(torch.isfinite(n)) for n in torch._foreach_norm(params))
@@ -67,8 +70,10 @@ class Checkpointer:
 
     def snapshot(self, step: int, bad: int) -> State:
         ctx = self.ctx
-        opt_tensors, opt_meta = (ckpt.optimizer_to_tensors(self.optimizer.state_dict()) if self.saves_optimizer
-                                 else ({}, None))
+        opt_state = self.optimizer.state_dict() if self.saves_optimizer else None
+        if opt_state is not None and ctx.fsdp:
+            opt_state = fsdp.local_optimizer_state(opt_state)  # this rank's slices of the moments
+        opt_tensors, opt_meta = ckpt.optimizer_to_tensors(opt_state) if opt_state is not None else ({}, None)
         method_json, method_tensors = self.stepper.state()
         state = {"step": step, "data_pos": ctx.data_pos, "bad_steps": bad, "world_size": ctx.world,
                  "optimizer": opt_meta, "method": method_json}
@@ -79,6 +84,8 @@ class Checkpointer:
         state, tensors = saved
         self.ctx.data_pos = state["data_pos"]
         self.optimizer.load_state_dict(ckpt.optimizer_from_tensors(tensors, state["optimizer"]))
+        if self.ctx.fsdp:
+            fsdp.reshard_optimizer_state(self.optimizer)
         restore_rng(self.ctx.gen, tensors)
         self.stepper.load_state(state.get("method", {}), tensors)
         return state["step"], state.get("bad_steps", 0)
@@ -95,7 +102,11 @@ class Checkpointer:
             kept = f"the last checkpoint {prev.name} is intact" if prev else "no checkpoint was saved"
             raise RunStopped(f"stopped at step {step}: the student's weights are no longer finite (NaN or inf), "
                              f"so they were not saved; {kept}; lower optim.lr (now {recipe.optim.lr:g})", exit_code=1)
-        full_weights = accelerator.get_state_dict(ctx.student) if ctx.sharded else None  # collective gather
+        full_weights = None  # collective gathers of a sharded student's full weights (rank 0 keeps them)
+        if ctx.fsdp:
+            full_weights = fsdp.full_state_dict(ctx.student)
+        elif ctx.sharded:
+            full_weights = accelerator.get_state_dict(ctx.student)
         if not main:  # each rank's RNG / rollout buffer; the main process moves it into the step dir
             ckpt.stage_rank_state(run_dir, step, accelerator.process_index, tensors, state["method"])
         accelerator.wait_for_everyone()

@@ -186,7 +186,7 @@ def test_teacher_placement_is_validated():
 
 
 @pytest.mark.parametrize("name", ["ddp", "fsdp", "zero3"])
-def test_shipped_accelerate_configs_are_valid(name):
+def test_shipped_accelerate_configs_are_valid(name, monkeypatch):
     from accelerate.commands.config.config_args import ClusterConfig
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 
@@ -203,8 +203,15 @@ def test_shipped_accelerate_configs_are_valid(name):
         env = prepare_multi_gpu_env(args)
         assert args.use_fsdp and env["ACCELERATE_MIXED_PRECISION"] == "bf16"
         assert env["FSDP_SHARDING_STRATEGY"] == "FULL_SHARD" and env["FSDP_ACTIVATION_CHECKPOINTING"] == "true"
-        assert env["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT" and env["FSDP_USE_ORIG_PARAMS"] == "true"
-        assert env["FSDP_VERSION"] == "1" and env["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "false"
+        assert env["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT" and env["FSDP_RESHARD_AFTER_FORWARD"] == "true"
+        assert env["FSDP_VERSION"] == "2" and env["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "false"
+        assert env["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP" and env["FSDP_OFFLOAD_PARAMS"] == "false"
+        from minillm_cli.fsdp import fsdp_settings
+
+        for k, v in env.items():
+            if k.startswith(("FSDP_", "ACCELERATE_USE_FSDP")):
+                monkeypatch.setenv(k, v)
+        assert fsdp_settings() is not None  # every key of the shipped config is one minillm implements
     if name == "zero3":
         assert args.use_deepspeed and int(args.zero_stage) == 3
         assert int(args.gradient_accumulation_steps) == 1 and float(args.gradient_clipping) == 1.0

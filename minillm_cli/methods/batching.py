@@ -4,6 +4,8 @@ tokens, row groups of similar length, and the token mean over the global batch (
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 
 from minillm_cli import data as data_mod
@@ -115,6 +117,28 @@ def length_groups(prompt_mask: torch.Tensor, response_mask: torch.Tensor,
     return groups
 
 
+G = TypeVar("G")
+
+
+def even_passes(ctx: Ctx, groups: list[G]) -> list[tuple[G, bool]]:
+    """This rank's forward/backward passes, each with whether it is real: with several processes,
+    padded to the busiest rank's count with repeats of the last group, which callers run with weight 0.
+
+    `length_groups` cuts each rank's rows by their own lengths, so ranks can need different numbers
+    of passes, and a pass through a wrapped student is collective: under FSDP every forward
+    all-gathers and every backward reduce-scatters; under DDP every forward broadcasts the buffers
+    and every backward all-reduces (the forward runs outside `no_sync`). A rank that stopped early
+    would leave the others waiting forever. A repeated group is real data of real shapes and adds
+    exactly 0 to the gradients. One process: the groups unchanged. Collective when world > 1.
+    """
+    if ctx.world == 1:
+        return [(g, True) for g in groups]
+    assert groups, "every rank has at least one micro-batch, so at least one group"  # else nothing to repeat
+    most = torch.tensor([len(groups)], device=ctx.device)
+    torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+    return [(g, True) for g in groups] + [(groups[-1], False)] * (int(most) - len(groups))
+
+
 def take_group(b: dict[str, torch.Tensor], rows: torch.Tensor, p: int, t: int) -> dict[str, torch.Tensor]:
     """Rows `rows` of a prompt/response batch with the last `p` prompt and the first `t` response columns."""
     return {"prompt_ids": b["prompt_ids"][rows, -p:], "prompt_mask": b["prompt_mask"][rows, -p:],
@@ -134,8 +158,8 @@ def jsd_backward(ctx: Ctx, teacher: torch.nn.Module, batches: list[dict[str, tor
 
     mean = TokenMean(ctx, sum(b["response_mask"].sum() for b in batches))
     total = torch.zeros((), device=ctx.device)
-    groups = [(b, g) for b in batches for g in length_groups(b["prompt_mask"], b["response_mask"])]
-    for i, (b, (rows, p, t)) in enumerate(groups):
+    groups = even_passes(ctx, [(b, g) for b in batches for g in length_groups(b["prompt_mask"], b["response_mask"])])
+    for i, ((b, (rows, p, t)), real) in enumerate(groups):
         check_stop(ctx)
         g = take_group(b, rows, p, t)
         logits = response_logits(ctx.student, g)  # (b, t, V)
@@ -144,6 +168,7 @@ def jsd_backward(ctx: Ctx, teacher: torch.nn.Module, batches: list[dict[str, tor
         div = losses.generalized_jsd(logits, t_logits, g["response_mask"], beta=beta,
                                      chunk_size=ctx.recipe.train.chunk_size)  # (b, t)
         loss_sum = (div * g["response_mask"]).sum()
-        mean.backward(loss_sum, last=i == len(groups) - 1, weight=weight)
-        total += loss_sum.detach()
+        mean.backward(loss_sum if real else loss_sum * 0.0, last=i == len(groups) - 1, weight=weight)
+        if real:
+            total += loss_sum.detach()
     return mean, total

@@ -59,6 +59,7 @@ from minillm_cli.context import Ctx, check_stop
 from minillm_cli.errors import UserError
 from minillm_cli.methods.batching import (
     TokenMean,
+    even_passes,
     jsd_backward,
     length_groups,
     response_logits,
@@ -247,17 +248,23 @@ class MiniLlmStepper:
             index = torch.tensor(idx, device=ctx.device)
             groups += [(index[g], p, t) for g, p, t in
                        length_groups(buf["prompt_mask"][index], buf["response_mask"][index])]
-        for j, (index, P, T) in enumerate(groups):
+        passes = even_passes(ctx, groups)  # as many passes as the busiest rank (fillers weigh 0)
+        for j, ((index, P, T), real) in enumerate(passes):
             check_stop(ctx)
             pg_sum, reg_sum, clipped = self.group_losses(index, P, T)
-            sums["pg"] += pg_sum.detach()
-            sums["clipped"] += clipped
-            sums["reg"] += reg_sum.detach()
             loss_sum = pg_sum + reg_sum
-            last = j == len(groups) - 1 and not (use_pt or use_resp)
+            if real:
+                sums["pg"] += pg_sum.detach()
+                sums["clipped"] += clipped
+                sums["reg"] += reg_sum.detach()
+            else:
+                loss_sum = loss_sum * 0.0
+            last = j == len(passes) - 1 and not (use_pt or use_resp)
             mean.backward(loss_sum, last=last)
         pg, reg = mean.value(sums["pg"]), mean.value(sums["reg"])
         metrics: dict[str, float] = {"pg_loss": pg, "reg_loss": reg, "clip_frac": mean.value(sums["clipped"])}
+        if ctx.world > 1:  # zero-weight passes this rank ran to keep step with the others (logged: rank mean)
+            metrics["filler_passes"] = len(passes) - len(groups)
         loss = pg + reg
         if use_pt:
             pt = self._pt_step(last=not use_resp)
