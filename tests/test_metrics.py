@@ -18,6 +18,7 @@ from minillm_cli.evaluate.metrics import (
     normalize_answer,
     paired_bootstrap,
     rouge_l,
+    rouge_l_scores,
 )
 
 # --- Rouge-L -------------------------------------------------------------------------------------
@@ -28,6 +29,15 @@ def test_rouge_l_counts_lcs_with_stemming() -> None:
     # LCS = cat run home = 3 (only because Porter stemming maps running and runs to "run")
     # P = 3/5, R = 3/4, F = 2PR/(P+R) = 0.9/1.35 = 2/3
     assert rouge_l("The cat is running home.", "A cat runs home") == pytest.approx(200 / 3)
+
+
+def test_rouge_l_scores_split_precision_and_recall() -> None:
+    # the example above: P = 3/5, R = 3/4, F = 2/3; a longer prediction trades precision for recall
+    p, r, f = rouge_l_scores("The cat is running home.", "A cat runs home")
+    assert (p, r, f) == pytest.approx((60.0, 75.0, 200 / 3))
+    assert f == pytest.approx(rouge_l("The cat is running home.", "A cat runs home"))
+    p2, r2, _ = rouge_l_scores("The cat is running home and then it sleeps.", "A cat runs home")
+    assert r2 == pytest.approx(r) and p2 < p
 
 
 def test_rouge_l_is_a_subsequence_not_a_bag() -> None:

@@ -71,6 +71,12 @@ def test_a_dev_split_summary_never_replaces_the_held_out_one(study: Any) -> None
     assert study.summary_stem("shared", {"dev": Path("a"), "mine": Path("b")}) == "summary-dev+mine"
 
 
+def test_precision_recall_come_from_the_best_reference(study: Any) -> None:
+    row = {"response": "the cat is running home", "references": ["the cat sat", "a cat runs home"]}
+    # best F: "a cat runs home" (P = 3/5, R = 3/4), not "the cat sat" (P = 2/5, R = 2/3)
+    assert study.rouge_precision_recall(row) == pytest.approx((60.0, 75.0))
+
+
 def _samples(path: Path, responses: dict[tuple[int, int], str], ref: str = "the cat sat on the mat") -> Path:
     path.write_text("".join(json.dumps({"model": "m", "seed": s, "index": i, "prompt": "p", "response": r,
                                         "references": [ref]}) + "\n" for (s, i), r in responses.items()))

@@ -423,6 +423,14 @@ def rouge_of(row: dict[str, Any]) -> float:
     return metrics_mod.rouge_l(row["response"], row["references"])
 
 
+def rouge_precision_recall(row: dict[str, Any]) -> tuple[float, float]:
+    """Rouge-L precision and recall (×100) against the reference of the best F-measure: a longer answer
+    buys recall with precision, so these two show whether an F gain is only a length effect."""
+    scores = [metrics_mod.rouge_l_scores(row["response"], ref) for ref in row["references"]]
+    best = max(scores, key=lambda s: s[2])
+    return best[0], best[1]
+
+
 def length_buckets(ref_words: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """Tertiles of the reference length in words: (bucket id per prompt, labels). Ties at a cut put
     every prompt of that length in the lower bucket, so buckets are equal-count only without ties."""
@@ -490,10 +498,12 @@ def summarize(study: Study, sets: dict[str, Path], students: dict[str, Path], te
             for r in rows:
                 by_seed.setdefault(r["seed"], []).append(r["response"])
             lengths = [len(tokenizer(r["response"], add_special_tokens=False)["input_ids"]) for r in rows]
+            precision, recall = np.array([rouge_precision_recall(r) for r in rows]).mean(0)
             dv = div_by_path.get(str(students[name]), {}) if name != "teacher" else {}
             exacc = next((k for k in dv if k.startswith("exaccerr@")), None)
             model_rows[name] = {
                 "rougeL": float(values.mean()), "rougeL_seed_std": float(values.mean(1).std(ddof=1)) if len(values) > 1 else None,
+                "rougeL_precision": float(precision), "rougeL_recall": float(recall),
                 "loss": (m["metrics"].get("loss") or {}).get("mean"),
                 "rkl": (dv.get("rkl_student") or {}).get("mean"),
                 "exaccerr": (dv.get(exacc) or {}).get("mean") if exacc else None, "exaccerr_at": exacc,
@@ -505,6 +515,8 @@ def summarize(study: Study, sets: dict[str, Path], students: dict[str, Path], te
             for base in (CONTROL, KD):
                 if base in scores and name != base:
                     model_rows[name][f"vs_{base}"] = interval(scores[name], scores[base])
+            if name.startswith("minillm-") and "minillm" in scores:  # a variant against the shipped default
+                model_rows[name]["vs_minillm"] = interval(scores[name], scores["minillm"])
         bucket_ids, labels = length_buckets(ref_words)
         buckets: dict[str, Any] = {"labels": labels, "prompts": [int((bucket_ids == b).sum()) for b in range(3)],
                                    "rougeL": {}, "vs_control": {}}
@@ -589,14 +601,19 @@ def render_markdown(summary: dict[str, Any]) -> str:
                   f"{block['seeds']}; differences with 95% paired bootstrap intervals over prompts (2000 resamples, "
                   f"seeds kept together). Reverse KL KL(q‖p) (nats/token, student samples) and {at}: first "
                   f"{block['div_prompts']} prompts, seed {block['div_seed']}.", "",
-                  f"| model | Rouge-L | − {CONTROL} [95% CI] | − {KD} [95% CI] | LM loss | reverse KL | {at} (%) "
-                  "| length | Dist-4 |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  f"| model | Rouge-L | − {CONTROL} [95% CI] | − {KD} [95% CI] | Rouge-L P / R | LM loss | reverse KL "
+                  f"| {at} (%) | length | Dist-4 |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, r in block["rows"].items():
             rouge = _f(r["rougeL"]) + (f" ± {r['rougeL_seed_std']:.2f}" if r["rougeL_seed_std"] is not None else "")
-            lines.append(f"| {name} | {rouge} | {_ci(r.get(f'vs_{CONTROL}'))} | {_ci(r.get(f'vs_{KD}'))} | "
+            pr = f"{_f(r.get('rougeL_precision'), 1)} / {_f(r.get('rougeL_recall'), 1)}"
+            lines.append(f"| {name} | {rouge} | {_ci(r.get(f'vs_{CONTROL}'))} | {_ci(r.get(f'vs_{KD}'))} | {pr} | "
                          f"{_f(r['loss'], 3)} | {_f(r['rkl'], 3)} | {_f(r['exaccerr'], 1)} | {_f(r['mean_length'], 1)} "
                          f"| {_f(r['dist4'], 1)} |")
+        variants = {n: r["vs_minillm"] for n, r in block["rows"].items() if "vs_minillm" in r}
+        if variants:
+            lines += ["", "MiniLLM variants minus the default `minillm` (Rouge-L, paired 95% interval): "
+                      + "; ".join(f"{n} {_ci(d)}" for n, d in variants.items()) + "."]
         b = block["buckets"]
         lines += ["", f"Rouge-L by reference length (tertiles; prompts per bucket {b['prompts']}), and the difference "
                   f"to {CONTROL} with its 95% interval:", "",

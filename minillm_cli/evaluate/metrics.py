@@ -66,6 +66,13 @@ def rouge_l(prediction: str, references: str | Sequence[str]) -> float:
     return 100.0 * max(scorer.score(ref, prediction)["rougeL"].fmeasure for ref in _as_list(references))
 
 
+def rouge_l_scores(prediction: str, reference: str) -> tuple[float, float, float]:
+    """Rouge-L (precision, recall, F-measure) × 100 of one prediction against one reference (the
+    tokenisation of `rouge_l`): recall grows with a longer prediction, precision shrinks."""
+    s = _rouge_scorer().score(reference, prediction)["rougeL"]
+    return 100.0 * s.precision, 100.0 * s.recall, 100.0 * s.fmeasure
+
+
 def corpus_rouge_l(predictions: Sequence[str], references_list: Sequence[str | Sequence[str]]) -> float:
     """Mean over examples of `rouge_l(prediction, references)` (each already max over references, x100).
 
