@@ -7,10 +7,14 @@ on the same teacher, student, prompts and settings, and prints one table:
              reverse KL over the vocabulary at every generated token (TRL's DistillationTrainer work).
     trl      TRL's `DistillationTrainer` (always on-policy; beta=1 = reverse KL, chunked divergence).
     minillm  minillm, `method: minillm` (teacher-mixed sampling alpha=0.2, single-step reverse KL on,
-             ppo_epochs=1, num_rollouts = batch: every generated token is trained on exactly once).
+             ppo_epochs=1, num_rollouts = batch: every generated token is trained on exactly once),
+             the default rollout: speculative sampling of the mixture.
+    minillm-lockstep   the same with rollout.speculative_tokens=0 (one teacher forward per token);
+             `minillm-k<N>` sides set rollout.speculative_tokens=N (a sweep).
 
 Per side: median seconds per optimizer step over the measured steps (after `--warmup` steps), generated
-tokens per second, peak RSS, a per-phase profile of the step and an MFU-style figure (model FLOPs of
+tokens per second, peak RSS, a per-phase profile of the step (minillm sides: also teacher calls per
+generated token and the drafts' acceptance rate) and an MFU-style figure (model FLOPs of
 the step over the machine's fp32 matmul rate, measured by a child process before and after the
 sides: the higher of the two).
 
@@ -43,12 +47,25 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = "../shared/data/instruct-dev.jsonl"
-SIDES = ("gkd", "trl", "minillm")
+SIDES = ("gkd", "trl", "minillm", "minillm-lockstep")
 LABELS = {
     "gkd": "minillm gkd (token-level on-policy reverse KL)",
     "trl": "TRL DistillationTrainer (beta=1)",
-    "minillm": "minillm method=minillm (alpha=0.2, single-step)",
+    "minillm": "minillm method=minillm (alpha=0.2, single-step; speculative rollout, default k)",
+    "minillm-lockstep": "minillm method=minillm, lockstep rollout (rollout.speculative_tokens=0)",
 }
+
+
+def speculative_side(side: str) -> int | None:
+    """`minillm-k<N>`: the minillm side with rollout.speculative_tokens=N (a sweep); else None."""
+    if side.startswith("minillm-k") and side[len("minillm-k"):].isdigit():
+        return int(side[len("minillm-k"):])
+    return None
+
+
+def label(side: str) -> str:
+    k = speculative_side(side)
+    return LABELS[side] if k is None else f"minillm method=minillm, rollout.speculative_tokens={k}"
 
 
 # ------------------------------------------------------------------------------ phase timing
@@ -183,10 +200,14 @@ def run_minillm(args: argparse.Namespace, side: str, out: dict[str, Any]) -> Non
     _common_hooks(phases, total, out)
     sample = rollout.sample
     gen_tokens: list[int] = []
+    sampler = {"teacher_row_calls": 0, "drafts_checked": 0, "drafts_accepted": 0, "tokens": 0}
 
     def sample_and_count(*a: Any, **k: Any) -> Any:
         roll = sample(*a, **k)
         gen_tokens.append(int(roll.response_mask.sum()))
+        for key in ("teacher_row_calls", "drafts_checked", "drafts_accepted"):
+            sampler[key] += getattr(roll, key)
+        sampler["tokens"] += gen_tokens[-1]
         return roll
 
     rollout.sample = phases.timed(sample_and_count, "rollout")
@@ -214,12 +235,16 @@ def run_minillm(args: argparse.Namespace, side: str, out: dict[str, Any]) -> Non
     else:
         overrides += ["method.name=minillm", "method.teacher_mix=0.2", "method.single_step=true", "method.ppo_epochs=1",
                       f"method.num_rollouts={args.batch}", f"method.max_new_tokens={args.new_tokens}"]
+        k = 0 if side == "minillm-lockstep" else speculative_side(side)
+        if k is not None:  # else the recipe default
+            overrides.append(f"rollout.speculative_tokens={k}")
     flags = {"models.teacher": str(teacher_dir), "models.student": str(student_dir), "data.train": args.data,
              "output.dir": str(run_dir), "output.overwrite": True}
     recipe, source = load_recipe(None, overrides, flags)
     torch.manual_seed(args.seed)
     train(recipe, source, console=Console(file=io.StringIO()))
-    out.update(step_ends=phases.step_ends, phases=phases.steps, gen_tokens=gen_tokens)
+    out.update(step_ends=phases.step_ends, phases=phases.steps, gen_tokens=gen_tokens, sampler=sampler,
+               speculative_tokens=recipe.rollout.speculative_tokens)
 
 
 def run_trl(args: argparse.Namespace, out: dict[str, Any]) -> None:
@@ -384,7 +409,7 @@ def step_flops(side: str, teacher: dict[str, int], student: dict[str, int], prom
     s_fwd = 2 * student["body"] * tokens + 2 * student["head"] * gen
     t_fwd = 2 * teacher["body"] * tokens + 2 * teacher["head"] * gen
     flops = s_fwd + t_fwd + 3 * s_fwd
-    if side == "minillm":
+    if side.startswith("minillm"):
         flops += t_fwd
     return float(flops)
 
@@ -402,6 +427,9 @@ def summarize(records: list[dict[str, Any]], warmup: int, matmul: float) -> dict
                                     r["gen_tokens"][i]))
             phase_rows.append(dict(r["phases"][i], _step=dt))
     step = statistics.median(times)
+    # Teacher-mixed sides: teacher forwards per generated token and the drafts' acceptance rate,
+    # over all sampled batches (warm-up included: a property of the sampler, not of the timing).
+    sampler = {k: sum(r["sampler"][k] for r in records) for k in records[0].get("sampler", {})}
     names = sorted({k for row in phase_rows for k in row if k != "_step"})
     profile = {k: statistics.median(row.get(k, 0.0) for row in phase_rows) for k in names}
     profile["other"] = statistics.median(row["_step"] - sum(v for k, v in row.items() if k != "_step")
@@ -417,6 +445,9 @@ def summarize(records: list[dict[str, Any]], warmup: int, matmul: float) -> dict
         "mfu": (sum(flops) / sum(times)) / matmul,
         "gflop_per_step": statistics.median(flops) / 1e9,
         "steps_measured": len(times),
+        **({"teacher_calls_per_token": sampler["teacher_row_calls"] / max(sampler["tokens"], 1),
+            "draft_accept": sampler["drafts_accepted"] / sampler["drafts_checked"] if sampler["drafts_checked"] else None,
+            "speculative_tokens": records[0]["speculative_tokens"]} if sampler else {}),
     }
 
 
@@ -427,7 +458,7 @@ def report(summary: dict[str, dict[str, Any]], matmul: float, args: argparse.Nam
              "| GFLOP/step | MFU |",
              "|---|---|---|---|---|---|---|---|"]
     for side, s in summary.items():
-        lines.append(f"| {LABELS[side]} | {s['step_s']:.2f} | {s['tok_per_s']:.1f} | {s['gen_tokens_per_step']:.0f} | "
+        lines.append(f"| {label(side)} | {s['step_s']:.2f} | {s['tok_per_s']:.1f} | {s['gen_tokens_per_step']:.0f} | "
                      f"{s['rss_train_mib']:.0f} | {s['rss_process_mib']:.0f} | {s['gflop_per_step']:.1f} | "
                      f"{100 * s['mfu']:.1f}% |")
     lines.append("")
@@ -440,10 +471,25 @@ def report(summary: dict[str, dict[str, Any]], matmul: float, args: argparse.Nam
             f"(target <= 0.8: {'met' if rss <= 0.8 else 'NOT met'}), "
             f"peak RSS process x{g['rss_process_mib'] / t['rss_process_mib']:.2f}",
         ]
-    if "gkd" in summary and "minillm" in summary:
-        ratio = summary["minillm"]["s_per_token"] / summary["gkd"]["s_per_token"]
-        lines.append(f"minillm method / gkd: time per generated token x{ratio:.2f} "
-                     f"(target <= 1.5: {'met' if ratio <= 1.5 else 'NOT met'})")
+    mixed = [side for side in summary if side.startswith("minillm")]
+    if mixed:
+        lines += ["", "| minillm side | k | rollout s/step | gen tok/step | rollout s / gen token | teacher calls / gen token "
+                  "| drafts accepted | time per gen token / gkd |", "|---|---|---|---|---|---|---|---|"]
+        for side in mixed:
+            m = summary[side]
+            roll = m["profile"].get("rollout", 0.0)
+            vs_gkd = f"x{m['s_per_token'] / summary['gkd']['s_per_token']:.2f}" if "gkd" in summary else "-"
+            accept = f"{100 * m['draft_accept']:.1f}%" if m.get("draft_accept") is not None else "-"
+            lines.append(f"| {side} | {m['speculative_tokens']} | {roll:.2f} | {m['gen_tokens_per_step']:.0f} | "
+                         f"{1000 * roll / m['gen_tokens_per_step']:.1f} ms | {m['teacher_calls_per_token']:.3f} | "
+                         f"{accept} | {vs_gkd} |")
+        if "gkd" in summary and "minillm" in summary:
+            m = summary["minillm"]
+            ratio = m["s_per_token"] / summary["gkd"]["s_per_token"]
+            lines += ["", f"minillm method (default k) / gkd: time per generated token x{ratio:.2f} "
+                      f"(target <= 1.1: {'met' if ratio <= 1.1 else 'NOT met'}); teacher calls per generated token "
+                      f"{m['teacher_calls_per_token']:.3f} (target <= 0.35: "
+                      f"{'met' if m['teacher_calls_per_token'] <= 0.35 else 'NOT met'})"]
     lines += ["", "Profile (median seconds per step; exclusive time of each phase):", ""]
     names = sorted({k for s in summary.values() for k in s["profile"]}, key=_phase_order)
     lines.append("| phase | " + " | ".join(summary) + " |")
@@ -474,7 +520,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1, help="run the sides this many times, alternating the order")
-    p.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {','.join(SIDES)}")
+    p.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {','.join(SIDES)}, "
+                   "or minillm-k<N> (rollout.speculative_tokens=N)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda runs in bf16")
     p.add_argument("--trl-grad-ckpt", action="store_true", help="TRL with its default activation checkpointing")
     p.add_argument("--json", default=None, help="also write the raw records and the summary here")
@@ -487,7 +534,7 @@ def main() -> None:
         child(args)
         return
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
-    if unknown := [s for s in sides if s not in SIDES]:
+    if unknown := [s for s in sides if s not in SIDES and speculative_side(s) is None]:
         p.error(f"--sides: unknown {unknown}")
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}", flush=True)
     matmul = spawn(args, "matmul")["matmul_flops_per_s"]

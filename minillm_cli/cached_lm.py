@@ -77,19 +77,48 @@ class CachedLM:
             logits, self.cache = self._forward(input_ids, attention_mask, position_ids, self.cache)
         return logits.to(self.out_device).float().log_softmax(-1)  # (B, V)
 
+    def can_drop_rows(self) -> bool:
+        """Whether `keep_rows` works on the current cache (call after the prefill): a per-layer cache
+        whose every layer can select batch rows (transformers' dynamic caches), or a plain tensor."""
+        if isinstance(self.cache, Tensor):
+            return True
+        layers = getattr(self.cache, "layers", None) or []
+        return (callable(getattr(self.cache, "batch_select_indices", None)) and len(layers) > 0
+                and all(callable(getattr(layer, "batch_select_indices", None)) for layer in layers))
+
+    def keep_rows(self, index: Tensor) -> None:
+        """Keep only the batch rows `index` ((A,) long) of the KV cache, in that order: the decoding
+        loops drop finished rows so that later forwards do not compute them."""
+        if isinstance(self.cache, Tensor):
+            self.cache = self.cache[index.to(self.cache.device)]
+        else:
+            self.cache.batch_select_indices(index.to(self.device))
+
+    def step_all(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
+        """Feed (B, L) new tokens after the cached ones; return (B, L, V) next-token log-probs after
+        EVERY new column (the speculative sampler's verification pass). The mask may hold zeros
+        anywhere in the past (columns of rejected drafts): those keys are then never attended."""
+        logits, self.cache = self._forward(input_ids, attention_mask, position_ids, self.cache,
+                                           keep=input_ids.shape[1])
+        return logits.to(self.out_device).float().log_softmax(-1)  # (B, L, V)
+
     def _forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
-                 cache: Any) -> tuple[Tensor, Any]:
-        """(B, V) logits after the last column and the KV cache extended by the (B, L) new tokens."""
+                 cache: Any, keep: int | None = None) -> tuple[Tensor, Any]:
+        """Logits after the last column, (B, V) (or after the last `keep` columns, (B, keep, V)), and
+        the KV cache extended by the (B, L) new tokens."""
         kwargs = {_cache_kwarg(): cache} if cache is not None else {}
         inputs = dict(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
                       position_ids=position_ids.to(self.device), use_cache=True, **kwargs)
         if self.split is None:
-            out = self.model(**inputs, logits_to_keep=1)  # never build (B, P, V) logits at prefill
-            return out.logits[:, -1], _output_cache(out)
-        # The same logits as the model's head, computed as W @ h^T: with a handful of rows this
-        # orientation of the (V, H) matmul runs about twice as fast on CPU as h @ W^T.
+            out = self.model(**inputs, logits_to_keep=keep or 1)  # never build (B, P, V) logits at prefill
+            return (out.logits[:, -1] if keep is None else out.logits[:, -keep:]), _output_cache(out)
         decoder, weight = self.split
         out = decoder(**inputs)
+        if keep is not None:
+            hidden = out.last_hidden_state[:, -keep:]  # (B, keep, H)
+            return hidden.to(weight.dtype) @ weight.T, _output_cache(out)  # (B, keep, V)
+        # The same logits as the model's head, computed as W @ h^T: with a handful of rows this
+        # orientation of the (V, H) matmul runs about twice as fast on CPU as h @ W^T.
         hidden = out.last_hidden_state[:, -1]  # (B, H)
         return (weight @ hidden.to(weight.dtype).T).T, _output_cache(out)
 

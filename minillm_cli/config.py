@@ -237,6 +237,11 @@ class RolloutConfig(Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     batch_size: int = Field(8, ge=1)
     """Prompts sampled together."""
+    speculative_tokens: int = Field(5, ge=0)
+    """Teacher-mixed sampling (MiniLLM's teacher_mix > 0): the student drafts this many tokens, the
+    teacher checks them in one forward and each is accepted with probability min(1, p̃/q̃) — exact
+    speculative sampling of p̃, ≥ 1 − teacher_mix of the drafts accepted. 0 = one teacher forward per
+    token (lockstep). The samples have the same distribution either way, not the same draws."""
 
 
 class OptimConfig(Section):

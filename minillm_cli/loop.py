@@ -11,7 +11,6 @@ dev loss / dev eval, save -> final save. A method is a "stepper" (`methods.Stepp
 from __future__ import annotations
 
 import math
-import os
 import signal
 import time
 from pathlib import Path
@@ -32,44 +31,9 @@ from minillm_cli.methods import METHODS
 from minillm_cli.methods.batching import response_logits
 from minillm_cli.progress import Progress
 from minillm_cli.run_setup import set_up
+from minillm_cli.signals import StopSignals
 from minillm_cli.tracking import Trackers, check_installed
 from minillm_cli.train_state import Checkpointer, State
-
-
-class _Signals:
-    """First SIGINT/SIGTERM: ask the loop to stop after saving; second: exit at once."""
-
-    def __init__(self, repeat_grace: float = 0.0) -> None:
-        self.received: int | None = None
-        self._old: dict[int, Any] = {}
-        # Under a launcher (torchrun) a Ctrl-C reaches each process twice, from the terminal and
-        # forwarded by the launcher: a repeat within `repeat_grace` seconds is the same request.
-        self.repeat_grace = repeat_grace
-        self._first_at = 0.0
-
-    def __enter__(self) -> "_Signals":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. some test runners): no handlers
-                pass
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.received is not None and time.monotonic() - self._first_at < self.repeat_grace:
-            return
-        if self.received is not None:
-            # Checkpoints are written to a temporary name and renamed: exiting now corrupts nothing.
-            os._exit(128 + signum)
-        self.received = signum
-        self._first_at = time.monotonic()
-
-    def requested(self) -> bool:
-        return self.received is not None
 
 
 def lr_at(step: int, recipe: Recipe) -> float:
@@ -151,7 +115,7 @@ def _train(recipe: Recipe, source: dict[str, str], resume: bool, extend: bool, c
     gen = torch.Generator(device=device)
     gen.manual_seed(tr.seed + accelerator.process_index)  # each rank draws its own samples
     torch.manual_seed(tr.seed)
-    signals = _Signals(repeat_grace=2.0 if world > 1 else 0.0)
+    signals = StopSignals(repeat_grace=2.0 if world > 1 else 0.0)
     ctx = Ctx(
         recipe=recipe, accelerator=accelerator, student=student, teacher=teacher, tokenizer=run.tokenizer,
         train=run.train, dev=run.dev, corpus=run.corpus, run_dir=run_dir, device=device, gen=gen, vocab=run.vocab,
@@ -235,7 +199,7 @@ def _train(recipe: Recipe, source: dict[str, str], resume: bool, extend: bool, c
     return run_dir
 
 
-def _finish_interrupted(signals: _Signals, step: int, last_saved: int, state_and_tensors: State, save: Callable,
+def _finish_interrupted(signals: StopSignals, step: int, last_saved: int, state_and_tensors: State, save: Callable,
                         dev_metrics: dict[str, float], say: Callable[[str], None], completed: bool = False) -> None:
     signum = signals.received or signal.SIGINT
     name = signal.Signals(signum).name

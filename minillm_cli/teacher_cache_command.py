@@ -31,6 +31,7 @@ from minillm_cli.config import Recipe
 from minillm_cli.errors import RunStopped, UserError
 from minillm_cli.methods.batching import length_groups, response_logits, take_group
 from minillm_cli.progress import Phase
+from minillm_cli.signals import StopSignals
 
 _TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -132,35 +133,6 @@ def answers_seed(recipe: Recipe, shard: int) -> int:
     return (recipe.train.seed + 7919) * 1_000_003 + shard
 
 
-class _Stop:
-    """SIGINT / SIGTERM during the build: stop at the next micro-batch (the shard in progress is lost)."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> "_Stop":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: no handlers
-                pass
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.received is not None:
-            os._exit(128 + signum)  # a second signal: at once (only complete shards are visible)
-        self.received = signum
-
-    def check(self) -> None:
-        if self.received is not None:
-            raise KeyboardInterrupt
-
-
 def build_cache(recipe: Recipe, out: Path, *, top_k: int = 64, dtype: str = "fp16", shard_examples: int = 512,
                 batch_size: int | None = None, answers: bool = False, console: Console | None = None) -> dict[str, Any]:
     """Build (or continue) the teacher cache of `recipe`'s training data in `out`; returns its manifest.
@@ -228,7 +200,7 @@ def build_cache(recipe: Recipe, out: Path, *, top_k: int = 64, dtype: str = "fp1
     t0 = time.time()
     remaining = sum(tc.shard_size(manifest["identity"], i) for i in todo)
     what = "answers" if answers else f"top-{top_k} log-probs"
-    with _Stop() as stop, Phase(f"teacher-cache: {what}", remaining, "examples", console, say) as phase:
+    with StopSignals() as stop, Phase(f"teacher-cache: {what}", remaining, "examples", console, say) as phase:
         try:
             for i in todo:
                 part = train[i * shard_examples : (i + 1) * shard_examples]

@@ -51,3 +51,24 @@ def models(tiny_dir):
     student = AutoModelForCausalLM.from_pretrained(tiny_dir / "student")
     teacher = AutoModelForCausalLM.from_pretrained(tiny_dir / "teacher").requires_grad_(False)
     return student, teacher
+
+
+@pytest.fixture(scope="module")
+def wide_teachers(tiny_dir: Path, tmp_path_factory):
+    """A teacher whose head has 8 padding rows, and the same model cut to the shared ids."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tests.tiny import make_llama
+
+    n = len(AutoTokenizer.from_pretrained(tiny_dir / "tokenizer"))
+    path = tmp_path_factory.mktemp("wide") / "teacher"
+    make_llama(path, tiny_dir / "tokenizer", layers=2, hidden=48, seed=5, vocab_size=n + 8)
+    wide = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert wide.config.vocab_size == n + 8
+    cfg = LlamaConfig(**{**wide.config.to_dict(), "vocab_size": n})
+    narrow = LlamaForCausalLM(cfg).eval()
+    state = {k: (v[:n] if k in ("model.embed_tokens.weight", "lm_head.weight") else v)
+             for k, v in wide.state_dict().items()}
+    narrow.load_state_dict(state)
+    return wide, narrow

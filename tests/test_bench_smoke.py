@@ -115,11 +115,11 @@ def test_flop_model_counts_the_head_only_at_generated_tokens() -> None:
 
 
 def test_bench_runs_end_to_end_on_tiny_models(tmp_path, tiny_dir, tiny_data) -> None:  # noqa: ANN001
-    sides = "gkd,trl" if importlib.util.find_spec("trl") is not None else "gkd,minillm"
+    sides = "gkd,minillm,minillm-lockstep" + (",trl" if importlib.util.find_spec("trl") is not None else "")
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(REPO / "bench" / "vs_trl.py"), "--data", str(tiny_data),
            "--teacher", str(tiny_dir / "teacher"), "--student", str(tiny_dir / "student"), "--batch", "2",
-           "--new-tokens", "3", "--steps", "1", "--warmup", "1", "--sides", sides, "--json", str(out)]
+           "--new-tokens", "6", "--steps", "1", "--warmup", "1", "--sides", sides, "--json", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
@@ -129,3 +129,26 @@ def test_bench_runs_end_to_end_on_tiny_models(tmp_path, tiny_dir, tiny_data) -> 
         assert s["step_s"] > 0 and s["tok_per_s"] > 0 and s["rss_train_mib"] > 50 and 0 < s["mfu"] < 1
         assert s["profile"]["rollout"] > 0 and s["profile"]["backward"] > 0 and s["profile"]["optimizer"] > 0
     assert "s/step (median)" in run.stdout and "Profile" in run.stdout
+    # the teacher-mixed sides: lockstep runs the teacher once per token, the speculative one less
+    lock, spec = result["summary"]["minillm-lockstep"], result["summary"]["minillm"]
+    assert lock["teacher_calls_per_token"] == 1.0 and lock["draft_accept"] is None
+    assert spec["speculative_tokens"] > 0 and 0 < spec["draft_accept"] <= 1
+    assert spec["teacher_calls_per_token"] < 1.0
+    assert "teacher calls / gen token" in run.stdout
+
+
+def test_speculative_bench_runs_on_tiny_models(tmp_path, tiny_dir, tiny_data) -> None:  # noqa: ANN001
+    out = tmp_path / "spec.json"
+    cmd = [sys.executable, str(REPO / "bench" / "speculative.py"), "--data", str(tiny_data),
+           "--teacher", str(tiny_dir / "teacher"), "--student", str(tiny_dir / "student"), "--batch", "4",
+           "--batches", "2", "--new-tokens", "8", "--ks", "0,3", "--repeats", "2", "--json", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    records = json.loads(out.read_text())["records"]
+    assert len(records) == 2 * 2 * 2  # settings × batches × repeats
+    lock = [r for r in records if r["k"] == 0]
+    spec = [r for r in records if r["k"] == 3]
+    assert all(r["teacher_row_calls"] == r["tokens"] and r["drafts_checked"] == 0 for r in lock)
+    assert sum(r["teacher_row_calls"] for r in spec) < sum(r["tokens"] for r in spec)
+    assert "| 3 |" in run.stdout and "(lockstep)" in run.stdout

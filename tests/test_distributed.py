@@ -96,6 +96,9 @@ def test_minillm_on_two_processes_samples_per_rank_and_resumes_exactly(tmp_path,
     for r in metrics:
         for k in ("loss", "pg_loss", "reg_loss", "reward", "rkl", "grad_norm"):
             assert torch.isfinite(torch.tensor(r[k])), (k, r)
+    # the default sampler: speculative (rollout.speculative_tokens > 0), fewer teacher calls than tokens
+    fresh = [r for r in metrics if "rollout_time" in r]
+    assert fresh and all(0 < r["draft_accept"] <= 1 and r["teacher_calls_per_token"] < 1 for r in fresh), fresh
 
     # each rank has its own sampling stream: different RNG states and different rollouts
     step2 = straight / "step-000002"

@@ -81,8 +81,10 @@ class TableLM(torch.nn.Module):
     """A causal LM with the `...ForCausalLM` call interface the sampler and the trainer use.
 
     logits(prefix) = table[row(prefix)], the prefix being the real (attention-mask 1) tokens so far;
-    any prefix that is not in `prefixes()` reads the last row. The "KV cache" is the (B,) code of
-    the prefix fed so far; position ids are ignored (a padded row sees exactly its real tokens).
+    any prefix that is not in `prefixes()` reads the last row. The "KV cache" is the (B, C) ids fed
+    so far, and every call reads the prefix through the whole attention mask, as attention does: a
+    padded row, or a column masked after it was fed (a rejected speculative draft), is not seen.
+    Position ids are ignored.
     """
 
     def __init__(self, seed: int, scale: float) -> None:
@@ -103,20 +105,21 @@ class TableLM(torch.nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 use_cache: bool = False, logits_to_keep: int = 0, **kwargs: Any) -> SimpleNamespace:
         B, L = input_ids.shape
-        mask = attention_mask[:, -L:] if attention_mask is not None else torch.ones_like(input_ids)  # new columns
         past = kwargs.get("past_key_values", kwargs.get("cache"))
-        codes = past.clone() if past is not None else torch.zeros(B, dtype=torch.long)
+        ids = torch.cat([past, input_ids], 1) if past is not None else input_ids  # (B, C + L) every fed id
+        mask = attention_mask if attention_mask is not None else torch.ones_like(ids)  # (B, C + L)
+        codes = torch.zeros(B, dtype=torch.long)
         cols = []
-        for j in range(L):
-            codes = torch.where(mask[:, j].bool(), codes * BASE + input_ids[:, j] + 1, codes)
+        for j in range(ids.shape[1]):
+            codes = torch.where(mask[:, j].bool(), (codes * BASE + ids[:, j] + 1).clamp_max(BASE**MAX_LEN), codes)
             cols.append(codes)
-        c = torch.stack(cols, 1)  # (B, L)
+        c = torch.stack(cols[-L:], 1)  # (B, L) prefix codes after each new column
         idx = torch.where(c < self.lookup.numel(), self.lookup[c.clamp_max(self.lookup.numel() - 1)],
                           self.table.shape[0] - 1)
         logits = self.table[idx]  # (B, L, V)
         if logits_to_keep:
             logits = logits[:, -logits_to_keep:]
-        return SimpleNamespace(logits=logits, past_key_values=codes if use_cache else None, cache=None)
+        return SimpleNamespace(logits=logits, past_key_values=ids if use_cache else None, cache=None)
 
 
 class _Accelerator:

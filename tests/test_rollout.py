@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from minillm_cli import rollout
 from minillm_cli.rollout import concat_prompt_response, sample, score
@@ -302,25 +302,6 @@ def test_bad_settings_raise(models) -> None:
         sample(student, prompt_ids, prompt_mask, teacher=teacher, alpha=1.5, **kw)
 
 
-@pytest.fixture(scope="module")
-def wide_teachers(tiny_dir: Path, tmp_path_factory) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """A teacher whose head has 8 padding rows, and the same model cut to the shared ids."""
-
-    from tests.tiny import make_llama
-
-    n = len(AutoTokenizer.from_pretrained(tiny_dir / "tokenizer"))
-    path = tmp_path_factory.mktemp("wide") / "teacher"
-    make_llama(path, tiny_dir / "tokenizer", layers=2, hidden=48, seed=5, vocab_size=n + 8)
-    wide = _load(path)
-    assert wide.config.vocab_size == n + 8
-    cfg = LlamaConfig(**{**wide.config.to_dict(), "vocab_size": n})
-    narrow = LlamaForCausalLM(cfg).eval()
-    state = {k: (v[:n] if k in ("model.embed_tokens.weight", "lm_head.weight") else v)
-             for k, v in wide.state_dict().items()}
-    narrow.load_state_dict(state)
-    return wide, narrow
-
-
 def test_wider_teacher_is_sliced_to_the_student_ids(models, wide_teachers) -> None:
     student, _ = models
     wide, narrow = wide_teachers
@@ -339,3 +320,19 @@ def test_wider_teacher_is_sliced_to_the_student_ids(models, wide_teachers) -> No
     # A student wider than its teacher is refused.
     with pytest.raises(ValueError, match="narrower"):
         sample(wide, prompt_ids, prompt_mask, teacher=student, **kw)
+
+
+def test_dropping_finished_rows_changes_no_draw(models, monkeypatch) -> None:
+    # The lockstep loop drops rows that emitted EOS from the caches; every row keeps its own uniform
+    # of the whole batch's stream, so the samples are those of the loop that keeps every row.
+    student, teacher = models
+    prompt_ids, prompt_mask = _left_pad(PROMPTS * 3)
+    kw = dict(teacher=teacher, alpha=0.3, max_new_tokens=20, eos_token_id=EOS_MANY, pad_token_id=PAD)
+    dropped = sample(student, prompt_ids, prompt_mask, generator=_gen(21), **kw)
+    monkeypatch.setattr(rollout.CachedLM, "can_drop_rows", lambda self: False)
+    kept = sample(student, prompt_ids, prompt_mask, generator=_gen(21), **kw)
+    assert dropped.response_mask.sum(-1).unique().numel() > 2  # rows ended at different steps
+    assert torch.equal(dropped.response_ids, kept.response_ids)
+    assert torch.equal(dropped.response_mask, kept.response_mask)
+    torch.testing.assert_close(dropped.logq, kept.logq, atol=1e-5, rtol=0)
+    torch.testing.assert_close(dropped.logp, kept.logp, atol=1e-5, rtol=0)

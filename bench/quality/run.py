@@ -367,7 +367,10 @@ def run_study(study: Study, arms: list[str], sets: dict[str, Path], train: bool)
             models["teacher"] = str(teacher)
         final = study.train_stage(name, {
             "models": models, "data": study.data(s.arm_steps * s.batch_size), "method": method,
-            "rollout": {"batch_size": 16}, "optim": {"lr": arm_lr(s, name), "warmup_steps": 5},
+            # Lockstep sampling, as when bench/QUALITY.md was measured: speculative sampling draws from
+            # the same distribution but other samples (lockstep's draws are those of the measured runs
+            # up to float rounding), so the recorded figures would not come back.
+            "rollout": {"batch_size": 16, "speculative_tokens": 0}, "optim": {"lr": arm_lr(s, name), "warmup_steps": 5},
             "train": {"max_steps": s.arm_steps, "batch_size": s.batch_size, "seed": SEED, "keep_last": 1},
         }, s.arm_steps, train)
         if final is not None:

@@ -152,6 +152,7 @@ class MiniLlmStepper:
         # logits, and the separate teacher forward of `_score_teacher` is skipped.
         keep = cfg.teacher_mix > 0 and cfg.ppo_epochs == 1 and self.local_rollouts <= self.per_step
         parts: list[dict[str, Any]] = []  # "logp", "teacher" are None unless kept
+        calls = checked = accepted = 0  # teacher forwards per row, speculative drafts checked / accepted
         for i in range(0, len(examples), r.batch_size):
             check_stop(ctx)
             ids, mask = data_mod.collate_prompts(examples[i : i + r.batch_size], ctx.tokenizer.pad_token_id)
@@ -161,7 +162,11 @@ class MiniLlmStepper:
                 max_new_tokens=cfg.max_new_tokens, eos_token_id=ctx.tokenizer.eos_token_id,
                 pad_token_id=ctx.tokenizer.pad_token_id, temperature=r.temperature, top_k=r.top_k,
                 top_p=r.top_p, generator=ctx.gen, keep_teacher_logprobs=keep and cfg.single_step,
+                speculative_tokens=r.speculative_tokens,
             )
+            calls += roll.teacher_row_calls
+            checked += roll.drafts_checked
+            accepted += roll.drafts_accepted
             parts.append({"prompt_ids": roll.prompt_ids, "prompt_mask": roll.prompt_mask,
                           "response_ids": roll.response_ids, "response_mask": roll.response_mask,
                           "logq": roll.logq, "log_mix": roll.log_mix, "logp": roll.logp,
@@ -209,6 +214,12 @@ class MiniLlmStepper:
             "score_time": time.time() - t0 - t_roll,
             "gen_tok_per_s": gen_tokens / max(t_roll, 1e-9),
         }
+        if cfg.teacher_mix > 0:
+            # Local to this rank: teacher forwards per generated token (1 in lockstep) and the
+            # share of speculative drafts accepted (≥ 1 − teacher_mix).
+            self.buffer_stats["teacher_calls_per_token"] = calls / max(gen_tokens, 1.0)
+            if checked:
+                self.buffer_stats["draft_accept"] = accepted / checked
 
     @torch.no_grad()
     def _score_teacher(self, buf: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
