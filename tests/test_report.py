@@ -19,6 +19,7 @@ from minillm_cli.evaluate.report import (
     ModelRow,
     PerPrompt,
     compare,
+    exposure_bias_title,
     from_json,
     plot_exposure_bias,
     render_table,
@@ -130,6 +131,13 @@ def test_plot_writes_png(report: EvalReport, tmp_path: Path) -> None:
     plot_exposure_bias(report, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert path.stat().st_size > 1000
+
+
+def test_plot_title_names_the_data(report: EvalReport, tmp_path: Path) -> None:
+    assert exposure_bias_title(report) == f"Exposure bias ({report.split} split)"
+    assert exposure_bias_title(report, "instruct-dev") == "Exposure bias (instruct-dev)"
+    plot_exposure_bias(report, tmp_path / "named.png", data_name="instruct-dev")
+    assert (tmp_path / "named.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_plot_errors(report: EvalReport, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -534,7 +534,7 @@ def summarize(study: Study, sets: dict[str, Path], students: dict[str, Path], te
         report = report_mod.from_json(div)
         for row in report.rows:
             row.name = label_of.get(row.name, row.name)
-        report_mod.plot_exposure_bias(report, study.out / f"exposure-bias-{set_name}.png")
+        report_mod.plot_exposure_bias(report, study.out / f"exposure-bias-{set_name}.png", data_name=set_name)
         seeds = sorted({int(s) for s in json.loads((d / "teacher.json").read_text(encoding="utf-8"))["settings"]["seeds"]})
         out_sets[set_name] = {"path": str(path), "prompts": len(index), "seeds": seeds,
                               "div_prompts": div["settings"]["data"]["examples"], "div_seed": div["settings"]["seeds"][0],

@@ -396,8 +396,15 @@ def write_json(report: EvalReport, path: str | Path) -> None:
     path.write_text(json.dumps(to_json(report), indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
 
-def plot_exposure_bias(report: EvalReport, path: str | Path) -> None:
+def exposure_bias_title(report: EvalReport, data_name: str | None = None) -> str:
+    """The plot's title: the evaluated data by name when given, else the report's split."""
+    return f"Exposure bias ({data_name or f'{report.split} split'})"
+
+
+def plot_exposure_bias(report: EvalReport, path: str | Path, data_name: str | None = None) -> None:
     """Plot ExAccErr(l) against response length l, one line per model, to a PNG at `path`.
+
+    `data_name` names the evaluated data in the title (default: the report's split).
 
     Uses matplotlib's Agg canvas directly (no pyplot, no global backend switch).
 
@@ -423,7 +430,7 @@ def plot_exposure_bias(report: EvalReport, path: str | Path) -> None:
     ax.axhline(0.0, color="grey", linewidth=0.8)
     ax.set_xlabel("response length l")
     ax.set_ylabel("ExAccErr(l) (%)")
-    ax.set_title(f"Exposure bias ({report.split} split)")
+    ax.set_title(exposure_bias_title(report, data_name))
     ax.legend()
     fig.tight_layout()
     path = Path(path)
