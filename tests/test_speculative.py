@@ -21,8 +21,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from minillm_cli import rollout
 from minillm_cli.cached_lm import CachedLM
 from minillm_cli.rollout import concat_prompt_response, sample, score
+from tests.test_rollout import PAD as ROLLOUT_PAD
+from tests.test_rollout import _left_pad
 
 PAD, EOS, V, M = 0, 1, 6, 3  # pad ≠ eos; responses of at most M tokens over V ids
+assert PAD == ROLLOUT_PAD  # `_left_pad` pads with it
 
 
 def _tiny(seed: int, vocab: int, scale: float) -> LlamaForCausalLM:
@@ -42,16 +45,6 @@ def pair() -> tuple[LlamaForCausalLM, LlamaForCausalLM]:
 
 
 PROMPTS = [[2, 3], [4, 5, 3, 2, 5]]  # two prompt lengths, interleaved in every batch
-
-
-def _left_pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), PAD, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s)
-        mask[i, width - len(s):] = 1
-    return ids, mask
 
 
 def _next_target(student, teacher, prompt: list[int], prefixes: list[tuple[int, ...]], alpha: float,
