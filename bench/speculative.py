@@ -49,6 +49,9 @@ def main() -> None:
     p.add_argument("--json", default=None, help="also write the raw records here")
     args = p.parse_args()
 
+    from minillm_cli.cpu_tuning import tune_for_cpu
+
+    tune_for_cpu("cpu")  # as minillm's commands do (bench/RESULTS.md, "CPU process settings")
     import torch
     import vs_trl
     from transformers import AutoModelForCausalLM

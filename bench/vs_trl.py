@@ -6,6 +6,9 @@ on the same teacher, student, prompts and settings, and prints one table:
     gkd      minillm, `method: gkd` with lmbda=1, beta=1: sample from the student, token-level
              reverse KL over the vocabulary at every generated token (TRL's DistillationTrainer work).
     trl      TRL's `DistillationTrainer` (always on-policy; beta=1 = reverse KL, chunked divergence).
+    trl-tuned  the same, in a process given minillm's CPU settings (`minillm_cli.cpu_tuning`: glibc
+             keeps freed memory, SDPA grouped-query attention without copies): the like-for-like peer.
+    gkd-untuned  the gkd side with those settings off (MINILLM_CPU_TUNING=0): what they gain.
     minillm  minillm, `method: minillm` (teacher-mixed sampling alpha=0.2, single-step reverse KL on,
              ppo_epochs=1, num_rollouts = batch: every generated token is trained on exactly once),
              the default rollout: speculative sampling of the mixture.
@@ -47,10 +50,13 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = "../shared/data/instruct-dev.jsonl"
-SIDES = ("gkd", "trl", "minillm", "minillm-lockstep")
+SIDES = ("gkd", "trl", "trl-tuned", "minillm", "minillm-lockstep", "gkd-untuned")
+DEFAULT_SIDES = ("gkd", "trl", "trl-tuned", "minillm", "minillm-lockstep")
 LABELS = {
     "gkd": "minillm gkd (token-level on-policy reverse KL)",
     "trl": "TRL DistillationTrainer (beta=1)",
+    "trl-tuned": "TRL DistillationTrainer (beta=1), with minillm's CPU process settings",
+    "gkd-untuned": "minillm gkd, CPU process settings off (MINILLM_CPU_TUNING=0)",
     "minillm": "minillm method=minillm (alpha=0.2, single-step; speculative rollout, default k)",
     "minillm-lockstep": "minillm method=minillm, lockstep rollout (rollout.speculative_tokens=0)",
 }
@@ -344,10 +350,14 @@ def child(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     if args.child == "matmul":
         run_matmul(args, out)
-    elif args.child == "trl":
+    elif args.child in ("trl", "trl-tuned"):
+        if args.child == "trl-tuned":
+            from minillm_cli.cpu_tuning import tune_for_cpu
+
+            tune_for_cpu(args.device)  # what minillm's commands do first in their process
         run_trl(args, out)
     else:
-        run_minillm(args, args.child, out)
+        run_minillm(args, args.child.removesuffix("-untuned"), out)
     out["wall_s"] = time.perf_counter() - t0
     if args.child != "matmul":
         teacher_dir, student_dir = model_dirs(args.teacher, args.student, args.keep)
@@ -382,6 +392,8 @@ def spawn(args: argparse.Namespace, side: str) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    if side == "gkd-untuned":
+        env["MINILLM_CPU_TUNING"] = "0"
     log = open(out.with_suffix(".log"), "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd())
     _, status, usage = os.wait4(proc.pid, 0)
@@ -462,15 +474,20 @@ def report(summary: dict[str, dict[str, Any]], matmul: float, args: argparse.Nam
                      f"{s['rss_train_mib']:.0f} | {s['rss_process_mib']:.0f} | {s['gflop_per_step']:.1f} | "
                      f"{100 * s['mfu']:.1f}% |")
     lines.append("")
-    if "gkd" in summary and "trl" in summary:
-        g, t = summary["gkd"], summary["trl"]
-        thr, rss = g["tok_per_s"] / t["tok_per_s"], g["rss_train_mib"] / t["rss_train_mib"]
-        lines += [
-            f"minillm gkd / TRL: throughput x{thr:.2f} (target >= 2: {'met' if thr >= 2 else 'NOT met'}), "
-            f"s/step x{g['step_s'] / t['step_s']:.2f}, peak RSS train x{rss:.2f} "
-            f"(target <= 0.8: {'met' if rss <= 0.8 else 'NOT met'}), "
-            f"peak RSS process x{g['rss_process_mib'] / t['rss_process_mib']:.2f}",
-        ]
+    for peer in ("trl", "trl-tuned"):
+        if "gkd" in summary and peer in summary:
+            g, t = summary["gkd"], summary[peer]
+            thr, rss = g["tok_per_s"] / t["tok_per_s"], g["rss_train_mib"] / t["rss_train_mib"]
+            lines += [
+                f"minillm gkd / {peer}: throughput x{thr:.2f} (target >= 2: {'met' if thr >= 2 else 'NOT met'}), "
+                f"s/step x{g['step_s'] / t['step_s']:.2f}, peak RSS train x{rss:.2f} "
+                f"(target <= 0.8: {'met' if rss <= 0.8 else 'NOT met'}), "
+                f"peak RSS process x{g['rss_process_mib'] / t['rss_process_mib']:.2f}",
+            ]
+    if "gkd" in summary and "gkd-untuned" in summary:
+        g, u = summary["gkd"], summary["gkd-untuned"]
+        lines.append(f"minillm gkd, CPU process settings on / off: throughput x{g['tok_per_s'] / u['tok_per_s']:.2f}, "
+                     f"peak RSS train x{g['rss_train_mib'] / u['rss_train_mib']:.2f}")
     mixed = [side for side in summary if side.startswith("minillm")]
     if mixed:
         lines += ["", "| minillm side | k | rollout s/step | gen tok/step | rollout s / gen token | teacher calls / gen token "
@@ -520,7 +537,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1, help="run the sides this many times, alternating the order")
-    p.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {','.join(SIDES)}, "
+    p.add_argument("--sides", default=",".join(DEFAULT_SIDES), help=f"comma-separated subset of {','.join(SIDES)}, "
                    "or minillm-k<N> (rollout.speculative_tokens=N)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda runs in bf16")
     p.add_argument("--trl-grad-ckpt", action="store_true", help="TRL with its default activation checkpointing")

@@ -58,23 +58,33 @@ def _backbone_and_head(model: Any) -> tuple[torch.nn.Module, Tensor] | None:  # 
 
 
 class CachedLM:
-    """A model plus its own KV cache; `step` returns fp32 log-probs of the next token."""
+    """A model plus its own KV cache; `step` returns fp32 log-probs of the next token.
 
-    def __init__(self, model: torch.nn.Module, out_device: torch.device) -> None:
+    `spare_columns`: after the prefill the cache's layers append in place (`kv_cache.GrowingLayer`)
+    with room for this many more columns before a buffer has to grow (0 = transformers' own layers).
+    """
+
+    def __init__(self, model: torch.nn.Module, out_device: torch.device, spare_columns: int = 0) -> None:
         self.model = model
         self.device = _input_device(model)
         self.out_device = out_device
         self.cache: Any = None
         self.split = _backbone_and_head(model)
+        self.spare_columns = spare_columns
 
     def step(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
         """Feed (B, L) new tokens (L = P at prefill, 1 when decoding) with the (B, past + L) mask;
         return (B, V) next-token log-probs."""
         logits = None
-        if self.cache is None and self.split is not None:
+        prefill = self.cache is None
+        if prefill and self.split is not None:
             logits = self._grouped_prefill(input_ids, attention_mask, position_ids)
         if logits is None:
             logits, self.cache = self._forward(input_ids, attention_mask, position_ids, self.cache)
+        if prefill and self.spare_columns > 0:
+            from minillm_cli.kv_cache import grow_in_place
+
+            grow_in_place(self.cache, self.spare_columns)
         return logits.to(self.out_device).float().log_softmax(-1)  # (B, V)
 
     def can_drop_rows(self) -> bool:

@@ -20,8 +20,8 @@ import torch
 from rich.console import Console
 
 from minillm_cli import checkpoint as ckpt
+from minillm_cli import cpu_tuning, fsdp, losses, rundir
 from minillm_cli import data as data_mod
-from minillm_cli import fsdp, losses, rundir
 from minillm_cli import models as models_mod
 from minillm_cli.config import Recipe
 from minillm_cli.context import Ctx, Interrupted
@@ -127,6 +127,9 @@ def _train(recipe: Recipe, source: dict[str, str], resume: bool, extend: bool, c
     checkpoints = Checkpointer(ctx, optimizer, stepper, run.recipe_text, run.meta(recipe))
     snapshot, save = checkpoints.snapshot, checkpoints.save
 
+    # After loading: its one-off transients go back to the kernel; the steps' recurring
+    # temporaries are then kept for reuse (single-process runs only, see cpu_tuning).
+    cpu_tuning.tune_for_cpu(device.type, world)
     start_step, bad_total = 0, 0
     if run.resume_state is not None:
         start_step, bad_total = checkpoints.restore(run.resume_state)

@@ -303,8 +303,11 @@ def sample(
     for m in models:
         m.eval()
     try:
-        q_lm = CachedLM(student, device)
-        p_lm = CachedLM(teacher, device) if teacher is not None else None
+        # Room for every new column of a lockstep rollout; speculative rounds also cache their
+        # rejected drafts (holes), so they may outgrow it once (the buffers double).
+        spare = max_new_tokens + (speculative_tokens if alpha > 0.0 else 0)
+        q_lm = CachedLM(student, device, spare_columns=spare)
+        p_lm = CachedLM(teacher, device, spare_columns=spare) if teacher is not None else None
         if p_lm is not None and alpha > 0.0 and speculative_tokens > 0:
             return _speculative(q_lm, p_lm, prompt_ids, prompt_mask, settings, speculative_tokens)
         return _lockstep(q_lm, p_lm, prompt_ids, prompt_mask, settings)

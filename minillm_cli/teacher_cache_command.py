@@ -22,8 +22,8 @@ from typing import Any, Callable
 import torch
 from rich.console import Console
 
+from minillm_cli import cpu_tuning, losses, prepare
 from minillm_cli import data as data_mod
-from minillm_cli import losses, prepare
 from minillm_cli import models as models_mod
 from minillm_cli import teacher_cache as tc
 from minillm_cli.checkpoint import write_text_atomic
@@ -193,6 +193,7 @@ def build_cache(recipe: Recipe, out: Path, *, top_k: int = 64, dtype: str = "fp1
         say(f"teacher cache {out}: continuing, {n_shards - len(todo)} of {n_shards} shards already written")
     write_text_atomic(out / tc.MANIFEST, _dump(manifest))
     device = models_mod.pick_device(m.device)
+    cpu_tuning.tune_for_cpu(device.type)
     t_dtype = models_mod.pick_dtype(m.dtype, device)
     teacher = models_mod.load_model(teacher_dir, dtype=t_dtype, device=device, trust_remote_code=m.trust_remote_code,
                                     allow_pickle=m.allow_pickle).requires_grad_(False).eval()

@@ -115,7 +115,8 @@ def test_flop_model_counts_the_head_only_at_generated_tokens() -> None:
 
 
 def test_bench_runs_end_to_end_on_tiny_models(tmp_path, tiny_dir, tiny_data) -> None:  # noqa: ANN001
-    sides = "gkd,minillm,minillm-lockstep" + (",trl" if importlib.util.find_spec("trl") is not None else "")
+    has_trl = importlib.util.find_spec("trl") is not None
+    sides = "gkd,minillm,minillm-lockstep,gkd-untuned" + (",trl,trl-tuned" if has_trl else "")
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(REPO / "bench" / "vs_trl.py"), "--data", str(tiny_data),
            "--teacher", str(tiny_dir / "teacher"), "--student", str(tiny_dir / "student"), "--batch", "2",
@@ -129,6 +130,8 @@ def test_bench_runs_end_to_end_on_tiny_models(tmp_path, tiny_dir, tiny_data) -> 
         assert s["step_s"] > 0 and s["tok_per_s"] > 0 and s["rss_train_mib"] > 50 and 0 < s["mfu"] < 1
         assert s["profile"]["rollout"] > 0 and s["profile"]["backward"] > 0 and s["profile"]["optimizer"] > 0
     assert "s/step (median)" in run.stdout and "Profile" in run.stdout
+    assert "CPU process settings on / off" in run.stdout
+    assert not has_trl or ("minillm gkd / trl:" in run.stdout and "minillm gkd / trl-tuned:" in run.stdout)
     # the teacher-mixed sides: lockstep runs the teacher once per token, the speculative one less
     lock, spec = result["summary"]["minillm-lockstep"], result["summary"]["minillm"]
     assert lock["teacher_calls_per_token"] == 1.0 and lock["draft_accept"] is None

@@ -20,6 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from minillm_cli import rollout
 from minillm_cli.cached_lm import CachedLM
+from minillm_cli.kv_cache import GrowingLayer
 from minillm_cli.rollout import concat_prompt_response, sample, score
 from tests.test_rollout import PAD as ROLLOUT_PAD
 from tests.test_rollout import _left_pad
@@ -261,14 +262,17 @@ def test_finished_rows_are_dropped_and_the_rest_stay_exact(models, monkeypatch, 
         assert r.teacher_row_calls < int(lengths.sum())
 
 
-def test_cache_with_holes_equals_a_fresh_forward(models) -> None:
+@pytest.mark.parametrize("spare", [0, 1, 16])
+def test_cache_with_holes_equals_a_fresh_forward(models, spare: int) -> None:
     # Feed 3 tokens, hide the last 2 (a rejection after the first), feed a replacement: the logits
-    # must equal a fresh forward over the accepted prefix + the replacement.
+    # must equal a fresh forward over the accepted prefix + the replacement. spare 0: transformers'
+    # own cache layers; 1: in-place layers that must grow at the 3-column feed; 16: in-place, no growth.
     _, teacher = models
-    lm = CachedLM(teacher, torch.device("cpu"))
+    lm = CachedLM(teacher, torch.device("cpu"), spare_columns=spare)
     ids, mask = _left_pad([[5, 17, 40, 41], [99]])
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     lm.step(ids, mask, pos)
+    assert all(isinstance(layer, GrowingLayer) == (spare > 0) for layer in lm.cache.layers)
     n = mask.sum(-1)
     drafts = torch.tensor([[7, 8, 9], [10, 11, 12]])
     ones = torch.ones(2, 3, dtype=torch.long)

@@ -45,7 +45,7 @@ from typing import Any
 
 from rich.console import Console
 
-from minillm_cli import __version__
+from minillm_cli import __version__, cpu_tuning
 from minillm_cli import data as data_mod
 from minillm_cli import models as models_mod
 from minillm_cli.errors import UserError
@@ -208,6 +208,7 @@ def run_eval(
 
     # 2. Teacher first: its passes are the teacher-sampled continuations of every student row.
     device = models_mod.pick_device("auto")
+    cpu_tuning.tune_for_cpu(device.type)
     dtype = models_mod.pick_dtype("auto", device)
     calibrate = "calibration" in metric_names
     report_rows: list[report_mod.ModelRow] = []
