@@ -42,10 +42,16 @@ def _fail(message: str, code: int) -> None:
     if os.environ.get("RANK", "0") == "0":
         from rich.text import Text
 
-        # The message holds paths, column lists and user text: never read it as rich markup. One line.
+        # The message holds paths, column lists and user text: never read it as rich markup. One line,
+        # and a bounded one: a message quoting user input (a huge override, say) is cut.
         message = " ".join(line.strip() for line in message.splitlines() if line.strip())
+        if len(message) > MAX_ERROR_CHARS:
+            message = f"{message[:MAX_ERROR_CHARS]}… ({len(message) - MAX_ERROR_CHARS} more characters)"
         _last_error.append(message)
         err_console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
+        from minillm_cli.launch import write_status
+
+        write_status(code, message)  # a worker of a multi-process run: for the launching process
     else:
         import time
 
@@ -53,6 +59,8 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+MAX_ERROR_CHARS = 600
+"""An error line is cut after this many characters."""
 _last_error: list[str] = []
 """The message of the last `_fail` (for `--json` run summaries)."""
 
@@ -129,16 +137,24 @@ def _recipe_flags(params: dict[str, Any]) -> dict[str, Any]:
             for name, flag in _TRAIN_FLAGS.items() if flag.key is not None and name in params}
 
 
-def _summarized(command: str, json_out: Optional[str], body: Callable[[dict[str, Any]], Any]) -> None:
+def _summarized(command: str, json_out: Optional[str], body: Callable[[dict[str, Any]], Any],
+                cli_inputs: Optional[dict[str, Path]] = None) -> None:
     """Run a training command's body under `_guard`; with `--json`, write the run summary on every exit.
 
-    `body(report)` puts the run directory into `report["run_dir"]` as soon as it is known."""
+    `body(report)` puts the run directory into `report["run_dir"]` as soon as it is known, and sets
+    `report["no_summary"]` when the summary's destination turned out to be an input of the run.
+    `cli_inputs`: the inputs named on the command line (recipe file, flags), checked first."""
     if json_out is None:
         _guard(lambda: body({}))
         return
     import time
 
     from minillm_cli import run_summary
+    from minillm_cli.destinations import check_file
+
+    # A destination that cannot be written, or that names an input given on the command line, is
+    # refused before any work and gets no summary (writing one would replace that input).
+    _guard(lambda: check_file("--json", json_out, cli_inputs))
 
     global console
     saved_console = console
@@ -153,7 +169,7 @@ def _summarized(command: str, json_out: Optional[str], body: Callable[[dict[str,
         raise
     finally:
         console = saved_console
-        if os.environ.get("RANK", "0") == "0":
+        if os.environ.get("RANK", "0") == "0" and not report.get("no_summary"):
             run_dir = report.get("run_dir")
             summary = run_summary.summarize(command, code, _last_error[-1] if code and _last_error else None,
                                             Path(run_dir) if run_dir else None, time.time() - t0)
@@ -164,10 +180,41 @@ def _summarized(command: str, json_out: Optional[str], body: Callable[[dict[str,
                                   markup=False)
 
 
+def _cli_inputs(recipe_path: Optional[str], flags: dict[str, Any]) -> dict[str, Path]:
+    """The inputs named on the command line (recipe file, --data, --teacher, --student) and the run
+    directory (-o): what an output flag may never name."""
+    from minillm_cli.destinations import existing_path
+
+    out = {name: p for name, value in (("the recipe", recipe_path), ("data.train", flags.get("data.train")),
+                                        ("models.teacher", flags.get("models.teacher")),
+                                        ("models.student", flags.get("models.student")))
+           if (p := existing_path(value)) is not None}
+    if flags.get("output.dir"):
+        out["the run directory"] = Path(flags["output.dir"])
+    return out
+
+
+def _check_json_against(json_out: Optional[str], recipe: Recipe, recipe_path: Optional[str],
+                        report: dict[str, Any]) -> None:
+    """`--json` may not name an input of the resolved recipe or a file inside its run directory."""
+    if json_out is None:
+        return
+    from minillm_cli.destinations import check_file, recipe_inputs
+
+    inputs = recipe_inputs(recipe, recipe_path)
+    if recipe.output.dir:
+        inputs["the run directory"] = Path(recipe.output.dir)
+    try:
+        check_file("--json", json_out, inputs)
+    except UserError:
+        report["no_summary"] = True  # the summary would replace that input
+        raise
+
+
 def _run_training(recipe_path: Optional[str], overrides: list[str], flags: dict[str, Any], method: str,
                   resume: bool, dry_run: bool = False, num_processes: Optional[int] = None,
                   accelerate_config: Optional[str] = None, extend: bool = False,
-                  report: Optional[dict[str, Any]] = None) -> None:
+                  report: Optional[dict[str, Any]] = None, json_out: Optional[str] = None) -> None:
     from minillm_cli.recipe_loading import load_recipe, output_dir_of
     from minillm_cli.rundir import saved_recipe
 
@@ -183,6 +230,7 @@ def _run_training(recipe_path: Optional[str], overrides: list[str], flags: dict[
         base = saved_recipe(Path(out))
     recipe, source = load_recipe(recipe_path, overrides, flags, default_method=method, base=base)
     report = report if report is not None else {}
+    _check_json_against(json_out, recipe, recipe_path, report)
     report["run_dir"] = recipe.output.dir  # None: set_up picks a fresh runs/<method>-<time> (set below)
     if recipe.method.name != method and method == "sft":
         raise UserError(f"method.name: `minillm sft` runs method sft, the recipe says {recipe.method.name}; use `minillm distill`")
@@ -190,15 +238,20 @@ def _run_training(recipe_path: Optional[str], overrides: list[str], flags: dict[
         raise UserError(f"--num-processes: must be >= 1, got {num_processes}")
     launch = (num_processes or 1) > 1 or accelerate_config is not None
     if launch and not dry_run:
-        # The recipe is valid (checked above, exit 2 otherwise); every process prints its own view.
-        from minillm_cli.launch import launch_processes
+        # The recipe is valid (checked above, exit 2 otherwise); what else can be checked is checked
+        # before any process starts. The workers' rank 0 prints its own error line.
+        from minillm_cli.launch import check_before_launch, launch_processes
 
+        world, config = check_before_launch(recipe, num_processes, accelerate_config, resume=resume, extend=extend)
         job = {"recipe": recipe.model_dump(mode="json", by_alias=True), "source": source, "resume": resume,
                "extend": extend}
-        code = launch_processes(job, num_processes, accelerate_config, console)
+        code, message = launch_processes(job, world, config, console)
         if code:
-            err_console.print(f"the multi-process run stopped with exit code {code}; its own message is above the "
-                              "launcher's report", highlight=False, soft_wrap=True)
+            if message is not None:
+                _last_error.append(message)
+            else:
+                err_console.print(f"the multi-process run stopped with exit code {code}; its own message is above",
+                                  highlight=False, soft_wrap=True)
             raise typer.Exit(code)
         return
     if dry_run:
@@ -272,7 +325,8 @@ def distill(
         _summarized("distill", json_out, lambda report: report.update(run_dir=run_quickstart(console)))
         return
     _summarized("distill", json_out, lambda report: _run_training(
-        recipe, rest, flags, method or "minillm", resume, dry_run, num_processes, accelerate_config, extend, report))
+        recipe, rest, flags, method or "minillm", resume, dry_run, num_processes, accelerate_config, extend, report,
+        json_out), _cli_inputs(recipe, flags))
 
 
 @app.command()
@@ -295,7 +349,7 @@ def sft(
     recipe, rest = _split_recipe(recipe, overrides)
     _summarized("sft", json_out, lambda report: _run_training(
         recipe, rest, flags, "sft", resume, num_processes=num_processes, accelerate_config=accelerate_config,
-        extend=extend, report=report))
+        extend=extend, report=report, json_out=json_out), _cli_inputs(recipe, flags))
 
 
 @app.command("_train", hidden=True)
@@ -378,7 +432,7 @@ def teacher_cache(
         if target is None:
             raise UserError("--out: name the cache directory (or set data.teacher_cache in the recipe)")
         build_cache(r, Path(target).expanduser(), top_k=top_k, dtype=dtype, shard_examples=shard_examples,
-                    batch_size=batch_size, answers=answers, console=console)
+                    batch_size=batch_size, answers=answers, console=console, recipe_file=path)
 
     _guard(body)
 

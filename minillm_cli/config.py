@@ -10,17 +10,45 @@ This module must stay light: it is imported by the CLI, which must not import to
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from minillm_cli.errors import UserError
 
 
 class Section(BaseModel):
-    """Base config: unknown keys are errors, assignments are validated."""
+    """Base config: unknown keys are errors, assignments are validated, `true` is not a number."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, data: Any) -> Any:
+        # pydantic's lax mode reads `true` as 1 for an int field: `rollout.speculative_tokens=true`
+        # would silently mean one draft. A number field takes numbers only.
+        if not isinstance(data, dict):
+            return data
+        for name, value in data.items():
+            field = cls.model_fields.get(name) if isinstance(name, str) else None
+            if isinstance(value, bool) and field is not None:
+                kinds = _leaf_types(field.annotation)
+                if kinds & {int, float} and bool not in kinds and Any not in kinds:
+                    raise PydanticCustomError("bool_as_number", "must be a number, not {value}",
+                                              {"key": name, "value": str(value).lower()})
+        return data
+
+
+def _leaf_types(annotation: Any) -> set[Any]:
+    """The plain types an annotation admits (`int | None` -> {int, NoneType})."""
+    args = get_args(annotation)
+    if get_origin(annotation) is Annotated:
+        return _leaf_types(args[0])
+    if args and get_origin(annotation) in (Union, UnionType):
+        return set().union(*(_leaf_types(a) for a in args))
+    return {annotation}
 
 
 # --------------------------------------------------------------------------------------- models
@@ -237,11 +265,13 @@ class RolloutConfig(Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     batch_size: int = Field(8, ge=1)
     """Prompts sampled together."""
-    speculative_tokens: int = Field(5, ge=0)
+    speculative_tokens: int = Field(5, ge=0, le=64)
     """Teacher-mixed sampling (MiniLLM's teacher_mix > 0): the student drafts this many tokens, the
     teacher checks them in one forward and each is accepted with probability min(1, p̃/q̃) — exact
     speculative sampling of p̃, ≥ 1 − teacher_mix of the drafts accepted. 0 = one teacher forward per
-    token (lockstep). The samples have the same distribution either way, not the same draws."""
+    token (lockstep). The samples have the same distribution either way, not the same draws. At most
+    64 (a run of k accepted drafts has probability ≥ (1 − teacher_mix)^k, so long rounds mostly cache
+    drafts that are cut), and never more than max_new_tokens − 1 per round."""
 
 
 class OptimConfig(Section):
@@ -285,11 +315,19 @@ class TrainConfig(Section):
     chunk_size: int = Field(128, ge=1)
     """Positions per chunk when a divergence runs over the vocabulary (bounds peak memory)."""
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(default_factory=list)
-    """Experiment trackers (accelerate's), any subset; each is an optional extra (`minillm[tensorboard]`)."""
+    """Experiment trackers (accelerate's), any subset, each once; each is an optional extra (`minillm[tensorboard]`)."""
     max_bad_steps: int = Field(5, ge=1)
     """Stop after this many consecutive steps with a non-finite loss or gradient."""
     threads: int | None = Field(None, ge=1)
     """torch CPU threads (default: torch's choice)."""
+
+    @field_validator("report_to")
+    @classmethod
+    def _each_tracker_once(cls, v: list[str]) -> list[str]:
+        repeated = sorted({name for name in v if v.count(name) > 1})
+        if repeated:
+            raise ValueError(f"each tracker may be named once; {', '.join(repeated)} is repeated")
+        return v
 
 
 class EvalConfig(Section):
@@ -365,9 +403,17 @@ def _format_errors(err: ValidationError, raw: dict[str, Any]) -> str:
             msg = f"method.name must be one of {', '.join(METHOD_NAMES)}"
             key = "method.name"
         value = e.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        shown = "" if isinstance(value, dict) else f" (got {_short(value)})"
+        if e["type"] == "bool_as_number":  # raised for the section: the field is in its context
+            key, shown = ".".join([*loc, str(e["ctx"]["key"])]), ""
         problems.append(f"{key}: {msg}{shown}")
     return "invalid recipe: " + "; ".join(problems)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """repr of a user value, cut: an error line quotes it, and it may be huge."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}…"
 
 
 def check_minillm_sampler(rollout: RolloutConfig) -> None:

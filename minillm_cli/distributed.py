@@ -15,6 +15,7 @@ import torch
 from minillm_cli import fsdp
 from minillm_cli.config import Recipe
 from minillm_cli.errors import UserError
+from minillm_cli.launch_config import check_combination
 
 
 def reduce_metrics(accelerator: Any, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -75,40 +76,24 @@ def is_sharded(accelerator: Any) -> bool:
 
 
 def check_launch(recipe: Recipe, accelerator: Any, resume: bool) -> None:
-    """Refuse recipe / launch combinations the loop cannot run correctly (before any work)."""
-    m, name = recipe.models, recipe.method.name
-    world = accelerator.num_processes
+    """Refuse recipe / launch combinations the loop cannot run correctly (before any work).
+
+    The rules are `launch_config.check_combination`'s, which the launching `minillm` applies to the
+    config file before any process starts; here they see what accelerate made of the launch (for
+    `accelerate launch` run by hand), plus the device checks only a started process can make."""
     sharded_fsdp = is_fsdp(accelerator)  # raises on an fsdp_config minillm does not implement (fsdp_version 1...)
-    launch = "FSDP" if sharded_fsdp else "DeepSpeed" if is_deepspeed(accelerator) else None
-    teacher_samples = name == "seqkd" or (name == "minillm" and getattr(recipe.method, "teacher_mix", 0) > 0)
-    placement = m.teacher_placement
-    if placement == "sharded":
-        if not sharded_fsdp:
-            raise UserError("models.teacher_placement: sharded needs an FSDP launch of 2 or more processes "
-                            "(--accelerate-config fsdp --num-processes N)")
-        if teacher_samples:
-            raise UserError(f"models.teacher_placement: a sharded teacher cannot sample ({name} samples from the "
-                            "teacher, and ranks decode for different lengths); use shared or cpu")
+    deepspeed = is_deepspeed(accelerator)
+    plugin = accelerator.state.deepspeed_plugin if deepspeed else None
+    check_combination(recipe, world=accelerator.num_processes, fsdp=sharded_fsdp, deepspeed=deepspeed,
+                      zero3=plugin is not None and plugin.zero_stage == 3, resume=resume,
+                      ds_gradient_clipping=plugin.deepspeed_config.get("gradient_clipping") if plugin else None)
+    placement = recipe.models.teacher_placement
     if placement.startswith("device:"):
-        if world > 1:
-            raise UserError(f"models.teacher_placement: {placement} is for single-process runs ({world} processes here)")
         if accelerator.device.type == "cpu":
             raise UserError(f"models.teacher_placement: {placement} needs accelerators; this run is on the CPU")
         count = torch.cuda.device_count() if accelerator.device.type == "cuda" else 0
         if int(placement[7:]) >= count:
             raise UserError(f"models.teacher_placement: {placement} does not exist ({count} devices)")
-    if launch is not None and is_sharded(accelerator):
-        if name == "gkd":
-            raise UserError(f"method.name: gkd samples from the student at every micro-batch, not supported under {launch}")
-        if m.lora.enabled:
-            raise UserError(f"models.lora: LoRA is not supported under {launch}; use --accelerate-config ddp")
-    if launch == "DeepSpeed":
-        clip = accelerator.state.deepspeed_plugin.deepspeed_config.get("gradient_clipping")
-        if resume:  # checked before the run directory is touched (run_setup calls this first)
-            raise UserError("--resume: DeepSpeed runs keep the optimizer in DeepSpeed's own format and cannot resume yet")
-        if (recipe.optim.grad_clip or 0.0) != float(clip or 0.0):
-            raise UserError(f"optim.grad_clip: {recipe.optim.grad_clip} differs from the DeepSpeed config's "
-                            f"gradient_clipping {clip} (DeepSpeed clips inside its step); make them equal")
 
 
 def gather_full_weights(sharded: Any, replica: torch.nn.Module, deepspeed: bool) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from minillm_cli.errors import UserError
+from minillm_cli.launch_config import fsdp_problem
 
 
 @dataclass(frozen=True)
@@ -48,23 +49,12 @@ def fsdp_settings() -> FsdpSettings | None:
     """
     if _env_flag("ACCELERATE_USE_FSDP", "false") != "true":
         return None
+    # accelerate launch exports each fsdp_config key as FSDP_<KEY>; the rules are launch_config's
+    keys = ("version", "auto_wrap_policy", "offload_params", "cpu_ram_efficient_loading", "state_dict_type")
+    problem = fsdp_problem({k: os.environ[f"FSDP_{k.upper()}"] for k in keys if f"FSDP_{k.upper()}" in os.environ})
+    if problem is not None:
+        raise UserError(f"accelerate config: {problem}")
     version = int(os.environ.get("FSDP_VERSION", "1"))
-    if version != 2:
-        raise UserError(f"accelerate config: fsdp_version {version} is not supported; use fsdp_version 2 "
-                        "(the shipped --accelerate-config fsdp)")
-    policy = os.environ.get("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")
-    if policy != "TRANSFORMER_BASED_WRAP":
-        raise UserError(f"accelerate config: fsdp_auto_wrap_policy {policy} is not supported; use "
-                        "TRANSFORMER_BASED_WRAP (decoder blocks are the shard unit)")
-    if _env_flag("FSDP_OFFLOAD_PARAMS", "false") == "true":
-        raise UserError("accelerate config: fsdp_offload_params true is not supported; use false")
-    if _env_flag("FSDP_CPU_RAM_EFFICIENT_LOADING", "false") == "true":
-        raise UserError("accelerate config: fsdp_cpu_ram_efficient_loading true is not supported; use false "
-                        "(every process loads the weights, then they are sharded)")
-    state_dict = os.environ.get("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT")
-    if state_dict != "FULL_STATE_DICT":
-        raise UserError(f"accelerate config: fsdp_state_dict_type {state_dict} is not supported; minillm "
-                        "checkpoints always hold full weights (FULL_STATE_DICT)")
     reshard = _env_flag("FSDP_RESHARD_AFTER_FORWARD", "true") in ("true", "1", "full_shard")
     return FsdpSettings(version=version, reshard_after_forward=reshard,
                         activation_checkpointing=_env_flag("FSDP_ACTIVATION_CHECKPOINTING", "false") == "true")

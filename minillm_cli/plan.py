@@ -233,18 +233,25 @@ def _cache_shape(recipe: Recipe, plan: MemoryPlan) -> tuple[int, str]:
     if manifest is None:
         plan.notes.append(f"data.teacher_cache: {root} is not built yet; planned with the defaults --top-k 64 --dtype fp16")
         return 64, "fp16"
+    if manifest["identity"]["kind"] != "logprobs":
+        plan.notes.append(f"data.teacher_cache: {root} holds answers, not log-probs (kd refuses it); planned with "
+                          "the defaults --top-k 64 --dtype fp16")
+        return 64, "fp16"
     return int(manifest["identity"]["top_k"]), str(manifest["identity"]["dtype"])
 
 
 def sharding_of(accelerate_config: Path) -> str:
-    """The plan's sharding for an accelerate config file: fsdp, zero3 or none."""
-    import yaml
+    """The plan's sharding for an accelerate config file: fsdp, zero3 or none.
 
-    cfg = yaml.safe_load(Path(accelerate_config).read_text(encoding="utf-8")) or {}
-    kind = str(cfg.get("distributed_type", "")).upper()
-    if kind == "FSDP":
+    Raises:
+        UserError: the file is not an accelerate config minillm can launch (`launch_config`).
+    """
+    from minillm_cli.launch_config import read_accelerate_config
+
+    cfg = read_accelerate_config(Path(accelerate_config))
+    if cfg.distributed_type == "FSDP":
         return "fsdp"
-    if kind == "DEEPSPEED" and int((cfg.get("deepspeed_config") or {}).get("zero_stage", 0)) == 3:
+    if cfg.distributed_type == "DEEPSPEED" and cfg.zero_stage == 3:
         return "zero3"
     return "none"
 

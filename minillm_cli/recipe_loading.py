@@ -60,7 +60,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key or any(not p.isidentifier() for p in key.split(".")):
         raise UserError(f"override '{text}' is not of the form section.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw, f"override {key}") if raw.strip() else None
     except yaml.YAMLError as e:
         raise UserError(f"override {key}: value '{raw}' is not valid YAML ({e.__class__.__name__})") from None
     if isinstance(value, float) and not math.isfinite(value):
@@ -90,6 +90,48 @@ def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
+MAX_YAML_VALUES = 10_000
+"""A recipe or override may hold at most this many YAML values, aliases counted as often as they are
+used: a few bytes of nested aliases ("billion laughs") otherwise expand to gigabytes when validated."""
+
+
+def _expanded_values(node: yaml.Node, limit: int) -> int:
+    """How many values `node` holds once every alias is expanded, counting stops past `limit`
+    (a recursive alias never ends)."""
+    count, stack = 0, [node]
+    while stack and count <= limit:
+        n = stack.pop()
+        count += 1
+        if isinstance(n, yaml.SequenceNode):
+            stack.extend(n.value)
+        elif isinstance(n, yaml.MappingNode):
+            stack.extend(item for pair in n.value for item in pair)
+    return count
+
+
+def load_yaml(text: str, what: str) -> Any:
+    """Parse YAML safely: the safe loader, a key given twice in a mapping refused, and at most
+    MAX_YAML_VALUES values after alias expansion.
+
+    Raises:
+        yaml.YAMLError: not YAML.
+        UserError: too many values (naming `what`).
+    """
+    loader = _UniqueKeyLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_values(node, MAX_YAML_VALUES) > MAX_YAML_VALUES:
+            raise UserError(f"{what}: expands to more than {MAX_YAML_VALUES} YAML values (aliases of aliases, or a "
+                            "recursive alias); write the values out")
+        try:
+            return loader.construct_document(node)
+        except ValueError as e:  # e.g. an integer of 200,000 digits (Python's int conversion limit)
+            raise UserError(f"{what}: a value YAML cannot hold ({str(e)[:80]})") from None
+    finally:
+        loader.dispose()
+
 
 def read_recipe_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML recipe (safe loader, duplicate keys refused). A name without a path is looked up
@@ -105,7 +147,7 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
             raise UserError(f"recipe file not found: {path} (see `minillm recipes` for shipped ones)")
         p = shipped
     try:
-        data = yaml.load(p.read_text(encoding="utf-8-sig"), Loader=_UniqueKeyLoader)
+        data = load_yaml(p.read_text(encoding="utf-8-sig"), f"recipe {p}")
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

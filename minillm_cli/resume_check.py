@@ -101,3 +101,26 @@ def check_resume(saved: Recipe, new: Recipe, step_meta: dict[str, Any], now: dic
             raise UserError(f"--resume: data.{key} {getattr(new.data, key)} changed since the run started "
                             f"(sha256 {before[:12]}… → {after[:12]}…); resume with the same file")
     return extension
+
+
+def check_checkpoint(recipe: Recipe, resume_dir: Path, hashes: dict[str, str | None],
+                     extend: bool) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """Compare the recipe asked for now with the checkpoint's saved recipe and meta.json (`check_resume`).
+
+    Returns the new extension record (or None) and the run's earlier ones, from the step's meta.json.
+
+    Raises:
+        UserError: the saved recipe is unusable, or `check_resume` refuses.
+    """
+    from minillm_cli.config import validate
+    from minillm_cli.recipe_loading import read_recipe_file
+
+    try:
+        saved = validate(read_recipe_file(resume_dir / "recipe.yaml"))
+        meta = json.loads((resume_dir / "meta.json").read_text(encoding="utf-8"))
+    except UserError as e:
+        raise UserError(f"--resume: the saved recipe of {resume_dir} is unusable ({e})") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"--resume: {resume_dir / 'meta.json'} is unreadable ({e})") from None
+    extension = check_resume(saved, recipe, meta, hashes, extend=extend)
+    return extension, list(meta.get("extended", []))

@@ -294,6 +294,9 @@ def sample(
     if speculative_tokens < 0:
         raise ValueError(f"speculative_tokens must be >= 0, got {speculative_tokens}")
 
+    # A round never needs more drafts than tokens are left after the first one (the first is drawn at
+    # the prefill): more would be drafted, verified and cached only to be cut.
+    speculative_tokens = min(speculative_tokens, max(max_new_tokens - 1, 1))
     device = prompt_ids.device
     prompt_mask = prompt_mask.to(device=device, dtype=torch.long)
     settings = _Settings(alpha, max_new_tokens, _eos_tensor(eos_token_id, device), pad_token_id, temperature,

@@ -7,7 +7,6 @@ main process writes anything (`distributed.agree_on_setup`).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -19,10 +18,11 @@ from minillm_cli import __version__, prepare, resume_check, rundir
 from minillm_cli import checkpoint as ckpt
 from minillm_cli import data as data_mod
 from minillm_cli import models as models_mod
-from minillm_cli.config import Recipe, validate
+from minillm_cli.config import Recipe
+from minillm_cli.destinations import recipe_inputs
 from minillm_cli.distributed import agree_on_setup, check_launch
 from minillm_cli.errors import UserError
-from minillm_cli.recipe_loading import dump_resolved, read_recipe_file
+from minillm_cli.recipe_loading import dump_resolved
 from minillm_cli.teacher_cache import TeacherCache, check_resumed, open_cache, run_record
 
 
@@ -73,36 +73,6 @@ def default_run_dir(method: str) -> Path:
     return Path("runs") / f"{method}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def protected_inputs(recipe: Recipe) -> dict[str, Path]:
-    """The run's local inputs (recipe key -> path), which an --overwrite must never delete."""
-    keys = {"data.train": recipe.data.train, "data.dev": recipe.data.dev, "data.corpus": recipe.data.corpus,
-            "data.teacher_cache": recipe.data.teacher_cache,
-            "models.teacher": recipe.models.teacher, "models.student": recipe.models.student}
-    out = {}
-    for key, value in keys.items():
-        try:
-            if value and Path(value).expanduser().exists():
-                out[key] = Path(value).expanduser()
-        except (OSError, ValueError):
-            continue
-    return out
-
-
-def check_resume(recipe: Recipe, resume_dir: Path, hashes: dict[str, str | None],
-                 extend: bool) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-    """Compare the recipe asked for now with the checkpoint's (see `resume_check.check_resume`).
-
-    Returns the new extension record (or None) and the run's earlier ones, from the step's meta.json.
-    """
-    try:
-        saved = validate(read_recipe_file(resume_dir / "recipe.yaml"))
-        meta = json.loads((resume_dir / "meta.json").read_text(encoding="utf-8"))
-    except UserError as e:
-        raise UserError(f"--resume: the saved recipe of {resume_dir} is unusable ({e})") from None
-    extension = resume_check.check_resume(saved, recipe, meta, hashes, extend=extend)
-    return extension, list(meta.get("extended", []))
-
-
 def set_up(recipe: Recipe, source: dict[str, str], accelerator: Any, resume: bool, extend: bool,
            say: Callable[[str], None], claims: list[rundir.Claim]) -> Setup:
     """Everything before the optimizer exists; the main process's claim on the run dir goes to `claims`
@@ -125,7 +95,7 @@ def set_up(recipe: Recipe, source: dict[str, str], accelerator: Any, resume: boo
         hashes = resume_check.data_hashes(recipe.data)  # once: compared on resume, recorded in meta.json
         if main:
             claim = rundir.claim(run_dir, resume=resume, overwrite=recipe.output.overwrite,
-                                 protected=protected_inputs(recipe))
+                                 protected=recipe_inputs(recipe))
             claims.append(claim)
         resume_dir: Path | None = None
         if resume:
@@ -133,7 +103,7 @@ def set_up(recipe: Recipe, source: dict[str, str], accelerator: Any, resume: boo
             for note in skipped:
                 say(f"--resume: skipping damaged checkpoint {note}")
             ckpt.check_world_size(resume_dir, accelerator.num_processes)
-            extension, extended = check_resume(recipe, resume_dir, hashes, extend)
+            extension, extended = resume_check.check_checkpoint(recipe, resume_dir, hashes, extend)
 
         # ---- models and data
         teacher_dir, student_dir, student_init = prepare.resolve_models(recipe, say)

@@ -191,7 +191,48 @@ def read_manifest(root: Path) -> dict[str, Any] | None:
     if manifest.get("version") != VERSION:
         raise UserError(f"{path}: teacher-cache format version {manifest.get('version')} (this minillm reads "
                         f"{VERSION}); rebuild the cache")
+    problem = _manifest_problem(manifest)
+    if problem is not None:
+        raise UserError(f"{path}: damaged teacher-cache manifest: {problem}; rebuild the cache (delete the directory "
+                        "and run `minillm teacher-cache` again)")
     return manifest
+
+
+def _whole(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """What is malformed in a manifest's structure (a hand edit, a truncated copy), or None."""
+    ident = manifest.get("identity")
+    if not isinstance(ident, dict):
+        return f"'identity' must be a mapping, got {_shown(ident)}"
+    if ident.get("kind") not in ("logprobs", "answers"):
+        return f"'identity.kind' must be logprobs or answers, got {_shown(ident.get('kind'))}"
+    for key, least in (("examples", 0), ("tokens", 0), ("shard_examples", 1)):
+        if not _whole(ident.get(key), least):
+            return f"'identity.{key}' must be a whole number >= {least}, got {_shown(ident.get(key))}"
+    if ident["kind"] == "logprobs":
+        if not _whole(ident.get("top_k"), 1):
+            return f"'identity.top_k' must be a whole number >= 1, got {_shown(ident.get('top_k'))}"
+        if ident.get("dtype") not in DTYPES:
+            return f"'identity.dtype' must be one of {', '.join(DTYPES)}, got {_shown(ident.get('dtype'))}"
+    if not isinstance(ident.get("teacher"), str):
+        return f"'identity.teacher' must be the teacher's sha256, got {_shown(ident.get('teacher'))}"
+    want = (ident["examples"] + ident["shard_examples"] - 1) // ident["shard_examples"]
+    if not _whole(manifest.get("shards"), 0) or manifest["shards"] != want:
+        return f"'shards' must be {want} (examples / shard_examples), got {_shown(manifest.get('shards'))}"
+    sizes = manifest.get("shard_bytes", {})
+    if not isinstance(sizes, dict) or not all(isinstance(k, str) and _whole(v, 0) for k, v in sizes.items()):
+        return f"'shard_bytes' must map shard files to sizes in bytes, got {_shown(sizes)}"
+    if not isinstance(manifest.get("complete", False), bool):
+        return f"'complete' must be true or false, got {_shown(manifest.get('complete'))}"
+    return None
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def new_manifest(ident: dict[str, Any], *, teacher: dict[str, str], top_k: int | None, dtype: str | None,

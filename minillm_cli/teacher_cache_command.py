@@ -28,6 +28,7 @@ from minillm_cli import models as models_mod
 from minillm_cli import teacher_cache as tc
 from minillm_cli.checkpoint import write_text_atomic
 from minillm_cli.config import Recipe
+from minillm_cli.destinations import check_directory, recipe_inputs
 from minillm_cli.errors import RunStopped, UserError
 from minillm_cli.methods.batching import length_groups, response_logits, take_group
 from minillm_cli.progress import Phase
@@ -47,8 +48,8 @@ def check_out_dir(out: Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
     if not out.exists():
         return None
     existing = tc.read_manifest(out)
-    if existing is None:
-        names = sorted(p.name for p in out.iterdir() if not p.name.startswith(tc.TMP_PREFIX))
+    if existing is None:  # not a cache: anything in it is the user's, a `.tmp-shard-*` name included
+        names = sorted(p.name for p in out.iterdir())
         if names:
             shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
             raise UserError(f"--out: {out} is not empty and not a teacher cache (holds {shown}); use a new directory")
@@ -134,7 +135,8 @@ def answers_seed(recipe: Recipe, shard: int) -> int:
 
 
 def build_cache(recipe: Recipe, out: Path, *, top_k: int = 64, dtype: str = "fp16", shard_examples: int = 512,
-                batch_size: int | None = None, answers: bool = False, console: Console | None = None) -> dict[str, Any]:
+                batch_size: int | None = None, answers: bool = False, console: Console | None = None,
+                recipe_file: str | None = None) -> dict[str, Any]:
     """Build (or continue) the teacher cache of `recipe`'s training data in `out`; returns its manifest.
 
     `answers`: the teacher's sampled answers (SeqKD, settings from the recipe's seqkd method section
@@ -155,6 +157,9 @@ def build_cache(recipe: Recipe, out: Path, *, top_k: int = 64, dtype: str = "fp1
     m = recipe.models
     if m.teacher is None:
         raise UserError("models.teacher: the cache needs a teacher (set it or pass --teacher)")
+    # --out is never an input of the build (the cache it continues aside), nor inside or around one
+    inputs = {k: v for k, v in recipe_inputs(recipe, recipe_file).items() if k != "data.teacher_cache"}
+    check_directory("--out", out, inputs)
     try:
         teacher_dir = models_mod.resolve_model(m.teacher)
     except UserError as e:
@@ -162,6 +167,7 @@ def build_cache(recipe: Recipe, out: Path, *, top_k: int = 64, dtype: str = "fp1
     student_dir = None
     if m.student is not None or m.student_init is not None:
         student_dir = prepare.resolve_models(recipe, say)[1]
+    check_directory("--out", out, {"the teacher": teacher_dir, **({"the student": student_dir} if student_dir else {})})
     tokenizer = models_mod.load_tokenizer(student_dir or teacher_dir, trust_remote_code=m.trust_remote_code)
     tokenizer.padding_side = "left"
     vocab = models_mod.output_width(student_dir or teacher_dir)
@@ -177,9 +183,6 @@ def build_cache(recipe: Recipe, out: Path, *, top_k: int = 64, dtype: str = "fp1
     manifest = tc.new_manifest(ident, teacher=teacher_rec, top_k=None if answers else top_k,
                                dtype=None if answers else dtype, shard_examples=shard_examples)
     existing = check_out_dir(out, manifest)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(f"{tc.TMP_PREFIX}*"):  # a shard an earlier, killed build did not finish
-        stale.unlink()
     n_shards = manifest["shards"]
     sizes = existing.get("shard_bytes", {}) if existing is not None else {}
     todo = [i for i in range(n_shards) if tc.shard_problem(out / tc.shard_name(i), tc.shard_size(manifest["identity"], i),
@@ -191,16 +194,22 @@ def build_cache(recipe: Recipe, out: Path, *, top_k: int = 64, dtype: str = "fp1
         # the same cache, unfinished (or a shard lost since): keep what is intact, write the rest
         manifest = {**existing, "minillm_version": manifest["minillm_version"], "complete": False}
         say(f"teacher cache {out}: continuing, {n_shards - len(todo)} of {n_shards} shards already written")
-    write_text_atomic(out / tc.MANIFEST, _dump(manifest))
+    # The teacher loads before anything is written: a model that does not load leaves no directory behind.
     device = models_mod.pick_device(m.device)
     cpu_tuning.tune_for_cpu(device.type)
     t_dtype = models_mod.pick_dtype(m.dtype, device)
     teacher = models_mod.load_model(teacher_dir, dtype=t_dtype, device=device, trust_remote_code=m.trust_remote_code,
                                     allow_pickle=m.allow_pickle).requires_grad_(False).eval()
+    created = _missing_dirs(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(f"{tc.TMP_PREFIX}*"):  # a shard an earlier, killed build of this cache did not finish
+        stale.unlink()
+    write_text_atomic(out / tc.MANIFEST, _dump(manifest))
     bs = batch_size or recipe.train.batch_size
     t0 = time.time()
     remaining = sum(tc.shard_size(manifest["identity"], i) for i in todo)
     what = "answers" if answers else f"top-{top_k} log-probs"
+    written = 0
     with StopSignals() as stop, Phase(f"teacher-cache: {what}", remaining, "examples", console, say) as phase:
         try:
             for i in todo:
@@ -213,8 +222,17 @@ def build_cache(recipe: Recipe, out: Path, *, top_k: int = 64, dtype: str = "fp1
                                             pad_id=tokenizer.pad_token_id, batch_size=bs,
                                             chunk_size=recipe.train.chunk_size, device=device, stop=stop.check)
                 _write_shard(out / tc.shard_name(i), tensors, len(part))
+                written += 1
                 phase.advance(len(part))
-        except KeyboardInterrupt:
+        except BaseException as e:
+            if existing is None and written == 0:  # a new cache that got nothing: leave no trace of it
+                _remove_new_cache(out, created)
+                if isinstance(e, KeyboardInterrupt):
+                    sig = stop.received or signal.SIGINT
+                    raise RunStopped(f"{signal.Signals(sig).name} received before the first shard was written; "
+                                     f"nothing was written", 128 + sig) from None
+            if not isinstance(e, KeyboardInterrupt):
+                raise
             done = sum(tc.shard_problem(out / tc.shard_name(i), tc.shard_size(manifest["identity"], i)) is None
                        for i in range(n_shards))
             name = signal.Signals(stop.received or signal.SIGINT).name
@@ -229,6 +247,29 @@ def build_cache(recipe: Recipe, out: Path, *, top_k: int = 64, dtype: str = "fp1
     say(f"teacher cache {out}: {ident['examples']} examples, {ident['tokens']} response tokens, {held} "
         f"({manifest['bytes_per_token']} B per token), {total / 2**20:.1f} MiB in {n_shards} shards")
     return manifest
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """`path` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    for p in (path, *path.absolute().parents):
+        if p.exists():
+            break
+        missing.append(p)
+    return missing
+
+
+def _remove_new_cache(out: Path, created: list[Path]) -> None:
+    """Undo a new cache that failed before its first shard: its manifest, temporary shards and the
+    directories this build created (only while empty: nothing else is ever deleted)."""
+    (out / tc.MANIFEST).unlink(missing_ok=True)
+    for stale in out.glob(f"{tc.TMP_PREFIX}*"):
+        stale.unlink()
+    for d in created:
+        try:
+            d.rmdir()
+        except OSError:  # not empty (someone else wrote there): keep it
+            break
 
 
 def _dump(manifest: dict[str, Any]) -> str:

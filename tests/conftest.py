@@ -72,3 +72,16 @@ def wide_teachers(tiny_dir: Path, tmp_path_factory):
              for k, v in wide.state_dict().items()}
     narrow.load_state_dict(state)
     return wide, narrow
+
+
+@pytest.fixture()
+def user(tmp_path, monkeypatch, tiny_dir, tiny_data):
+    """A user's working directory holding their own files, with a student and data to train on."""
+    import shutil
+
+    root = tmp_path / "home"
+    root.mkdir()
+    monkeypatch.chdir(root)
+    (root / "notes.txt").write_text("my notes")
+    shutil.copy(tiny_data, root / "train.jsonl")
+    return root

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from minillm_cli.curves import CURVES, METHOD_KEYS, series, write_curves
-from tests.test_train import METHOD_EXTRA, _run
+from tests.helpers import METHOD_EXTRA, train_tiny
 
 PNG = b"\x89PNG"
 
@@ -64,7 +64,7 @@ def test_a_plotting_error_is_a_note_not_a_failure(tmp_path: Path, monkeypatch: p
 
 
 def test_a_training_run_writes_curves_at_its_checkpoints(tmp_path: Path, tiny_dir: Path, tiny_data: Path) -> None:
-    run = _run(tiny_dir, tiny_data, tmp_path / "run", "minillm", 2, [*METHOD_EXTRA["minillm"], "train.save_every=1"])
+    run = train_tiny(tiny_dir, tiny_data, tmp_path / "run", "minillm", 2, [*METHOD_EXTRA["minillm"], "train.save_every=1"])
     assert (run / CURVES).read_bytes()[:4] == PNG
     # the run directory still passes its own contract: curves.png is a run file
     from minillm_cli import rundir

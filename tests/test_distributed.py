@@ -9,11 +9,7 @@ before anything is written. The shipped accelerate configs are valid.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,50 +17,24 @@ from safetensors.torch import load_file
 
 from minillm_cli.checkpoint import write_text_atomic
 from minillm_cli.errors import UserError
-from minillm_cli.loop import train
 from minillm_cli.recipe_loading import RECIPES_DIR, load_recipe
+from tests.helpers import DISTRIBUTED_COMMON, launch, metrics, model_flags, one_process
 
-COMMON = ["optim.lr=1e-3", "optim.warmup_steps=1", "train.log_every=1", "train.threads=1", "data.dev_fraction=0"]
 MINILLM = ["method.name=minillm", "method.max_new_tokens=6", "method.num_rollouts=8", "method.ppo_epochs=2",
            "rollout.batch_size=4", "train.batch_size=2", "train.save_every=2", "train.keep_last=10"]
 
 
-def _flags(tiny_dir: Path, data: Path, out: Path, method: str) -> list[str]:
-    teacher = [] if method == "sft" else ["--teacher", str(tiny_dir / "teacher")]
-    return [*teacher, "--student", str(tiny_dir / "student"), "--data", str(data), "-o", str(out)]
-
-
-def _launch(command: str, args: list[str], processes: int = 2) -> subprocess.CompletedProcess:
-    """`minillm COMMAND ... --num-processes N`: the CLI re-launches itself through accelerate."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "minillm_cli.cli", command, *args, "--num-processes", str(processes)],
-                          capture_output=True, text=True, env=env, timeout=300)
-
-
-def _one_process(tiny_dir: Path, data: Path, out: Path, method: str, steps: int, extra: list[str],
-                 resume: bool = False) -> Path:
-    flags = {"models.teacher": None if method == "sft" else str(tiny_dir / "teacher"),
-             "models.student": str(tiny_dir / "student"), "data.train": str(data), "output.dir": str(out),
-             "train.max_steps": steps}
-    recipe, source = load_recipe(None, [*COMMON, f"method.name={method}", *extra], flags)
-    return train(recipe, source, resume=resume)
-
-
-def _metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.parametrize("method", ["sft", "kd"])
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_dir, tiny_data, method):
-    one = _one_process(tiny_dir, tiny_data, tmp_path / "one", method, 3, ["train.batch_size=8"])
+    one = one_process(tiny_dir, tiny_data, tmp_path / "one", method, 3, ["train.batch_size=8"])
     two = tmp_path / "two"
-    result = _launch("distill" if method == "kd" else "sft",
-                     [*_flags(tiny_dir, tiny_data, two, method), "--max-steps", "3", *COMMON, f"method.name={method}",
+    result = launch("distill" if method == "kd" else "sft",
+                     [*model_flags(tiny_dir, tiny_data, two, method), "--max-steps", "3", *DISTRIBUTED_COMMON, f"method.name={method}",
                       "train.batch_size=4"])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     keys = ["loss", "sft_loss", "kd_loss", "tokens"] if method == "kd" else ["loss", "tokens"]
-    m1, m2 = _metrics(one), _metrics(two)
+    m1, m2 = metrics(one), metrics(two)
     assert [r["step"] for r in m2] == [1, 2, 3]
     for a, b in zip(m1, m2):
         for k in keys:
@@ -87,17 +57,17 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_dir, 
 
 
 def test_minillm_on_two_processes_samples_per_rank_and_resumes_exactly(tmp_path, tiny_dir, tiny_data):
-    args = [*COMMON, *MINILLM]
+    args = [*DISTRIBUTED_COMMON, *MINILLM]
     straight = tmp_path / "straight"
-    result = _launch("distill", [*_flags(tiny_dir, tiny_data, straight, "minillm"), "--max-steps", "4", *args])
+    result = launch("distill", [*model_flags(tiny_dir, tiny_data, straight, "minillm"), "--max-steps", "4", *args])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    metrics = _metrics(straight)
-    assert [r["step"] for r in metrics] == [1, 2, 3, 4]
-    for r in metrics:
+    records = metrics(straight)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for r in records:
         for k in ("loss", "pg_loss", "reg_loss", "reward", "rkl", "grad_norm"):
             assert torch.isfinite(torch.tensor(r[k])), (k, r)
     # the default sampler: speculative (rollout.speculative_tokens > 0), fewer teacher calls than tokens
-    fresh = [r for r in metrics if "rollout_time" in r]
+    fresh = [r for r in records if "rollout_time" in r]
     assert fresh and all(0 < r["draft_accept"] <= 1 and r["teacher_calls_per_token"] < 1 for r in fresh), fresh
 
     # each rank has its own sampling stream: different RNG states and different rollouts
@@ -113,7 +83,7 @@ def test_minillm_on_two_processes_samples_per_rank_and_resumes_exactly(tmp_path,
     shutil.copy(straight / "recipe.yaml", killed / "recipe.yaml")
     shutil.copytree(step2, killed / "step-000002")
     write_text_atomic(killed / "latest", "step-000002\n")
-    result = _launch("distill", [*_flags(tiny_dir, tiny_data, killed, "minillm"), "--max-steps", "4", "--resume", *args])
+    result = launch("distill", [*model_flags(tiny_dir, tiny_data, killed, "minillm"), "--max-steps", "4", "--resume", *args])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     a = load_file(str(straight / "step-000004" / "model.safetensors"))
     b = load_file(str(killed / "step-000004" / "model.safetensors"))
@@ -121,13 +91,13 @@ def test_minillm_on_two_processes_samples_per_rank_and_resumes_exactly(tmp_path,
 
     # the same checkpoint cannot be resumed by a different number of processes
     with pytest.raises(UserError, match="saved by 2"):
-        _one_process(tiny_dir, tiny_data, killed, "minillm", 6, MINILLM[:-2], resume=True)
+        one_process(tiny_dir, tiny_data, killed, "minillm", 6, MINILLM[:-2], resume=True)
 
 
 def test_setup_error_stops_every_process_before_writing(tmp_path, tiny_dir):
     out = tmp_path / "run"
-    result = _launch("sft", ["--student", str(tiny_dir / "student"), "--data", str(tmp_path / "missing.jsonl"),
-                             "-o", str(out), "--max-steps", "2", *COMMON])
+    result = launch("sft", ["--student", str(tiny_dir / "student"), "--data", str(tmp_path / "missing.jsonl"),
+                             "-o", str(out), "--max-steps", "2", *DISTRIBUTED_COMMON])
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert output.count("error:") == 1 and "missing.jsonl" in output  # one message, from rank 0
@@ -163,12 +133,12 @@ def test_teacher_on_the_cpu_gives_the_same_run(tmp_path, tiny_dir, tiny_data, mo
     monkeypatch.setattr(prepare, "outputs_to_caller", lambda model, device: (hooked.append(device), real(model, device)))
     extra = ["train.batch_size=4", "method.max_new_tokens=6", "method.num_rollouts=8", "method.ppo_epochs=1",
              "rollout.batch_size=4"]
-    shared = _one_process(tiny_dir, tiny_data, tmp_path / "shared", "minillm", 2, extra)
+    shared = one_process(tiny_dir, tiny_data, tmp_path / "shared", "minillm", 2, extra)
     assert hooked == []
-    cpu = _one_process(tiny_dir, tiny_data, tmp_path / "cpu", "minillm", 2, [*extra, "models.teacher_placement=cpu"])
+    cpu = one_process(tiny_dir, tiny_data, tmp_path / "cpu", "minillm", 2, [*extra, "models.teacher_placement=cpu"])
     assert hooked == [torch.device("cpu")]
-    losses = [r["loss"] for r in _metrics(cpu)]
-    assert len(losses) == 2 and losses == [r["loss"] for r in _metrics(shared)]
+    losses = [r["loss"] for r in metrics(cpu)]
+    assert len(losses) == 2 and losses == [r["loss"] for r in metrics(shared)]
 
 
 @pytest.mark.parametrize("placement, needle", [
@@ -177,7 +147,7 @@ def test_teacher_on_the_cpu_gives_the_same_run(tmp_path, tiny_dir, tiny_data, mo
 ])
 def test_teacher_placements_that_need_gpus_are_refused_before_writing(tmp_path, tiny_dir, tiny_data, placement, needle):
     with pytest.raises(UserError, match=needle):
-        _one_process(tiny_dir, tiny_data, tmp_path / "run", "kd", 1, [f"models.teacher_placement={placement}"])
+        one_process(tiny_dir, tiny_data, tmp_path / "run", "kd", 1, [f"models.teacher_placement={placement}"])
     assert not (tmp_path / "run").exists()
 
 

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from minillm_cli.checkpoint import write_text_atomic
 from minillm_cli.errors import UserError
 from minillm_cli.recipe_loading import RECIPES_DIR, load_recipe
-from tests.test_distributed import COMMON, _flags, _launch, _metrics, _one_process
+from tests.helpers import DISTRIBUTED_COMMON, close_weights, launch, metrics, model_flags, one_process, weights
 
 MINILLM = ["method.name=minillm", "method.max_new_tokens=6", "method.num_rollouts=8", "method.ppo_epochs=1",
            "rollout.batch_size=4", "train.batch_size=2", "train.save_every=2", "train.keep_last=10",
@@ -60,16 +60,6 @@ def _ok(result) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
-def _weights(step_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(step_dir / "model.safetensors"))
-
-
-def _close_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 2e-6) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=atol, rtol=1e-4), (k, float((a[k] - b[k]).abs().max()))
-
-
 def _same_metrics(m1: list[dict], m2: list[dict], keys: list[str], rel: float) -> None:
     assert [r["step"] for r in m1] == [r["step"] for r in m2]
     for a, b in zip(m1, m2):
@@ -83,18 +73,18 @@ def test_fsdp2_matches_one_process_with_the_same_global_batch(tmp_path, tiny_dir
     from transformers import AutoModelForCausalLM
 
     extra = [] if method == "sft" else ["models.teacher_placement=sharded"]
-    one = _one_process(tiny_dir, tiny_data, tmp_path / "one", method, 3, ["train.batch_size=8"])
+    one = one_process(tiny_dir, tiny_data, tmp_path / "one", method, 3, ["train.batch_size=8"])
     two = tmp_path / "two"
-    _ok(_launch("distill" if method == "kd" else "sft",
-                [*_flags(tiny_dir, tiny_data, two, method), "--max-steps", "3", *COMMON, f"method.name={method}",
+    _ok(launch("distill" if method == "kd" else "sft",
+                [*model_flags(tiny_dir, tiny_data, two, method), "--max-steps", "3", *DISTRIBUTED_COMMON, f"method.name={method}",
                  "train.batch_size=4", *extra, "--accelerate-config", str(fsdp_config)]))
     keys = ["loss", "sft_loss", "kd_loss", "tokens", "grad_norm"] if method == "kd" else ["loss", "tokens", "grad_norm"]
-    _same_metrics(_metrics(one), _metrics(two), keys, rel=1e-5)
+    _same_metrics(metrics(one), metrics(two), keys, rel=1e-5)
 
     step = two / "step-000003"
-    w1, w2 = _weights(one / "step-000003"), _weights(step)
-    _close_weights(w1, w2)
-    start = _weights(tiny_dir / "student")
+    w1, w2 = weights(one / "step-000003"), weights(step)
+    close_weights(w1, w2)
+    start = weights(tiny_dir / "student")
     assert any(not torch.equal(w2[k], start[k]) for k in w2)  # the weights did move
     # full weights, loadable by plain transformers
     model = AutoModelForCausalLM.from_pretrained(step)
@@ -113,21 +103,21 @@ def test_the_shipped_fsdp_config_runs_as_shipped(tmp_path, tiny_dir, tiny_data):
     """bf16 compute over fp32 shards (what GPUs get), here on CPU processes: it trains, and the
     checkpoint holds the fp32 master weights."""
     run = tmp_path / "run"
-    _ok(_launch("distill", [*_flags(tiny_dir, tiny_data, run, "kd"), "--max-steps", "2", *COMMON, "method.name=kd",
+    _ok(launch("distill", [*model_flags(tiny_dir, tiny_data, run, "kd"), "--max-steps", "2", *DISTRIBUTED_COMMON, "method.name=kd",
                             "train.batch_size=4", "models.dtype=bf16", "models.teacher_placement=sharded",
                             "--accelerate-config", "fsdp"]))
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _metrics(run))
-    weights = _weights(run / "step-000002")
-    assert {w.dtype for w in weights.values()} == {torch.float32}
-    start = _weights(tiny_dir / "student")
-    assert any(not torch.equal(weights[k], start[k]) for k in weights)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in metrics(run))
+    trained = weights(run / "step-000002")
+    assert {w.dtype for w in trained.values()} == {torch.float32}
+    start = weights(tiny_dir / "student")
+    assert any(not torch.equal(trained[k], start[k]) for k in trained)
 
 
 def _minillm(tiny_dir: Path, data: Path, out: Path, args: list[str], steps: int, config: Path | None,
              resume: bool = False) -> None:
-    launch = ["--accelerate-config", str(config)] if config is not None else []
-    _ok(_launch("distill", [*_flags(tiny_dir, data, out, "minillm"), "--max-steps", str(steps), *COMMON, *MINILLM,
-                            *args, *launch, *(["--resume"] if resume else [])]))
+    config_flags = ["--accelerate-config", str(config)] if config is not None else []
+    _ok(launch("distill", [*model_flags(tiny_dir, data, out, "minillm"), "--max-steps", str(steps), *DISTRIBUTED_COMMON,
+                           *MINILLM, *args, *config_flags, *(["--resume"] if resume else [])]))
 
 
 MINILLM_KEYS = ["loss", "pg_loss", "reg_loss", "reward", "rkl", "grad_norm", "resp_len"]
@@ -143,12 +133,12 @@ def test_fsdp2_minillm_with_uneven_length_groups_matches_ddp_and_resumes_exactly
     ddp = tmp_path / "ddp"
     _minillm(tiny_dir, uneven_data, ddp, no_mix, 4, None)
 
-    m_fsdp, m_ddp = _metrics(fsdp), _metrics(ddp)
+    m_fsdp, m_ddp = metrics(fsdp), metrics(ddp)
     _same_metrics(m_ddp, m_fsdp, MINILLM_KEYS, rel=1e-4)
     # some step had ranks with different numbers of length groups, evened out by zero-weight passes
     assert sum(r["filler_passes"] for r in m_fsdp) > 0, m_fsdp
     assert [r["filler_passes"] for r in m_ddp] == [r["filler_passes"] for r in m_fsdp]
-    _close_weights(_weights(ddp / "step-000004"), _weights(fsdp / "step-000004"), atol=1e-5)
+    close_weights(weights(ddp / "step-000004"), weights(fsdp / "step-000004"), atol=1e-5)
 
     # killed after its step-2 checkpoint, resumed under FSDP2: bit-identical to the straight run
     killed = tmp_path / "killed"
@@ -157,9 +147,9 @@ def test_fsdp2_minillm_with_uneven_length_groups_matches_ddp_and_resumes_exactly
     shutil.copytree(fsdp / "step-000002", killed / "step-000002")
     write_text_atomic(killed / "latest", "step-000002\n")
     _minillm(tiny_dir, uneven_data, killed, sharded_teacher, 4, fsdp_config, resume=True)
-    a, b = _weights(fsdp / "step-000004"), _weights(killed / "step-000004")
+    a, b = weights(fsdp / "step-000004"), weights(killed / "step-000004")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["loss"] for r in _metrics(killed)] == [r["loss"] for r in m_fsdp if r["step"] > 2]
+    assert [r["loss"] for r in metrics(killed)] == [r["loss"] for r in m_fsdp if r["step"] > 2]
 
 
 @pytest.mark.slow
@@ -169,8 +159,8 @@ def test_fsdp2_minillm_teacher_mixed_sampling_matches_ddp(tmp_path, tiny_dir, ti
     fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
     _minillm(tiny_dir, tiny_data, fsdp, mix, 2, fsdp_config)
     _minillm(tiny_dir, tiny_data, ddp, mix, 2, None)
-    _same_metrics(_metrics(ddp), _metrics(fsdp), MINILLM_KEYS, rel=1e-4)
-    _close_weights(_weights(ddp / "step-000002"), _weights(fsdp / "step-000002"), atol=1e-5)
+    _same_metrics(metrics(ddp), metrics(fsdp), MINILLM_KEYS, rel=1e-4)
+    close_weights(weights(ddp / "step-000002"), weights(fsdp / "step-000002"), atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------ refusals
@@ -236,27 +226,20 @@ def test_even_passes_pads_to_the_busiest_rank(monkeypatch):
     assert even_passes(one, ["a"]) == [("a", True)]  # one process: no collective, nothing added
 
 
-def test_zero3_launch_is_refused_before_any_process_starts(monkeypatch, tmp_path):
-    """--resume with DeepSpeed, or DeepSpeed not installed: one line, and no launcher is run."""
+def test_zero3_launch_is_refused_before_any_process_starts(monkeypatch):
+    """--resume with DeepSpeed, or DeepSpeed not installed: one line, before any process starts."""
     import importlib.util
-    import subprocess
 
-    from rich.console import Console
+    from minillm_cli.launch import check_before_launch
 
-    from minillm_cli.launch import launch_processes
-
-    def no_launch(*a, **k):
-        raise AssertionError("a launcher was started")
-
-    monkeypatch.setattr(subprocess, "call", no_launch)
-    console = Console(file=open(tmp_path / "out.txt", "w"))
-    with pytest.raises(UserError, match=r"^--resume: DeepSpeed runs \(zero3.yaml\) keep the optimizer") as e:
-        launch_processes({"resume": True}, 2, "zero3", console)
+    recipe = load_recipe(None, ["method.name=sft"])[0]
+    with pytest.raises(UserError, match=r"^--resume: DeepSpeed runs keep the optimizer") as e:
+        check_before_launch(recipe, 2, "zero3", resume=True, extend=False)
     assert "\n" not in str(e.value)
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
     with pytest.raises(UserError, match=r"^--accelerate-config: zero3.yaml needs DeepSpeed \(pip install deepspeed"):
-        launch_processes({"resume": False}, 2, "zero3", console)
+        check_before_launch(recipe, 2, "zero3", resume=False, extend=False)
 
 
 def _peak_rss(args: list[str]) -> float:

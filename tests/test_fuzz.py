@@ -151,7 +151,153 @@ def test_data_reader_gives_examples_or_a_user_error(tmp_path_factory, tokenizer,
         assert str(e).strip()  # a message (the CLI prints it on one line, whatever user text it quotes)
 
 
+# ------------------------------------------------------------------ teacher-cache manifests
+def _valid_manifest() -> dict:
+    from minillm_cli import teacher_cache as tc
+
+    ident = {"kind": "logprobs", "examples": 5, "tokens": 40, "vocab": 320, "rows": "0" * 64, "tokenizer": "1" * 64,
+             "data.train": "2" * 64}
+    return tc.new_manifest(ident, teacher={"path": "T", "sha256": "3" * 64}, top_k=8, dtype="fp16", shard_examples=2)
+
+
+MANIFEST_EDITS = st.lists(st.tuples(
+    st.sampled_from(["format", "version", "identity", "shards", "shard_bytes", "complete", "identity.kind",
+                     "identity.examples", "identity.shard_examples", "identity.top_k", "identity.dtype",
+                     "identity.teacher", "identity.tokens", "identity.rows"]),
+    st.one_of(st.just("<delete>"), VALUES)), max_size=4)
+
+
+@FUZZ
+@given(edits=MANIFEST_EDITS, raw=st.one_of(st.none(), ANY_TEXT))
+def test_an_edited_cache_manifest_is_read_or_refused_in_one_line(tmp_path_factory, edits, raw):
+    """A hand-edited or damaged manifest: `read_manifest` and what reads its fields next (the shard
+    plan, the --out check, `plan`'s K and dtype) give a result or a `UserError`, never a crash."""
+    from minillm_cli import teacher_cache as tc
+    from minillm_cli.teacher_cache_command import check_out_dir
+
+    manifest = _valid_manifest()
+    for key, value in edits:
+        node, *rest = key.split(".")
+        target, leaf = (manifest, node) if not rest else (manifest.get(node), rest[0])
+        if isinstance(target, dict):
+            if value == "<delete>":
+                target.pop(leaf, None)
+            else:
+                target[leaf] = value
+    root = tmp_path_factory.mktemp("cache")
+    text = raw if raw is not None else json.dumps(manifest, default=str)
+    (root / tc.MANIFEST).write_bytes(text.encode("utf-8", "surrogatepass"))
+    _count("cache manifests")
+    try:
+        read = tc.read_manifest(root)
+        assert read is not None
+        sizes = [tc.shard_size(read["identity"], i) for i in range(read["shards"])]
+        assert sum(sizes) == read["identity"]["examples"]
+        check_out_dir(root, _valid_manifest())
+    except UserError as e:
+        assert str(e).strip() and len(str(e)) < 1000
+
+
+# ------------------------------------------------------------------ accelerate config files
+ACCELERATE_TEXTS = st.one_of(
+    st.lists(st.tuples(st.sampled_from(["distributed_type", "num_processes", "fsdp_config", "deepspeed_config",
+                                        "mixed_precision", "use_cpu"]),
+                       st.one_of(VALUES, st.sampled_from(["FSDP", "DEEPSPEED", "MULTI_GPU", "NO", "XLA", "nonsense"]),
+                                 st.dictionaries(st.sampled_from(["fsdp_version", "zero_stage", "gradient_clipping",
+                                                                  "fsdp_auto_wrap_policy", "fsdp_offload_params",
+                                                                  "fsdp_state_dict_type"]), VALUES, max_size=3))),
+             max_size=5).map(dict).map(_yaml_text),
+    ANY_TEXT,
+    st.binary(max_size=64).map(lambda b: b.decode("latin-1")),
+    st.sampled_from(["", "distributed_type: FSDP\nfsdp_config: {fsdp_version: 1}", "- 1", "&a [*a]",
+                     "distributed_type: DEEPSPEED\ndeepspeed_config: {zero_stage: nine}"]),
+)
+
+
+@FUZZ
+@given(text=ACCELERATE_TEXTS)
+def test_an_accelerate_config_file_is_read_or_refused_in_one_line(tmp_path_factory, text):
+    from minillm_cli.launch_config import SUPPORTED, read_accelerate_config
+
+    path = tmp_path_factory.mktemp("acc") / "config.yaml"
+    path.write_bytes(text.encode("utf-8", "surrogatepass"))
+    _count("accelerate configs")
+    try:
+        cfg = read_accelerate_config(path)
+        assert cfg.distributed_type in SUPPORTED
+    except UserError as e:
+        assert str(e).strip() and len(str(e)) < 1000
+
+
+# ------------------------------------------------------------------ output flags
+@FUZZ
+@given(name=st.one_of(ANY_TEXT, st.sampled_from(["", ".", "/", "-", "..", "data.jsonl", "model", "model/config.json",
+                                                   "model/", "sub/deeper/x.json", "x" * 300, "./data.jsonl",
+                                                   "model/../data.jsonl", "ro/x.json", "file.txt/x.json"])))
+def test_an_output_flag_is_accepted_only_where_nothing_of_the_run_is(tmp_path_factory, name):
+    """`--json` / `--samples` / `--plot` destinations: refused in one line, or a writable file path that
+    is none of the run's inputs — and checking never touches the disk."""
+    import os
+
+    from minillm_cli.destinations import check_file
+
+    root = tmp_path_factory.mktemp("out")
+    (root / "data.jsonl").write_text("{}\n")
+    (root / "model").mkdir()
+    (root / "model" / "config.json").write_text("{}")
+    (root / "file.txt").write_text("x")
+    (root / "ro").mkdir(mode=0o500)
+    inputs = {"data.train": root / "data.jsonl", "models.student": root / "model"}
+    before = sorted(str(p) for p in root.rglob("*"))
+    cwd = os.getcwd()
+    os.chdir(root)
+    _count("output flags")
+    try:
+        check_file("--json", name, inputs)
+        if name != "-":
+            target = (root / name).resolve()
+            assert not target.is_dir() and name.strip()
+            assert target != (root / "data.jsonl").resolve() and (root / "model").resolve() not in target.parents
+    except UserError as e:
+        assert str(e).strip() and len(str(e)) < 1000
+    finally:
+        os.chdir(cwd)
+    assert sorted(str(p) for p in root.rglob("*")) == before
+
+
+# ------------------------------------------------------------------ YAML aliases
+@st.composite
+def alias_bombs(draw) -> str:
+    """A recipe whose values are aliases of aliases: width^depth values from a few bytes."""
+    depth, width = draw(st.integers(1, 9)), draw(st.integers(1, 12))
+    lines = ['a0: &a0 ["x"]']
+    for i in range(1, depth + 1):
+        lines.append(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * width)}]")
+    section = draw(st.sampled_from(["train", "method", "data", "bogus"]))
+    return "\n".join(lines) + f"\n{section}: {{x: *a{depth}}}\n"
+
+
+@FUZZ
+@given(text=alias_bombs(), as_override=st.booleans())
+def test_yaml_alias_bombs_are_refused_fast_with_a_short_line(tmp_path_factory, text, as_override):
+    import time
+
+    _count("yaml aliases")
+    t0 = time.monotonic()
+    try:
+        if as_override:
+            last = text.strip().splitlines()[-2].split(": ", 1)[1] if text.count("\n") > 2 else "[1]"
+            load_recipe(None, [f"train.x={last}"])
+        else:
+            path = tmp_path_factory.mktemp("y") / "recipe.yaml"
+            path.write_text(text)
+            load_recipe(path)
+    except UserError as e:
+        assert str(e).strip() and len(str(e)) < 2000
+    assert time.monotonic() - t0 < 5.0
+
+
 def test_report_counts():
-    """Print how many generated cases ran (after the two properties above)."""
-    print({k: v[0] for k, v in COUNTS.items()})
-    assert all(v[0] >= CASES for v in COUNTS.values()) and len(COUNTS) == 2
+    """Print how many generated cases ran (after the properties above)."""
+    print({k: v[0] for k, v in COUNTS.items()}, "in all:", sum(v[0] for v in COUNTS.values()))
+    assert all(v[0] >= CASES for v in COUNTS.values()) and len(COUNTS) == 6

@@ -37,7 +37,6 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from statistics import NormalDist
 from types import SimpleNamespace
 from typing import Any
@@ -47,10 +46,10 @@ import torch
 from torch import Tensor
 
 from minillm_cli.config import MiniLlmMethod, Recipe, RolloutConfig, TrainConfig
-from minillm_cli.context import Ctx
 from minillm_cli.data import Encoded
 from minillm_cli.errors import UserError
 from minillm_cli.methods.minillm import MiniLlmStepper
+from tests.helpers import fake_ctx
 
 V, PAD, EOS, T_MAX = 4, 0, 3, 3
 WORDS = [t for t in range(V) if t != EOS]  # tokens that do not end a response
@@ -122,20 +121,6 @@ class TableLM(torch.nn.Module):
         return SimpleNamespace(logits=logits, past_key_values=ids if use_cache else None, cache=None)
 
 
-class _Accelerator:
-    """The single-process subset of accelerate's interface that `Ctx` uses."""
-
-    num_processes, process_index = 1, 0
-
-    @staticmethod
-    def backward(loss: Tensor) -> None:
-        loss.backward()
-
-    @staticmethod
-    def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-        return model
-
-
 @pytest.fixture(scope="module")
 def lms() -> tuple[TableLM, TableLM]:
     student = TableLM(seed=1234, scale=1.0)
@@ -156,12 +141,9 @@ def make_stepper(student: TableLM, teacher: TableLM, *, n: int, separate_teacher
         rollout=RolloutConfig(temperature=temperature, batch_size=n),
         train=TrainConfig(batch_size=n, grad_accum=1, seed=seed),
     )
-    gen = torch.Generator().manual_seed(seed)
-    ctx = Ctx(recipe=recipe, accelerator=_Accelerator(), student=student, teacher=teacher,
-              tokenizer=SimpleNamespace(pad_token_id=PAD, eos_token_id=EOS),
-              train=[Encoded(prompt_ids=list(p), response_ids=[], index=i) for i, p in enumerate(PROMPTS)],
-              dev=[], corpus=None, run_dir=Path("."), device=torch.device("cpu"), gen=gen, vocab=V,
-              stop_requested=lambda: False, print=lambda s: None)
+    ctx = fake_ctx(recipe, student, teacher,
+                   [Encoded(prompt_ids=list(p), response_ids=[], index=i) for i, p in enumerate(PROMPTS)],
+                   pad_token_id=PAD, eos_token_id=EOS, vocab=V, gen=torch.Generator().manual_seed(seed))
     return MiniLlmStepper(ctx)
 
 

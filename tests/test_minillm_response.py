@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import copy
 import shutil
-from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -20,14 +18,12 @@ import torch
 from minillm_cli import losses
 from minillm_cli.checkpoint import write_text_atomic
 from minillm_cli.config import MiniLlmMethod, Recipe, RolloutConfig, TrainConfig
-from minillm_cli.context import Ctx
 from minillm_cli.data import Encoded, collate_pairs, take_indices
 from minillm_cli.errors import UserError
 from minillm_cli.methods.batching import response_logits
 from minillm_cli.methods.minillm import MiniLlmStepper
 from minillm_cli.recipe_loading import load_recipe
-from tests.test_minillm_exact import _Accelerator
-from tests.test_train import METHOD_EXTRA, _run, _same, _weights
+from tests.helpers import METHOD_EXTRA, fake_ctx, same_weights, train_tiny, weights
 
 BATCH, ACCUM = 2, 2  # two micro-batches per optimizer step: the term's token mean spans both
 
@@ -50,11 +46,8 @@ def _stepper(student: torch.nn.Module, teacher: torch.nn.Module, seed: int = 0, 
         rollout=RolloutConfig(batch_size=BATCH),
         train=TrainConfig(batch_size=BATCH, grad_accum=ACCUM, seed=seed),
     )
-    ctx = Ctx(recipe=recipe, accelerator=_Accelerator(), student=student, teacher=teacher,
-              tokenizer=SimpleNamespace(pad_token_id=cfg.pad_token_id, eos_token_id=cfg.eos_token_id),
-              train=_examples(cfg.vocab_size, cfg.eos_token_id), dev=[], corpus=None, run_dir=Path("."),
-              device=torch.device("cpu"), gen=torch.Generator().manual_seed(seed), vocab=cfg.vocab_size,
-              stop_requested=lambda: False, print=lambda s: None)
+    ctx = fake_ctx(recipe, student, teacher, _examples(cfg.vocab_size, cfg.eos_token_id), pad_token_id=cfg.pad_token_id,
+                   eos_token_id=cfg.eos_token_id, vocab=cfg.vocab_size, gen=torch.Generator().manual_seed(seed))
     return MiniLlmStepper(ctx)
 
 
@@ -168,7 +161,7 @@ def test_resume_after_step_one_is_bitwise_the_uninterrupted_run(tmp_path, tiny_d
     cadence = ["train.save_every=1", "train.keep_last=10"]
     extra = [*METHOD_EXTRA["minillm"], "method.response_weight=0.5", "method.response_beta=0.3", *cadence]
     changed = [*METHOD_EXTRA["minillm"], "method.response_weight=0.25", "method.response_beta=0.3", *cadence]
-    straight = _run(tiny_dir, tiny_data, tmp_path / "straight", "minillm", 2, extra)
+    straight = train_tiny(tiny_dir, tiny_data, tmp_path / "straight", "minillm", 2, extra)
     import json
 
     lines = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
@@ -180,6 +173,6 @@ def test_resume_after_step_one_is_bitwise_the_uninterrupted_run(tmp_path, tiny_d
     write_text_atomic(killed / "latest", "step-000001\n")
     # the term's keys are not resume-safe: changing one is refused, naming it
     with pytest.raises(UserError, match="method.response_weight"):
-        _run(tiny_dir, tiny_data, killed, "minillm", 2, changed, resume=True)
-    _run(tiny_dir, tiny_data, killed, "minillm", 2, extra, resume=True)
-    assert _same(_weights(straight / "step-000002"), _weights(killed / "step-000002"))
+        train_tiny(tiny_dir, tiny_data, killed, "minillm", 2, changed, resume=True)
+    train_tiny(tiny_dir, tiny_data, killed, "minillm", 2, extra, resume=True)
+    assert same_weights(weights(straight / "step-000002"), weights(killed / "step-000002"))

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from minillm_cli import model_dirs, models, student_init
 from minillm_cli.errors import UserError
 from tests.gguf_tiny import write_llama_gguf
+from tests.helpers import weights
 from tests.tiny import make_tokenizer
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 11], [1, 2, 3, 4, 5, 6, 7, 8]])  # (B=2, T=8)
@@ -27,10 +27,6 @@ def _logits(model_dir: Path) -> torch.Tensor:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with torch.no_grad():
         return model(IDS).logits  # (B, T, V)
-
-
-def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(model_dir / "model.safetensors"))
 
 
 def _vocab(model_dir: Path) -> dict[str, int]:
@@ -147,7 +143,7 @@ def test_gguf_tied_embeddings(tiny_dir, tmp_path):
     gguf_path = write_llama_gguf(tmp_path / "tied", tmp_path / "tied.gguf")
 
     out = model_dirs.convert_gguf(gguf_path, tmp_path / "out")
-    assert "lm_head.weight" not in _weights(out)
+    assert "lm_head.weight" not in weights(out)
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
     torch.testing.assert_close(_logits(out), _logits(tmp_path / "tied"), atol=1e-4, rtol=0)
 
@@ -211,14 +207,14 @@ def test_load_model_eval_mode_and_dtype(tiny_dir):
 def test_load_model_refuses_pickle_unless_allowed(tiny_dir, tmp_path):
     src = tiny_dir / "student"
     shutil.copy(src / "config.json", tmp_path / "config.json")
-    torch.save(_weights(src), tmp_path / "pytorch_model.bin")
+    torch.save(weights(src), tmp_path / "pytorch_model.bin")
     with pytest.raises(UserError) as err:
         models.load_model(tmp_path, dtype=torch.float32, device=torch.device("cpu"))
     assert str(err.value) == (
         f"{tmp_path} has only pickle weights (pytorch_model.bin); pass models.allow_pickle: true if you trust it"
     )
     model = models.load_model(tmp_path, dtype=torch.float32, device=torch.device("cpu"), allow_pickle=True)
-    torch.testing.assert_close(model.model.embed_tokens.weight, _weights(src)["model.embed_tokens.weight"])
+    torch.testing.assert_close(model.model.embed_tokens.weight, weights(src)["model.embed_tokens.weight"])
 
 
 def test_load_model_not_a_model(tmp_path):
@@ -289,7 +285,7 @@ def _assert_layers_copied(teacher: dict, student: dict, kept: list[int], prefix:
 
 def test_init_student_from_teacher_layers(tiny_dir, tmp_path):
     out = student_init.init_student_from_teacher(tiny_dir / "teacher", tmp_path / "s", layers=[1, 3])
-    t, s = _weights(tiny_dir / "teacher"), _weights(out)
+    t, s = weights(tiny_dir / "teacher"), weights(out)
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 2
     _assert_layers_copied(t, s, [1, 3], "model.layers")
     for k in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
@@ -302,7 +298,7 @@ def test_init_student_from_teacher_layers(tiny_dir, tmp_path):
 @pytest.mark.parametrize(("keep", "expected"), [(2, [0, 3]), (3, [0, 2, 3]), (4, [0, 1, 2, 3]), (1, [0])])
 def test_init_student_keep_evenly_spaced(tiny_dir, tmp_path, keep, expected):
     out = student_init.init_student_from_teacher(tiny_dir / "teacher", tmp_path / "s", keep=keep)
-    _assert_layers_copied(_weights(tiny_dir / "teacher"), _weights(out), expected, "model.layers")
+    _assert_layers_copied(weights(tiny_dir / "teacher"), weights(out), expected, "model.layers")
 
 
 def test_init_student_bad_layer_choices(tiny_dir, tmp_path):
@@ -327,7 +323,7 @@ def test_init_student_from_gpt2_teacher(tiny_dir, tmp_path):
 
     out = student_init.init_student_from_teacher(tmp_path / "gpt2", tmp_path / "s", keep=2)
     assert json.loads((out / "config.json").read_text())["n_layer"] == 2
-    t, s = _weights(tmp_path / "gpt2"), _weights(out)
+    t, s = weights(tmp_path / "gpt2"), weights(out)
     _assert_layers_copied(t, s, [0, 2], "transformer.h")
     assert torch.equal(s["transformer.wpe.weight"], t["transformer.wpe.weight"])
     assert len(AutoModelForCausalLM.from_pretrained(out).transformer.h) == 2
@@ -349,10 +345,10 @@ def test_init_student_fresh(tiny_dir, tmp_path):
     b = student_init.init_student_fresh(tiny_dir / "teacher", tmp_path / "b", overrides=overrides)
     cfg = json.loads((a / "config.json").read_text())
     assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]) == (2, 32, 48, 8)
-    wa, wb = _weights(a), _weights(b)
+    wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)  # seeded
     assert wa["model.embed_tokens.weight"].shape == (320, 32)
-    teacher_emb = _weights(tiny_dir / "teacher")["model.embed_tokens.weight"]  # (V, 64)
+    teacher_emb = weights(tiny_dir / "teacher")["model.embed_tokens.weight"]  # (V, 64)
     assert not torch.equal(wa["model.embed_tokens.weight"], teacher_emb[:, :32])
     assert AutoModelForCausalLM.from_pretrained(a)(IDS).logits.shape == (2, 8, 320)
     assert _vocab(a) == _vocab(tiny_dir / "teacher")

@@ -8,7 +8,6 @@ nothing the user owns was created, changed or deleted.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,77 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from minillm_cli import rundir
 from minillm_cli.checkpoint import list_steps, write_text_atomic
-from minillm_cli.cli import app
-
-FAST = ["optim.warmup_steps=1", "train.batch_size=4", "optim.lr=1e-3", "data.dev_fraction=0"]
-
-
-def tree(root: Path) -> dict[str, str]:
-    """Every path under `root` -> sha256 of its content ('dir' for directories), lock files aside."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        if p.name == rundir.LOCK:  # minillm's own bookkeeping: it names whichever process last owned the run
-            continue
-        rel = str(p.relative_to(root))
-        out[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
-
-
-def cli(*args: str) -> tuple[int, str]:
-    """Run `minillm ARGS` in this process; returns (exit code, stdout + stderr)."""
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    output = result.stdout + (result.stderr if result.stderr_bytes is not None else "")
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise AssertionError(f"traceback instead of a message: {result.exception!r}\n{output[-2000:]}")
-    return result.exit_code, output
-
-
-def error_line(output: str) -> str:
-    """The one error line (exactly one, no traceback)."""
-    assert "Traceback" not in output, output[-3000:]
-    lines = [line for line in output.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, output[-3000:]
-    return lines[0]
-
-
-def refused(args: list, needle: str | list[str], root: Path, code: int = 2) -> str:
-    """Run a command that must fail: exit `code`, one line naming the culprit, the tree unchanged."""
-    before = tree(root)
-    got, out = cli(*args)
-    assert got == code, out[-3000:]
-    line = error_line(out)
-    for n in [needle] if isinstance(needle, str) else needle:
-        assert n in line, line
-    assert tree(root) == before, "the command changed the user's files"
-    return line
-
-
-@pytest.fixture()
-def user(tmp_path, monkeypatch, tiny_dir, tiny_data):
-    """A user's working directory holding their own files, with a student and data to train on."""
-    root = tmp_path / "home"
-    root.mkdir()
-    monkeypatch.chdir(root)
-    (root / "notes.txt").write_text("my notes")
-    shutil.copy(tiny_data, root / "train.jsonl")
-    return root
-
-
-def sft(student: Path, data: Path | str, out: Path | str, *extra: str, steps: int = 2) -> list:
-    return ["sft", "--student", student, "--data", data, "-o", out, "--max-steps", steps, *FAST, *extra]
-
-
-def _weights(step: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(step / "model.safetensors"))
-
-
-def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+from tests.helpers import FAST, cli, error_line, refused, same_weights, sft_args, tree, weights
 
 
 # ------------------------------------------------------------------------------ 1. --overwrite
@@ -100,37 +32,37 @@ def test_overwrite_refuses_a_directory_that_is_not_a_run(user, tiny_dir):
     (proj / "src" / "main.py").write_text("print(1)")
     shutil.copy(user / "train.jsonl", proj / "train.jsonl")
     student = tiny_dir / "student"
-    line = refused(sft(student, proj / "train.jsonl", proj, "--overwrite"), "not a minillm run", user)
+    line = refused(sft_args(student, proj / "train.jsonl", proj, "--overwrite"), "not a minillm run", user)
     assert "train.jsonl" in line and "src/" in line
-    refused(sft(student, "train.jsonl", ".", "--overwrite"), "not a minillm run", user)
-    refused(sft(student, "train.jsonl", proj), "not a minillm run", user)  # and without --overwrite
+    refused(sft_args(student, "train.jsonl", ".", "--overwrite"), "not a minillm run", user)
+    refused(sft_args(student, "train.jsonl", proj), "not a minillm run", user)  # and without --overwrite
 
 
 def test_overwrite_replaces_a_run_but_never_what_the_run_reads_or_the_user_added(user, tiny_dir):
     student = tiny_dir / "student"
-    code, out = cli(*sft(student, "train.jsonl", "runs/a", "train.save_every=1", "train.keep_last=5"))
+    code, out = cli(*sft_args(student, "train.jsonl", "runs/a", "train.save_every=1", "train.keep_last=5"))
     assert code == 0, out[-2000:]
     # an existing run is refused without a flag, replaced with --overwrite
-    refused(sft(student, "train.jsonl", "runs/a"), "already holds a run", user)
+    refused(sft_args(student, "train.jsonl", "runs/a"), "already holds a run", user)
     # a student that lives inside the run must not be deleted by replacing it
-    refused(sft(user / "runs/a/step-000001", "train.jsonl", "runs/a", "--overwrite"), "contains models.student", user)
+    refused(sft_args(user / "runs/a/step-000001", "train.jsonl", "runs/a", "--overwrite"), "contains models.student", user)
     # the current directory inside the run
     os.chdir(user / "runs/a/step-000001")
-    refused(sft(student, user / "train.jsonl", user / "runs/a", "--overwrite"), "contains the current directory", user)
+    refused(sft_args(student, user / "train.jsonl", user / "runs/a", "--overwrite"), "contains the current directory", user)
     os.chdir(user)
     # a file the user put into the run is named, and the run is left alone
     (user / "runs/a/my-analysis.ipynb").write_text("{}")
-    refused(sft(student, "train.jsonl", "runs/a", "--overwrite"), "my-analysis.ipynb", user)
+    refused(sft_args(student, "train.jsonl", "runs/a", "--overwrite"), "my-analysis.ipynb", user)
     (user / "runs/a/my-analysis.ipynb").unlink()
     before = {k: v for k, v in tree(user).items() if not k.startswith("runs")}
-    code, out = cli(*sft(student, "train.jsonl", "runs/a", "--overwrite", steps=1))
+    code, out = cli(*sft_args(student, "train.jsonl", "runs/a", "--overwrite", steps=1))
     assert code == 0, out[-2000:]
     assert [p.name for p in list_steps(user / "runs/a")] == ["step-000001"]
     assert {k: v for k, v in tree(user).items() if not k.startswith("runs")} == before
 
 
 def test_resume_and_overwrite_together_are_refused(user, tiny_dir):
-    refused([*sft(tiny_dir / "student", "train.jsonl", "runs/a"), "--resume", "--overwrite"], "contradict", user)
+    refused([*sft_args(tiny_dir / "student", "train.jsonl", "runs/a"), "--resume", "--overwrite"], "contradict", user)
 
 
 # ------------------------------------------------------------------------------- 2. --resume
@@ -147,13 +79,13 @@ def _killed_copy(straight: Path, killed: Path, step: int, metrics_up_to: int) ->
 
 def test_resume_alone_reloads_the_saved_recipe_and_is_exact(user, tiny_dir):
     student = tiny_dir / "student"
-    code, out = cli(*sft(student, "train.jsonl", "runs/straight", "train.save_every=2", "train.keep_last=10", steps=4))
+    code, out = cli(*sft_args(student, "train.jsonl", "runs/straight", "train.save_every=2", "train.keep_last=10", steps=4))
     assert code == 0, out[-2000:]
     _killed_copy(user / "runs/straight", user / "runs/killed", 2, metrics_up_to=3)
     (user / "runs/killed/step-000001").mkdir()  # a step half-deleted by a prune that was killed
     code, out = cli("sft", "-o", "runs/killed", "--resume")  # no model, no data, no overrides
     assert code == 0, out[-2000:]
-    assert _same(_weights(user / "runs/straight/step-000004"), _weights(user / "runs/killed/step-000004"))
+    assert same_weights(weights(user / "runs/straight/step-000004"), weights(user / "runs/killed/step-000004"))
     steps = [json.loads(x)["step"] for x in (user / "runs/killed/metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4], "metrics.jsonl repeats or skips steps after the resume"
     assert not (user / "runs/killed/step-000001").exists(), "the half-deleted step was never pruned"
@@ -162,7 +94,7 @@ def test_resume_alone_reloads_the_saved_recipe_and_is_exact(user, tiny_dir):
 
 def test_resume_refuses_a_changed_recipe_or_data_naming_what_differs(user, tiny_dir):
     student = tiny_dir / "student"
-    code, out = cli(*sft(student, "train.jsonl", "runs/a", "train.save_every=1"))
+    code, out = cli(*sft_args(student, "train.jsonl", "runs/a", "train.save_every=1"))
     assert code == 0, out[-2000:]
     line = refused(["sft", "-o", "runs/a", "--resume", "optim.lr=1e-2", "train.max_steps=3"], "optim.lr", user)
     assert "train.max_steps" in line and "0.001 → 0.01" in line
@@ -177,7 +109,7 @@ def test_resume_refuses_a_changed_recipe_or_data_naming_what_differs(user, tiny_
 
 
 def test_extend_a_constant_schedule_is_recorded(user, tiny_dir):
-    code, out = cli(*sft(tiny_dir / "student", "train.jsonl", "runs/a", "optim.schedule=constant"))
+    code, out = cli(*sft_args(tiny_dir / "student", "train.jsonl", "runs/a", "optim.schedule=constant"))
     assert code == 0, out[-2000:]
     code, out = cli("sft", "-o", "runs/a", "--resume", "--extend", "--max-steps", 3)
     assert code == 0, out[-2000:]
@@ -191,7 +123,7 @@ def test_resume_with_a_student_of_another_shape(user, tiny_dir, tmp_path):
 
     student = user / "my-student"
     shutil.copytree(tiny_dir / "student", student)
-    code, out = cli(*sft(student, "train.jsonl", "runs/a", "optim.schedule=constant"))
+    code, out = cli(*sft_args(student, "train.jsonl", "runs/a", "optim.schedule=constant"))
     assert code == 0, out[-2000:]
     shutil.rmtree(student)
     make_llama(student, tiny_dir / "tokenizer", layers=2, hidden=48, seed=3)  # same path, other shape
@@ -200,7 +132,7 @@ def test_resume_with_a_student_of_another_shape(user, tiny_dir, tmp_path):
 
 # ----------------------------------------------------------------------------------- 3. lock
 def test_one_process_owns_a_run_directory(user, tiny_dir, tiny_data):
-    base = [sys.executable, "-m", "minillm_cli.cli", *map(str, sft(tiny_dir / "student", "train.jsonl", "runs/a",
+    base = [sys.executable, "-m", "minillm_cli.cli", *map(str, sft_args(tiny_dir / "student", "train.jsonl", "runs/a",
                                                                    "train.save_every=1", steps=2000))]
     first = subprocess.Popen(base, cwd=user, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -234,11 +166,11 @@ def test_damaged_weights_are_named(user, tiny_dir):
     shutil.copytree(tiny_dir / "teacher", teacher)
     _truncate(student / "model.safetensors")
     (teacher / "model.safetensors").write_bytes(b"not a safetensors file at all" * 40)
-    refused(sft(student, "train.jsonl", "runs/a"), ["student/model.safetensors", "truncated"], user)
+    refused(sft_args(student, "train.jsonl", "runs/a"), ["student/model.safetensors", "truncated"], user)
     refused(["distill", "--teacher", teacher, "--student", tiny_dir / "student", "--data", "train.jsonl", "-o", "runs/b",
              *FAST], ["teacher/model.safetensors", "not a safetensors file"], user)
     refused(["eval", student, "--data", "train.jsonl", "--max-samples", 2], "student/model.safetensors", user)
-    code, out = cli(*sft(tiny_dir / "student", "train.jsonl", "runs/a", steps=1))
+    code, out = cli(*sft_args(tiny_dir / "student", "train.jsonl", "runs/a", steps=1))
     assert code == 0, out[-2000:]
     _truncate(user / "runs/a/step-000001/model.safetensors")
     refused(["export", "runs/a", "--out", "exported"], "step-000001/model.safetensors", user)
@@ -247,7 +179,7 @@ def test_damaged_weights_are_named(user, tiny_dir):
 
 def test_resume_falls_back_to_the_last_intact_step(user, tiny_dir):
     student = tiny_dir / "student"
-    args = sft(student, "train.jsonl", "runs/straight", "train.save_every=1", "train.keep_last=10",
+    args = sft_args(student, "train.jsonl", "runs/straight", "train.save_every=1", "train.keep_last=10",
                "optim.schedule=constant", steps=3)
     code, out = cli(*args)
     assert code == 0, out[-2000:]
@@ -258,7 +190,7 @@ def test_resume_falls_back_to_the_last_intact_step(user, tiny_dir):
     code, out = cli("sft", "-o", "runs/killed", "--resume")
     assert code == 0, out[-2000:]
     assert "skipping damaged checkpoint step-000002 (model.safetensors: truncated" in out
-    assert _same(_weights(user / "runs/straight/step-000003"), _weights(user / "runs/killed/step-000003"))
+    assert same_weights(weights(user / "runs/straight/step-000003"), weights(user / "runs/killed/step-000003"))
 
 
 # ------------------------------------------------------------------------- 5. disks and paths
@@ -280,7 +212,7 @@ def test_full_disk_is_a_message_and_leaves_no_partial_step(user, tiny_dir):
         free = shutil.disk_usage(disk).free
         (disk / "filler").write_bytes(b"\0" * (free - 48 * 1024))  # room for the run dir, not for a checkpoint
         before = tree(user)
-        code, out = cli(*sft(tiny_dir / "student", "train.jsonl", disk / "run", steps=1))
+        code, out = cli(*sft_args(tiny_dir / "student", "train.jsonl", disk / "run", steps=1))
         assert code == 2, out[-3000:]
         assert "disk full while saving checkpoint" in error_line(out)
         after = tree(user)
@@ -297,7 +229,7 @@ def test_read_only_places_are_messages(user, tiny_dir):
     if not _mount_tmpfs(ro, "1m", readonly=True):
         pytest.skip("cannot mount a read-only tmpfs here")
     try:
-        refused(sft(tiny_dir / "student", "train.jsonl", ro / "run"), ["cannot create", "ro/run"], user)
+        refused(sft_args(tiny_dir / "student", "train.jsonl", ro / "run"), ["cannot create", "ro/run"], user)
         refused(["eval", tiny_dir / "student", "--data", "train.jsonl", "--json", ro / "report.json"],
                 ["--json", "not writable"], user)
     finally:
@@ -305,13 +237,13 @@ def test_read_only_places_are_messages(user, tiny_dir):
 
 
 def test_output_that_is_a_file_and_eval_json_into_a_directory(user, tiny_dir):
-    refused(sft(tiny_dir / "student", "train.jsonl", "notes.txt"), ["notes.txt", "not a directory"], user)
+    refused(sft_args(tiny_dir / "student", "train.jsonl", "notes.txt"), ["notes.txt", "not a directory"], user)
     (user / "reports").mkdir()
     refused(["eval", tiny_dir / "student", "--data", "train.jsonl", "--json", "reports"], ["--json", "directory"], user)
 
 
 def test_a_failed_setup_removes_the_directories_it_made(user, tiny_dir):
-    refused(sft(tiny_dir / "student", "missing.jsonl", "deep/new/run"), "missing.jsonl", user)
+    refused(sft_args(tiny_dir / "student", "missing.jsonl", "deep/new/run"), "missing.jsonl", user)
 
 
 # ------------------------------------------------------------------------ 6. non-finite values
@@ -319,12 +251,12 @@ def test_a_failed_setup_removes_the_directories_it_made(user, tiny_dir):
                                       "optim.lr=-inf"])
 def test_non_finite_numbers_are_refused(user, tiny_dir, override):
     key = override.split("=")[0]
-    refused([*sft(tiny_dir / "student", "train.jsonl", "runs/a"), override], [key, "finite"], user)
+    refused([*sft_args(tiny_dir / "student", "train.jsonl", "runs/a"), override], [key, "finite"], user)
 
 
 def test_an_overflowing_learning_rate_stops_without_saving(user, tiny_dir):
     before = tree(user)
-    code, out = cli(*sft(tiny_dir / "student", "train.jsonl", "runs/a", "optim.lr=1e39", "optim.grad_clip=null",
+    code, out = cli(*sft_args(tiny_dir / "student", "train.jsonl", "runs/a", "optim.lr=1e39", "optim.grad_clip=null",
                          "optim.warmup_steps=0", "optim.schedule=constant", steps=1))
     assert code == 1, out[-2000:]
     assert "optim.lr=1e+39 is far too large" in error_line(out)
@@ -341,7 +273,7 @@ def test_weights_that_become_non_finite_are_not_saved(user, tiny_dir, monkeypatc
         return out
 
     monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
-    code, out = cli(*sft(tiny_dir / "student", "train.jsonl", "runs/a", steps=1))
+    code, out = cli(*sft_args(tiny_dir / "student", "train.jsonl", "runs/a", steps=1))
     assert code == 1, out[-2000:]
     assert "weights are no longer finite" in error_line(out)
     assert not list_steps(user / "runs/a")
@@ -350,16 +282,16 @@ def test_weights_that_become_non_finite_are_not_saved(user, tiny_dir, monkeypatc
 # --------------------------------------------------------------------------- 7. odd data rows
 def test_lone_surrogate_in_a_data_row(user, tiny_dir):
     (user / "bad.jsonl").write_text('{"instruction": "say hi \\ud83d", "output": "hi"}\n')
-    refused(sft(tiny_dir / "student", "bad.jsonl", "runs/a"), ["bad.jsonl:1", "lone surrogate"], user)
+    refused(sft_args(tiny_dir / "student", "bad.jsonl", "runs/a"), ["bad.jsonl:1", "lone surrogate"], user)
 
 
 # ---------------------------------------------------------------------------- 8. rich markup
 def test_brackets_in_messages_survive(user, tiny_dir):
-    refused(sft(tiny_dir / "student", "train[v2].jsonl", "runs/a"), "train[v2].jsonl", user)
+    refused(sft_args(tiny_dir / "student", "train[v2].jsonl", "runs/a"), "train[v2].jsonl", user)
     (user / "cols.jsonl").write_text('{"foo": "a", "bar": "b"}\n')
-    refused(sft(tiny_dir / "student", "cols.jsonl", "runs/a"), "columns [bar, foo]", user)
+    refused(sft_args(tiny_dir / "student", "cols.jsonl", "runs/a"), "columns [bar, foo]", user)
     (user / "slash.csv").write_text("/x,y\n1,2\n")
-    refused(sft(tiny_dir / "student", "slash.csv", "runs/a"), "columns [/x, y]", user)
+    refused(sft_args(tiny_dir / "student", "slash.csv", "runs/a"), "columns [/x, y]", user)
 
 
 # ---------------------------------------------------------------------------------- 9. smaller
@@ -397,7 +329,7 @@ def test_excel_bom_files_are_read(user, tiny_dir):
     (user / "bom.jsonl").write_text("\ufeff" + rows, encoding="utf-8")
     (user / "bom.csv").write_text("\ufeffinstruction,output\nWhat is 1 plus 1?,2\nWhat is 2 plus 2?,4\n", encoding="utf-8")
     for name in ("bom.jsonl", "bom.csv"):
-        code, out = cli(*sft(tiny_dir / "student", name, f"runs/{name}", steps=1))
+        code, out = cli(*sft_args(tiny_dir / "student", name, f"runs/{name}", steps=1))
         assert code == 0, out[-2000:]
 
 
@@ -409,13 +341,13 @@ def test_duplicate_yaml_keys_are_refused(user, tiny_dir):
 
 def test_missing_model_paths_are_not_hub_fetches(user):
     (user / "models").mkdir()
-    refused(sft("models/my-student", "train.jsonl", "runs/a"), ["models.student", "no such file or directory"], user)
-    line = refused(sft("nothere/student", "train.jsonl", "runs/a"), ["models.student", "no such local directory"], user)
+    refused(sft_args("models/my-student", "train.jsonl", "runs/a"), ["models.student", "no such file or directory"], user)
+    line = refused(sft_args("nothere/student", "train.jsonl", "runs/a"), ["models.student", "no such local directory"], user)
     assert "hub" in line
 
 
 def test_export_overwrite_replaces_only_an_earlier_export(user, tiny_dir):
-    code, out = cli(*sft(tiny_dir / "student", "train.jsonl", "runs/a", steps=1))
+    code, out = cli(*sft_args(tiny_dir / "student", "train.jsonl", "runs/a", steps=1))
     assert code == 0, out[-2000:]
     (user / "site").mkdir()
     (user / "site" / "index.html").write_text("<html></html>")

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from minillm_cli import rollout
 from minillm_cli.rollout import concat_prompt_response, sample, score
+from tests.helpers import left_pad
 
 PAD = 0  # <|endoftext|>: deliberately not the EOS, so nothing relies on pad == eos
 # Many "EOS" ids so that random tiny models stop early and the masks get exercised.
@@ -45,16 +46,6 @@ def sharp_models(models: tuple[torch.nn.Module, torch.nn.Module]) -> tuple[torch
     return out[0], out[1]
 
 
-def _left_pad(seqs: list[list[int]], width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    width = width or max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), PAD, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s)
-        mask[i, width - len(s):] = 1
-    return ids, mask
-
-
 PROMPTS = [[5, 17, 40, 41], [8, 9, 10, 11, 12, 13, 60], [99], [7, 250, 33]]
 
 
@@ -74,7 +65,7 @@ def _gen(seed: int) -> torch.Generator:
 
 
 def test_concat_layout() -> None:
-    prompt_ids, prompt_mask = _left_pad([[5, 6, 7], [8]])
+    prompt_ids, prompt_mask = left_pad([[5, 6, 7], [8]], PAD)
     response_ids = torch.tensor([[1, 2, 3], [4, 5, PAD]])
     response_mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
     ids, mask, pos = concat_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask)
@@ -85,7 +76,7 @@ def test_concat_layout() -> None:
 
 def test_cached_logprobs_match_teacher_forced_score(models) -> None:
     student, teacher = models
-    prompt_ids, prompt_mask = _left_pad(PROMPTS)
+    prompt_ids, prompt_mask = left_pad(PROMPTS, PAD)
     alpha = 0.3
     r = sample(student, prompt_ids, prompt_mask, teacher=teacher, alpha=alpha, max_new_tokens=10,
                eos_token_id=EOS_MANY, pad_token_id=PAD, generator=_gen(0))
@@ -104,7 +95,7 @@ def test_cached_logprobs_match_teacher_forced_score(models) -> None:
 
 def test_masks_and_padding_after_eos(models) -> None:
     student, teacher = models
-    prompt_ids, prompt_mask = _left_pad(PROMPTS * 4)
+    prompt_ids, prompt_mask = left_pad(PROMPTS * 4, PAD)
     r = sample(student, prompt_ids, prompt_mask, teacher=teacher, alpha=0.5, max_new_tokens=30,
                eos_token_id=EOS_MANY, pad_token_id=PAD, generator=_gen(1))
     is_eos = torch.isin(r.response_ids, torch.tensor(EOS_MANY)) & r.response_mask.bool()
@@ -124,7 +115,7 @@ def test_masks_and_padding_after_eos(models) -> None:
 
 def test_early_stop_shortens_the_rollout(models) -> None:
     student, _ = models
-    prompt_ids, prompt_mask = _left_pad(PROMPTS)
+    prompt_ids, prompt_mask = left_pad(PROMPTS, PAD)
     every_id_but_one = list(range(1, 320))
     r = sample(student, prompt_ids, prompt_mask, max_new_tokens=50, eos_token_id=every_id_but_one,
                pad_token_id=PAD, generator=_gen(2))
@@ -136,7 +127,7 @@ def test_early_stop_shortens_the_rollout(models) -> None:
 def test_padded_batch_equals_each_example_alone(models) -> None:
     student, teacher = models
     # Extra left padding beyond the longest prompt must not change anything either.
-    prompt_ids, prompt_mask = _left_pad(PROMPTS, width=10)
+    prompt_ids, prompt_mask = left_pad(PROMPTS, PAD, width=10)
     kw = dict(teacher=teacher, alpha=0.5, max_new_tokens=8, eos_token_id=EOS_MANY, pad_token_id=PAD, top_k=1)
     batch = sample(student, prompt_ids, prompt_mask, **kw)
     for i, p in enumerate(PROMPTS):
@@ -151,7 +142,7 @@ def test_padded_batch_equals_each_example_alone(models) -> None:
 @pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0])
 def test_top_k_1_is_greedy_argmax_of_the_mixture(models, alpha: float) -> None:
     student, teacher = models
-    prompt_ids, prompt_mask = _left_pad(PROMPTS)
+    prompt_ids, prompt_mask = left_pad(PROMPTS, PAD)
     r = sample(student, prompt_ids, prompt_mask, teacher=teacher, alpha=alpha, max_new_tokens=8,
                eos_token_id=EOS_MANY, pad_token_id=PAD, top_k=1, generator=_gen(3))
     V = student.config.vocab_size
@@ -223,7 +214,7 @@ def test_first_token_follows_the_tempered_mixture(sharp_models, alpha: float, te
 
 def test_reproducible_with_the_same_seed(models) -> None:
     student, teacher = models
-    prompt_ids, prompt_mask = _left_pad(PROMPTS)
+    prompt_ids, prompt_mask = left_pad(PROMPTS, PAD)
     kw = dict(teacher=teacher, alpha=0.2, max_new_tokens=12, eos_token_id=EOS_MANY, pad_token_id=PAD)
     a = sample(student, prompt_ids, prompt_mask, generator=_gen(7), **kw)
     b = sample(student, prompt_ids, prompt_mask, generator=_gen(7), **kw)
@@ -241,7 +232,7 @@ def test_reproducible_with_the_same_seed(models) -> None:
 
 def test_top_k_top_p_temperature_filter_without_nan(models) -> None:
     student, teacher = models
-    prompt_ids, prompt_mask = _left_pad(PROMPTS * 3)
+    prompt_ids, prompt_mask = left_pad(PROMPTS * 3, PAD)
     alpha, temperature = 0.3, 0.7
     r = sample(student, prompt_ids, prompt_mask, teacher=teacher, alpha=alpha, max_new_tokens=10,
                eos_token_id=EOS_MANY, pad_token_id=PAD, temperature=temperature, top_k=3, top_p=0.5,
@@ -265,7 +256,7 @@ def test_top_k_top_p_temperature_filter_without_nan(models) -> None:
 
 def test_top_k_log_mix_is_the_renormalised_cut_mixture(models) -> None:
     student, teacher = models
-    prompt_ids, prompt_mask = _left_pad(PROMPTS * 2)
+    prompt_ids, prompt_mask = left_pad(PROMPTS * 2, PAD)
     alpha = 0.4
     r = sample(student, prompt_ids, prompt_mask, teacher=teacher, alpha=alpha, max_new_tokens=6,
                eos_token_id=EOS_MANY, pad_token_id=PAD, top_k=3, generator=_gen(11))
@@ -278,7 +269,7 @@ def test_top_k_log_mix_is_the_renormalised_cut_mixture(models) -> None:
 
 def test_student_mode_is_restored(models) -> None:
     student, teacher = models
-    prompt_ids, prompt_mask = _left_pad(PROMPTS)
+    prompt_ids, prompt_mask = left_pad(PROMPTS, PAD)
     student.train()
     try:
         sample(student, prompt_ids, prompt_mask, teacher=teacher, alpha=0.2, max_new_tokens=3,
@@ -292,7 +283,7 @@ def test_student_mode_is_restored(models) -> None:
 
 def test_bad_settings_raise(models) -> None:
     student, teacher = models
-    prompt_ids, prompt_mask = _left_pad(PROMPTS)
+    prompt_ids, prompt_mask = left_pad(PROMPTS, PAD)
     kw = dict(max_new_tokens=2, eos_token_id=EOS_MANY, pad_token_id=PAD)
     with pytest.raises(ValueError, match="teacher"):
         sample(student, prompt_ids, prompt_mask, alpha=0.2, **kw)
@@ -306,7 +297,7 @@ def test_wider_teacher_is_sliced_to_the_student_ids(models, wide_teachers) -> No
     student, _ = models
     wide, narrow = wide_teachers
     V = student.config.vocab_size
-    prompt_ids, prompt_mask = _left_pad(PROMPTS)
+    prompt_ids, prompt_mask = left_pad(PROMPTS, PAD)
     kw = dict(alpha=0.5, max_new_tokens=10, eos_token_id=EOS_MANY, pad_token_id=PAD)
     a = sample(student, prompt_ids, prompt_mask, teacher=wide, generator=_gen(10), **kw)
     b = sample(student, prompt_ids, prompt_mask, teacher=narrow, generator=_gen(10), **kw)
@@ -326,7 +317,7 @@ def test_dropping_finished_rows_changes_no_draw(models, monkeypatch) -> None:
     # The lockstep loop drops rows that emitted EOS from the caches; every row keeps its own uniform
     # of the whole batch's stream, so the samples are those of the loop that keeps every row.
     student, teacher = models
-    prompt_ids, prompt_mask = _left_pad(PROMPTS * 3)
+    prompt_ids, prompt_mask = left_pad(PROMPTS * 3, PAD)
     kw = dict(teacher=teacher, alpha=0.3, max_new_tokens=20, eos_token_id=EOS_MANY, pad_token_id=PAD)
     dropped = sample(student, prompt_ids, prompt_mask, generator=_gen(21), **kw)
     monkeypatch.setattr(rollout.CachedLM, "can_drop_rows", lambda self: False)

@@ -22,11 +22,9 @@ from minillm_cli import rollout
 from minillm_cli.cached_lm import CachedLM
 from minillm_cli.kv_cache import GrowingLayer
 from minillm_cli.rollout import concat_prompt_response, sample, score
-from tests.test_rollout import PAD as ROLLOUT_PAD
-from tests.test_rollout import _left_pad
+from tests.helpers import left_pad
 
 PAD, EOS, V, M = 0, 1, 6, 3  # pad ≠ eos; responses of at most M tokens over V ids
-assert PAD == ROLLOUT_PAD  # `_left_pad` pads with it
 
 
 def _tiny(seed: int, vocab: int, scale: float) -> LlamaForCausalLM:
@@ -99,7 +97,7 @@ def _sample_counts(student, teacher, n_per_prompt: int, seed: int, **kw) -> tupl
     counts: list[dict] = [{} for _ in PROMPTS]
     gen = torch.Generator().manual_seed(seed)
     batch = 2000  # rows per call, the two prompts interleaved
-    ids, mask = _left_pad(PROMPTS * (batch // len(PROMPTS)))
+    ids, mask = left_pad(PROMPTS * (batch // len(PROMPTS)), PAD)
     last = None
     for _ in range(n_per_prompt * len(PROMPTS) // batch):
         r = sample(student, ids, mask, teacher=teacher, max_new_tokens=M, eos_token_id=EOS, pad_token_id=PAD,
@@ -148,7 +146,7 @@ def test_lockstep_passes_and_a_wrong_replacement_rule_fails(pair, monkeypatch) -
 
 def test_acceptance_rate_is_at_least_one_minus_alpha(pair) -> None:
     student, teacher = pair
-    ids, mask = _left_pad(PROMPTS * 500)
+    ids, mask = left_pad(PROMPTS * 500, PAD)
     for alpha in (0.2, 0.5):
         r = sample(student, ids, mask, teacher=teacher, alpha=alpha, max_new_tokens=M, eos_token_id=EOS,
                    pad_token_id=PAD, generator=torch.Generator().manual_seed(3), speculative_tokens=2)
@@ -178,7 +176,7 @@ TINY_PROMPTS = [[5, 17, 40, 41], [8, 9, 10, 11, 12, 13, 60], [99], [7, 250, 33]]
 @pytest.mark.parametrize("temperature", [1.0, 0.8])
 def test_recorded_values_equal_a_teacher_forced_recomputation(models, temperature: float) -> None:
     student, teacher = _sharp(models)
-    ids, mask = _left_pad(TINY_PROMPTS)
+    ids, mask = left_pad(TINY_PROMPTS, PAD)
     alpha = 0.3
     r = sample(student, ids, mask, teacher=teacher, alpha=alpha, max_new_tokens=14, eos_token_id=EOS_MANY,
                pad_token_id=TINY_PAD, temperature=temperature, generator=torch.Generator().manual_seed(5),
@@ -223,7 +221,7 @@ def test_rows_advance_at_their_own_pace(models, monkeypatch) -> None:
         return step_all(self, input_ids, attention_mask, position_ids)
 
     monkeypatch.setattr(CachedLM, "step_all", spy)
-    ids, mask = _left_pad(TINY_PROMPTS)
+    ids, mask = left_pad(TINY_PROMPTS, PAD)
     r = sample(student, ids, mask, teacher=teacher, alpha=0.5, max_new_tokens=12, eos_token_id=[319],
                pad_token_id=TINY_PAD, generator=torch.Generator().manual_seed(6), speculative_tokens=4)
     assert len(masks) >= 3
@@ -246,7 +244,7 @@ def test_finished_rows_are_dropped_and_the_rest_stay_exact(models, monkeypatch, 
         return keep_rows(self, index)
 
     monkeypatch.setattr(CachedLM, "keep_rows", spy)
-    ids, mask = _left_pad(TINY_PROMPTS)
+    ids, mask = left_pad(TINY_PROMPTS, PAD)
     r = sample(student, ids, mask, teacher=teacher, alpha=0.3, max_new_tokens=20, eos_token_id=EOS_MANY,
                pad_token_id=TINY_PAD, generator=torch.Generator().manual_seed(9), speculative_tokens=k)
     lengths = r.response_mask.sum(-1)
@@ -269,7 +267,7 @@ def test_cache_with_holes_equals_a_fresh_forward(models, spare: int) -> None:
     # own cache layers; 1: in-place layers that must grow at the 3-column feed; 16: in-place, no growth.
     _, teacher = models
     lm = CachedLM(teacher, torch.device("cpu"), spare_columns=spare)
-    ids, mask = _left_pad([[5, 17, 40, 41], [99]])
+    ids, mask = left_pad([[5, 17, 40, 41], [99]], PAD)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     lm.step(ids, mask, pos)
     assert all(isinstance(layer, GrowingLayer) == (spare > 0) for layer in lm.cache.layers)
@@ -290,7 +288,7 @@ def test_cache_with_holes_equals_a_fresh_forward(models, spare: int) -> None:
 
 def test_a_wider_teacher_head_and_reproducibility(models, wide_teachers) -> None:
     student, _ = models
-    ids, mask = _left_pad(TINY_PROMPTS)
+    ids, mask = left_pad(TINY_PROMPTS, PAD)
     for teacher in wide_teachers:
         kw = dict(teacher=teacher, alpha=0.4, max_new_tokens=10, eos_token_id=EOS_MANY, pad_token_id=TINY_PAD,
                   speculative_tokens=3, keep_teacher_logprobs=True)
@@ -307,7 +305,7 @@ def test_a_wider_teacher_head_and_reproducibility(models, wide_teachers) -> None
 
 def test_bad_speculative_tokens(models) -> None:
     student, teacher = models
-    ids, mask = _left_pad(TINY_PROMPTS)
+    ids, mask = left_pad(TINY_PROMPTS, PAD)
     with pytest.raises(ValueError, match="speculative_tokens"):
         sample(student, ids, mask, teacher=teacher, alpha=0.2, max_new_tokens=3, eos_token_id=EOS_MANY,
                pad_token_id=TINY_PAD, speculative_tokens=-1)

@@ -7,8 +7,6 @@ tiny models of `tiny.py` are enough to check a method's step against an independ
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -22,41 +20,7 @@ from minillm_cli.methods import METHODS
 from minillm_cli.methods.batching import TokenMean, response_logits
 from minillm_cli.methods.kd import KdStepper
 from minillm_cli.methods.sft import SftStepper
-
-
-@dataclass
-class FakeCtx:
-    """The part of `Ctx` a stepper uses, for one process: no accelerate, no run directory."""
-
-    recipe: Recipe
-    student: torch.nn.Module
-    teacher: torch.nn.Module | None
-    train: list[Encoded]
-    pad_token_id: int
-    world: int = 1
-    stop: bool = False
-    device: torch.device = torch.device("cpu")
-    data_pos: int = 0
-    tokenizer: Any = None
-    teacher_cache: Any = None
-
-    def __post_init__(self) -> None:
-        self.tokenizer = SimpleNamespace(pad_token_id=self.pad_token_id)
-
-    def stop_requested(self) -> bool:
-        return self.stop
-
-    def next_examples(self, count_per_rank: int) -> list[Encoded]:
-        out = [self.train[(self.data_pos + i) % len(self.train)] for i in range(count_per_rank)]
-        self.data_pos += count_per_rank
-        return out
-
-    def backward(self, loss: torch.Tensor, last: bool) -> None:
-        loss.backward()
-
-    def global_sum(self, value: torch.Tensor) -> torch.Tensor:
-        # `world` ranks that all hold the same value (enough to see the count normalisation).
-        return value * self.world
+from tests.helpers import fake_ctx
 
 
 def _examples(vocab: int, eos: int) -> list[Encoded]:
@@ -69,12 +33,11 @@ def _examples(vocab: int, eos: int) -> list[Encoded]:
     return out
 
 
-def _ctx(models, method: Any, batch_size: int, grad_accum: int, **kw: Any) -> FakeCtx:
+def _ctx(models, method: Any, batch_size: int, grad_accum: int, **kw: Any) -> Any:
     student, teacher = models
     recipe = Recipe(method=method, train=TrainConfig(batch_size=batch_size, grad_accum=grad_accum, seed=0))
-    return FakeCtx(recipe=recipe, student=student, teacher=teacher,
-                   train=_examples(student.config.vocab_size, student.config.eos_token_id),
-                   pad_token_id=student.config.pad_token_id, **kw)
+    return fake_ctx(recipe, student, teacher, _examples(student.config.vocab_size, student.config.eos_token_id),
+                    pad_token_id=student.config.pad_token_id, **kw)
 
 
 def _grads(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -83,8 +46,8 @@ def _grads(model: torch.nn.Module) -> list[torch.Tensor]:
     return out
 
 
-def _whole_batch(ctx: FakeCtx) -> dict[str, torch.Tensor]:
-    return collate_pairs(ctx.train, ctx.pad_token_id)
+def _whole_batch(ctx: Any) -> dict[str, torch.Tensor]:
+    return collate_pairs(ctx.train, ctx.tokenizer.pad_token_id)
 
 
 def test_every_method_has_a_stepper_and_says_whether_it_needs_a_teacher():
@@ -146,7 +109,7 @@ def test_a_stop_request_abandons_the_step_before_any_backward(models):
 
 
 def test_token_mean_counts_every_rank_and_undoes_the_gradient_average():
-    ctx = FakeCtx(recipe=Recipe(), student=torch.nn.Linear(1, 1), teacher=None, train=[], pad_token_id=0, world=2)
+    ctx = fake_ctx(Recipe(), torch.nn.Linear(1, 1), None, [], pad_token_id=0, vocab=1, world=2)
     mean = TokenMean(ctx, torch.tensor(3))  # 3 tokens here, 3 on the other rank
     assert mean.tokens == 6
     w = torch.tensor(2.0, requires_grad=True)

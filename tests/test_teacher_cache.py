@@ -26,6 +26,7 @@ from minillm_cli.loop import train
 from minillm_cli.methods.kd import divergence
 from minillm_cli.recipe_loading import load_recipe
 from minillm_cli.teacher_cache_command import build_cache
+from tests.helpers import weights
 
 LOSSES = ["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "tvd", "jsd"]
 COMMON = ["optim.lr=1e-3", "optim.warmup_steps=1", "train.batch_size=4", "train.log_every=1", "data.dev_fraction=0",
@@ -277,10 +278,6 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def _weights(step: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(step / "model.safetensors"))
-
-
 @pytest.fixture(scope="module")
 def full_cache(tmp_path_factory, tiny_dir, tiny_data) -> Path:
     """A cache that keeps every id (k = V) in fp32: training from it is training from the live teacher."""
@@ -310,7 +307,7 @@ def test_cached_kd_with_every_id_trains_like_the_live_teacher(tmp_path, tiny_dir
         assert b["tokens"] == a["tokens"]
         for key in ("loss", "kd_loss", "sft_loss", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (key, a[key], b[key])
-    w_live, w_cached = _weights(live / "step-000003"), _weights(cached / "step-000003")
+    w_live, w_cached = weights(live / "step-000003"), weights(cached / "step-000003")
     for key in w_live:
         torch.testing.assert_close(w_cached[key], w_live[key], atol=1e-6, rtol=1e-5)
     meta = json.loads((cached / "step-000003" / "meta.json").read_text())
@@ -328,7 +325,7 @@ def test_cached_kd_resumes_bitwise(tmp_path, tiny_dir, tiny_data, full_cache):
     write_text_atomic(killed / "latest", "step-000002\n")
     recipe, source = _recipe(tiny_dir, tiny_data, extra, out=killed, steps=4, teacher=False)
     train(recipe, source, resume=True)
-    a, b = _weights(straight / "step-000004"), _weights(killed / "step-000004")
+    a, b = weights(straight / "step-000004"), weights(killed / "step-000004")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -424,19 +421,19 @@ def test_plan_counts_no_teacher_and_the_cache_buffers(tiny_dir, tiny_data, full_
 
 @pytest.mark.slow
 def test_cached_kd_on_two_processes_matches_one(tmp_path, tiny_dir, tiny_data, full_cache):
-    from tests.test_distributed import _launch
+    from tests.helpers import launch
 
     extra = ["train.threads=1", f"data.teacher_cache={full_cache}"]
     one = train(*_recipe(tiny_dir, tiny_data, [*extra, "train.batch_size=8"], out=tmp_path / "one", steps=2,
                          teacher=False))
     two = tmp_path / "two"
-    result = _launch("distill", ["--student", str(tiny_dir / "student"), "--data", str(tiny_data), "-o", str(two),
+    result = launch("distill", ["--student", str(tiny_dir / "student"), "--data", str(tiny_data), "-o", str(two),
                                  "--max-steps", "2", *COMMON, *extra, "train.batch_size=4"])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for a, b in zip(_metrics(one), _metrics(two)):
         for key in ("loss", "kd_loss", "tokens"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (key, a[key], b[key])
-    w1, w2 = _weights(one / "step-000002"), _weights(two / "step-000002")
+    w1, w2 = weights(one / "step-000002"), weights(two / "step-000002")
     for key in w1:
         torch.testing.assert_close(w2[key], w1[key], atol=2e-6, rtol=1e-4)
 

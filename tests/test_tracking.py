@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import time
 from pathlib import Path
 
 import pytest
 
 from minillm_cli.errors import UserError
 from minillm_cli.tracking import TRACKING_DIR, check_installed, flat_config
-from tests.test_train import _run
+from tests.helpers import train_tiny
 
 
 def test_a_missing_tracker_is_one_line_naming_the_install(tmp_path: Path, tiny_dir: Path, tiny_data: Path,
@@ -19,13 +20,13 @@ def test_a_missing_tracker_is_one_line_naming_the_install(tmp_path: Path, tiny_d
     with pytest.raises(UserError, match=r"train.report_to: wandb is not installed: pip install 'minillm\[wandb\]'"):
         check_installed(["tensorboard", "wandb"])
     with pytest.raises(UserError, match="wandb is not installed"):
-        _run(tiny_dir, tiny_data, tmp_path / "run", "sft", 2, ["train.report_to=[wandb]"])
+        train_tiny(tiny_dir, tiny_data, tmp_path / "run", "sft", 2, ["train.report_to=[wandb]"])
     assert not (tmp_path / "run").exists()  # refused before any model work
 
 
 def test_unknown_tracker_names_the_key(tmp_path: Path, tiny_dir: Path, tiny_data: Path) -> None:
     with pytest.raises(UserError, match="train.report_to"):
-        _run(tiny_dir, tiny_data, tmp_path / "run", "sft", 2, ["train.report_to=[neptune]"])
+        train_tiny(tiny_dir, tiny_data, tmp_path / "run", "sft", 2, ["train.report_to=[neptune]"])
 
 
 def test_flat_config_is_dotted_scalars() -> None:
@@ -40,7 +41,7 @@ def test_tensorboard_gets_every_step_the_recipe_and_the_final_dev_loss(tmp_path:
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run = _run(tiny_dir, tiny_data, tmp_path / "run", "sft", 3,
+    run = train_tiny(tiny_dir, tiny_data, tmp_path / "run", "sft", 3,
                ["train.report_to=[tensorboard]", "train.dev_loss_every=3", "data.dev_fraction=0.25"])
     events = sorted((run / TRACKING_DIR).rglob("events.out.tfevents.*"))
     assert events, list((run / TRACKING_DIR).rglob("*"))
@@ -77,7 +78,7 @@ def test_mlflow_local_store_gets_metrics_params_and_final(tmp_path: Path, tiny_d
     from mlflow.tracking import MlflowClient
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the default: a sqlite store inside the run
-    run = _run(tiny_dir, tiny_data, tmp_path / "run", "sft", 3,
+    run = train_tiny(tiny_dir, tiny_data, tmp_path / "run", "sft", 3,
                ["train.report_to=[mlflow]", "train.dev_loss_every=3", "data.dev_fraction=0.25"])
     uri = f"sqlite:///{(run / TRACKING_DIR / 'mlflow.db').resolve()}"
     client = MlflowClient(tracking_uri=uri)
@@ -95,13 +96,20 @@ def test_wandb_offline_writes_its_run_inside_the_run_dir(tmp_path: Path, tiny_di
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_DIR", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
-    run = _run(tiny_dir, tiny_data, tmp_path / "run", "sft", 3, ["train.report_to=[wandb]"])
+    run = train_tiny(tiny_dir, tiny_data, tmp_path / "run", "sft", 3, ["train.report_to=[wandb]"])
     (offline,) = sorted((run / TRACKING_DIR / "wandb").glob("offline-run-*"))
     (records,) = offline.glob("run-*.wandb")  # wandb's own record file, for `wandb sync`
-    data = records.read_bytes()
-    # the recipe (as config keys) and every logged metric name went into it
-    assert b"method.name" in data and b"train.max_steps" in data
-    assert b"grad_norm" in data and b"tok_per_s" in data  # history keys (no config key has these names)
+    # the recipe (as config keys) and every logged metric name go into it; wandb's service process
+    # writes the file after our process let go of the run, so wait for it (up to a minute under load)
+    wanted = [b"method.name", b"train.max_steps", b"grad_norm", b"tok_per_s"]  # history keys: no config key has these names
+    deadline = time.monotonic() + 60
+    while True:
+        data = records.read_bytes()
+        missing = [w for w in wanted if w not in data]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert not missing, f"{records} still lacks {missing} after 60 s ({len(data)} bytes)"
 
 
 def test_trackio_local_store_gets_every_step(tmp_path: Path, tiny_dir: Path, tiny_data: Path,
@@ -113,8 +121,8 @@ def test_trackio_local_store_gets_every_step(tmp_path: Path, tiny_dir: Path, tin
     # trackio reads TRACKIO_DIR when first imported: a fresh process, as a user's run is
     out = tmp_path / "run"
     code = (
-        "import sys; from tests.test_train import _run; from pathlib import Path; "
-        "_run(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), 'sft', 3, ['train.report_to=[trackio]'])"
+        "import sys; from tests.helpers import train_tiny; from pathlib import Path; "
+        "train_tiny(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), 'sft', 3, ['train.report_to=[trackio]'])"
     )
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRACKIO_DIR"}
     env["OMP_NUM_THREADS"] = "1"

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,41 +15,12 @@ from safetensors.torch import load_file
 from minillm_cli.checkpoint import latest_step_dir, list_steps, write_text_atomic
 from minillm_cli.loop import train
 from minillm_cli.recipe_loading import load_recipe, shipped_recipes
-
-COMMON = ["optim.warmup_steps=1", "train.batch_size=4", "train.log_every=1"]
-
-
-def _run(tiny_dir: Path, data: Path, out: Path, method: str, steps: int, extra: list[str] = (), resume: bool = False,
-         extend: bool = False) -> Path:
-    flags = {"models.teacher": str(tiny_dir / "teacher"), "models.student": str(tiny_dir / "student"),
-             "data.train": str(data), "output.dir": str(out), "train.max_steps": steps}
-    if method == "sft":
-        flags["models.teacher"] = None
-    recipe, source = load_recipe(None, [*COMMON, f"method.name={method}", *extra], flags)
-    return train(recipe, source, resume=resume, extend=extend)
-
-
-def _weights(step_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(step_dir / "model.safetensors"))
-
-
-def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-METHOD_EXTRA = {
-    "sft": ["optim.lr=1e-3"],
-    "kd": ["optim.lr=1e-3", "method.loss=skew_reverse_kl"],
-    "seqkd": ["optim.lr=1e-3", "method.max_new_tokens=6"],
-    "gkd": ["optim.lr=1e-3", "method.max_new_tokens=6", "method.lmbda=1.0", "method.beta=0.9"],
-    "minillm": ["optim.lr=1e-3", "method.max_new_tokens=6", "method.num_rollouts=8", "method.ppo_epochs=2",
-                "rollout.batch_size=4"],
-}
+from tests.helpers import METHOD_EXTRA, TRAIN_COMMON, cli_process, same_weights, train_tiny, weights
 
 
 @pytest.mark.parametrize("method", list(METHOD_EXTRA))
 def test_every_method_runs_and_checkpoints(tmp_path, tiny_dir, tiny_data, method):
-    run = _run(tiny_dir, tiny_data, tmp_path / "run", method, 3, METHOD_EXTRA[method])
+    run = train_tiny(tiny_dir, tiny_data, tmp_path / "run", method, 3, METHOD_EXTRA[method])
     step = latest_step_dir(run)
     assert step is not None and step.name == "step-000003"
     import json
@@ -76,7 +45,7 @@ def test_every_method_runs_and_checkpoints(tmp_path, tiny_dir, tiny_data, method
 def test_sft_loss_goes_down_on_memorisation(tmp_path, tiny_dir, tiny_data):
     import json
 
-    run = _run(tiny_dir, tiny_data, tmp_path / "run", "sft", 30,
+    run = train_tiny(tiny_dir, tiny_data, tmp_path / "run", "sft", 30,
                ["optim.lr=3e-3", "optim.schedule=constant", "data.dev_fraction=0"])
     losses = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
@@ -85,7 +54,7 @@ def test_sft_loss_goes_down_on_memorisation(tmp_path, tiny_dir, tiny_data):
 @pytest.mark.parametrize("method", ["sft", "minillm"])
 def test_resume_after_kill_is_bitwise_identical(tmp_path, tiny_dir, tiny_data, method):
     extra = METHOD_EXTRA[method] + ["train.save_every=2", "train.keep_last=10"]
-    straight = _run(tiny_dir, tiny_data, tmp_path / "straight", method, 5, extra)
+    straight = train_tiny(tiny_dir, tiny_data, tmp_path / "straight", method, 5, extra)
     # A run killed (kill -9) right after its step-2 checkpoint is exactly this directory:
     killed = tmp_path / "killed"
     killed.mkdir()
@@ -93,8 +62,8 @@ def test_resume_after_kill_is_bitwise_identical(tmp_path, tiny_dir, tiny_data, m
     shutil.copytree(straight / "step-000002", killed / "step-000002")
     write_text_atomic(killed / "latest", "step-000002\n")
     (killed / ".tmp-step-000004-99999").mkdir()  # a half-written save from the killed process
-    _run(tiny_dir, tiny_data, killed, method, 5, extra, resume=True)
-    assert _same(_weights(straight / "step-000005"), _weights(killed / "step-000005"))
+    train_tiny(tiny_dir, tiny_data, killed, method, 5, extra, resume=True)
+    assert same_weights(weights(straight / "step-000005"), weights(killed / "step-000005"))
     if method == "minillm":  # the default, speculative sampler resumes bitwise too
         import json
 
@@ -107,7 +76,7 @@ def test_resume_with_nothing_to_resume(tmp_path, tiny_dir, tiny_data):
     from minillm_cli.errors import UserError
 
     with pytest.raises(UserError, match="no run directory"):
-        _run(tiny_dir, tiny_data, tmp_path / "none", "sft", 2, resume=True)
+        train_tiny(tiny_dir, tiny_data, tmp_path / "none", "sft", 2, resume=True)
 
 
 def test_existing_run_dir_is_not_overwritten(tmp_path, tiny_dir, tiny_data):
@@ -117,24 +86,18 @@ def test_existing_run_dir_is_not_overwritten(tmp_path, tiny_dir, tiny_data):
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     with pytest.raises(UserError, match="already exists"):
-        _run(tiny_dir, tiny_data, out, "sft", 2)
+        train_tiny(tiny_dir, tiny_data, out, "sft", 2)
     assert (out / "precious.txt").read_text() == "keep me"
-
-
-def _cli(args: list[str], env_extra: dict[str, str] | None = None) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "minillm_cli.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
 
 
 def test_sigint_mid_run_saves_last_step_and_resume_matches(tmp_path, tiny_dir, tiny_data):
     base = ["distill", "--teacher", str(tiny_dir / "teacher"), "--student", str(tiny_dir / "student"),
-            "--data", str(tiny_data), "--max-steps", "40", *COMMON, *METHOD_EXTRA["minillm"],
+            "--data", str(tiny_data), "--max-steps", "40", *TRAIN_COMMON, *METHOD_EXTRA["minillm"],
             "method.max_new_tokens=12"]
     straight = subprocess.run([sys.executable, "-m", "minillm_cli.cli", *base, "-o", str(tmp_path / "a")],
                               capture_output=True, text=True)
     assert straight.returncode == 0, straight.stdout[-2000:] + straight.stderr[-2000:]
-    proc = _cli([*base, "-o", str(tmp_path / "b")])
+    proc = cli_process([*base, "-o", str(tmp_path / "b")])
     metrics = tmp_path / "b" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
@@ -148,7 +111,7 @@ def test_sigint_mid_run_saves_last_step_and_resume_matches(tmp_path, tiny_dir, t
     resumed = subprocess.run([sys.executable, "-m", "minillm_cli.cli", *base, "-o", str(tmp_path / "b"), "--resume"],
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
-    assert _same(_weights(tmp_path / "a" / "step-000040"), _weights(tmp_path / "b" / "step-000040"))
+    assert same_weights(weights(tmp_path / "a" / "step-000040"), weights(tmp_path / "b" / "step-000040"))
 
 
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path, tiny_dir, tiny_data, monkeypatch):
@@ -158,8 +121,8 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, tiny_dir, tiny_da
     from minillm_cli.errors import UserError
 
     extra = [*METHOD_EXTRA["sft"], "optim.schedule=constant"]
-    run = _run(tiny_dir, tiny_data, tmp_path / "run", "sft", 2, extra)
-    before = _weights(run / "step-000002")
+    run = train_tiny(tiny_dir, tiny_data, tmp_path / "run", "sft", 2, extra)
+    before = weights(run / "step-000002")
 
     real_save_file = checkpoint.__dict__.get("save_file")
 
@@ -170,9 +133,9 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, tiny_dir, tiny_da
 
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     with pytest.raises(UserError, match="disk full.*step-000002 is intact"):
-        _run(tiny_dir, tiny_data, run, "sft", 4, extra, resume=True, extend=True)
+        train_tiny(tiny_dir, tiny_data, run, "sft", 4, extra, resume=True, extend=True)
     assert latest_step_dir(run).name == "step-000002"
-    assert _same(before, _weights(run / "step-000002"))
+    assert same_weights(before, weights(run / "step-000002"))
     assert not list(run.glob(".tmp-*"))
     assert [p.name for p in list_steps(run)] == ["step-000002"]
     del real_save_file
@@ -182,7 +145,7 @@ def test_non_finite_loss_skips_then_stops(tmp_path, tiny_dir, tiny_data):
     from minillm_cli.errors import RunStopped
 
     with pytest.raises(RunStopped, match="consecutive steps with a non-finite"):
-        _run(tiny_dir, tiny_data, tmp_path / "run", "sft", 10, ["optim.lr=1e30", "optim.grad_clip=null",
+        train_tiny(tiny_dir, tiny_data, tmp_path / "run", "sft", 10, ["optim.lr=1e30", "optim.grad_clip=null",
                                                                  "train.max_bad_steps=2", "optim.warmup_steps=0"])
 
 
@@ -205,9 +168,9 @@ def test_cpu_recipes_run_a_few_steps_on_tiny_models(tmp_path, tiny_dir, tiny_dat
 
 def test_second_signal_exits_at_once_without_corrupting(tmp_path, tiny_dir, tiny_data):
     base = ["distill", "--teacher", str(tiny_dir / "teacher"), "--student", str(tiny_dir / "student"),
-            "--data", str(tiny_data), "--max-steps", "400", *COMMON, *METHOD_EXTRA["minillm"],
+            "--data", str(tiny_data), "--max-steps", "400", *TRAIN_COMMON, *METHOD_EXTRA["minillm"],
             "method.max_new_tokens=12", "train.save_every=1", "-o", str(tmp_path / "run")]
-    proc = _cli(base)
+    proc = cli_process(base)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
@@ -220,14 +183,14 @@ def test_second_signal_exits_at_once_without_corrupting(tmp_path, tiny_dir, tiny
     # whatever moment the second signal hit, every visible step dir is complete and loadable
     for step in list_steps(tmp_path / "run"):
         assert (step / "model.safetensors").exists() and (step / "trainer_state.json").exists()
-        _weights(step)
+        weights(step)
     latest = latest_step_dir(tmp_path / "run")
     assert latest is not None and (latest / "meta.json").exists()
 
 
 def test_trainable_layers_freezes_everything_below_the_top_blocks(tmp_path, tiny_dir, tiny_data):
-    run = _run(tiny_dir, tiny_data, tmp_path / "run", "sft", 2, ["optim.lr=1e-2", "models.trainable_layers=1"])
+    run = train_tiny(tiny_dir, tiny_data, tmp_path / "run", "sft", 2, ["optim.lr=1e-2", "models.trainable_layers=1"])
     before = load_file(str(tiny_dir / "student" / "model.safetensors"))
-    after = _weights(run / "step-000002")
+    after = weights(run / "step-000002")
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("model.layers.1.") or k == "model.norm.weight" for k in changed)

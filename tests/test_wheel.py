@@ -1,8 +1,14 @@
 """The wheel: recipes and built-in data ship inside it, and an installed minillm runs from anywhere.
 
-Builds the wheel from a clean copy of the sources, installs it into a fresh venv that takes torch &
-co. from the system (`--system-site-packages`) and runs it from a temporary directory, so that what
-runs is the wheel's minillm_cli and not the editable checkout.
+Builds the wheel from a clean copy of the sources, installs it into a fresh venv that sees the
+packages of the interpreter running the tests (torch & co.) and runs it from a temporary directory,
+so that what runs is the wheel's minillm_cli and not the editable checkout.
+
+Why not `--system-site-packages`: inside a virtual environment that flag gives the new venv the
+*base* interpreter's packages, not the outer venv's, where the tests' dependencies are. So the new
+venv gets a `.pth` file listing this interpreter's site directories instead, as plain paths: their
+own `.pth` files (the editable install of minillm among them) are not processed, so the checkout
+stays out of sight.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import importlib.util
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +45,14 @@ class Installed:
         return self.run(str(self.venv / "bin" / "python"), "-c", code, *args, timeout=timeout)
 
 
+def see_outer_packages(venv: Path) -> None:
+    """Let `venv` import what the interpreter running the tests can (plain paths, no `.pth` processing)."""
+    code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    own = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, check=True)
+    dirs = [*site.getsitepackages(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])]
+    Path(own.stdout.strip(), "_outer_site_packages.pth").write_text("".join(f"{d}\n" for d in dict.fromkeys(dirs)))
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Installed:
     tmp = tmp_path_factory.mktemp("wheel")
@@ -50,7 +65,8 @@ def installed(tmp_path_factory) -> Installed:
                     "-w", str(tmp / "dist"), str(src)], check=True, capture_output=True, timeout=300)
     wheel = next((tmp / "dist").glob("minillm-*.whl"))
     venv = tmp / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    see_outer_packages(venv)
     subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall",
                     "--no-index", str(wheel)], check=True, capture_output=True, timeout=300)
     cwd = tmp / "elsewhere"

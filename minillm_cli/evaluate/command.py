@@ -48,6 +48,7 @@ from rich.console import Console
 from minillm_cli import __version__, cpu_tuning
 from minillm_cli import data as data_mod
 from minillm_cli import models as models_mod
+from minillm_cli.destinations import check_distinct, check_file, existing_path
 from minillm_cli.errors import UserError
 from minillm_cli.evaluate import report as report_mod
 from minillm_cli.evaluate.checkpoints import free, load_checkpoint, output_width, resolve_checkpoint
@@ -59,7 +60,6 @@ from minillm_cli.evaluate.options import (
     baseline_row,
     build_eval_config,
     check_fail_under,
-    check_writable,
     parse_int_list,
     parse_metrics,
 )
@@ -193,9 +193,14 @@ def run_eval(
     baseline_names = [name for name in (baseline_row(b, names, teacher) for b in wanted) if name is not None]
     baseline_name = baseline_names[0] if baseline_names else None
     check_fail_under(fail_under, metric_names, names, baseline_name)
-    for flag, path in (("--json", json_out), ("--samples", samples_out), ("--plot", plot_out)):
-        if path is not None and path != "-":
-            check_writable(flag, path)
+    # Outputs: writable files, never an input (the data, a model, the teacher) nor each other.
+    inputs = {name: p for name, value in (("--data", data), *((f"model {m}", m) for m in models), ("--teacher", teacher))
+              if (p := existing_path(value)) is not None}
+    outputs = {"--json": json_out, "--samples": samples_out, "--plot": plot_out}
+    for flag, path in outputs.items():
+        if path is not None:
+            check_file(flag, path, inputs, stdout=flag == "--json")
+    check_distinct(outputs)
 
     need_refs = [m for m in REFERENCE_METRICS if m in metric_names]
     examples, rows = read_eval_data(data, need_refs)

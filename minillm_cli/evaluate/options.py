@@ -5,9 +5,7 @@ output paths (see `evaluate.command` for the protocol)."""
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from minillm_cli.config import EvalConfig
@@ -92,7 +90,11 @@ def build_eval_config(overrides: Sequence[str], named: dict[str, Any]) -> EvalCo
         for err in e.errors():
             key = ".".join(str(x) for x in err["loc"])
             msg = "unknown eval setting" if err["type"] == "extra_forbidden" else err["msg"]
-            problems.append(f"eval.{key}: {msg} (got {err.get('input')!r})")
+            if err["type"] == "bool_as_number":  # raised for the section: the field is in its context
+                problems.append(f"eval.{err['ctx']['key']}: {msg}")
+                continue
+            shown = repr(err.get("input"))
+            problems.append(f"eval.{key}: {msg} (got {shown if len(shown) <= 80 else shown[:80] + '…'})")
         raise UserError("; ".join(problems)) from None
 
 
@@ -132,18 +134,3 @@ def check_fail_under(specs: list[str], metric_names: list[str], names: list[str]
             raise UserError(f"--fail-under {spec!r}: {base} is not a mean over prompts, so it has no paired "
                             f"interval; paired: {', '.join(c for c in columns if c in PAIRED_COLUMNS)}")
     thresholds.check_thresholds(report_mod.EvalReport(settings={}, rows=rows, comparison=comparison), early)
-
-
-def check_writable(flag: str, path: str) -> None:
-    """Refuse an output path that cannot be written, before the (long) evaluation runs."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        raise UserError(f"{flag} {path}: is a directory; give a file name")
-    parent = p.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UserError(f"{flag} {path}: {parent} is not a directory")
-    target = p if p.exists() else parent
-    if not os.access(target, os.W_OK):
-        raise UserError(f"{flag} {path}: {target} is not writable")

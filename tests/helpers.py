@@ -1,0 +1,209 @@
+"""Helpers shared by the test modules (fixtures live in conftest.py): driving the CLI and checking what
+a refused command left behind, short training runs, checkpoint weights, multi-process launches.
+
+One place for each: a test module imports from here, never another test module's private helpers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+# ------------------------------------------------------------------------------------ the CLI
+FAST = ["optim.warmup_steps=1", "train.batch_size=4", "optim.lr=1e-3", "data.dev_fraction=0"]
+"""Overrides that make a tiny run take a fraction of a second per step."""
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every path under `root` -> sha256 of its content ('dir' for directories), lock files aside."""
+    from minillm_cli import rundir
+
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.name == rundir.LOCK:  # minillm's own bookkeeping: it names whichever process last owned the run
+            continue
+        rel = str(p.relative_to(root))
+        out[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def cli(*args: object) -> tuple[int, str]:
+    """Run `minillm ARGS` in this process; returns (exit code, stdout + stderr)."""
+    from typer.testing import CliRunner
+
+    from minillm_cli.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    output = result.stdout + (result.stderr if result.stderr_bytes is not None else "")
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise AssertionError(f"traceback instead of a message: {result.exception!r}\n{output[-2000:]}")
+    return result.exit_code, output
+
+
+def error_line(output: str) -> str:
+    """The one error line (exactly one, no traceback, bounded in length)."""
+    assert "Traceback" not in output, output[-3000:]
+    lines = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, output[-3000:]
+    assert len(lines[0]) < 1000, f"an error line of {len(lines[0])} characters"
+    return lines[0]
+
+
+def refused(args: Sequence[object], needle: str | list[str], root: Path, code: int = 2) -> str:
+    """Run a command that must fail: exit `code`, one line naming the culprit, the tree unchanged."""
+    before = tree(root)
+    got, out = cli(*args)
+    assert got == code, out[-3000:]
+    line = error_line(out)
+    for n in [needle] if isinstance(needle, str) else needle:
+        assert n in line, line
+    assert tree(root) == before, "the command changed the user's files"
+    return line
+
+
+def sft_args(student: Path | str, data: Path | str, out: Path | str, *extra: object, steps: int = 2) -> list:
+    """`minillm sft` of a tiny student for `steps` steps (FAST settings)."""
+    return ["sft", "--student", student, "--data", data, "-o", out, "--max-steps", steps, *FAST, *extra]
+
+
+def cli_process(args: Sequence[str], env_extra: dict[str, str] | None = None, **kw: object) -> subprocess.Popen:
+    """`minillm ARGS` as a separate process (for signals, or a second process), output merged."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "minillm_cli.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, **kw)  # type: ignore[call-overload]
+
+
+# ------------------------------------------------------------------------------- training runs
+TRAIN_COMMON = ["optim.warmup_steps=1", "train.batch_size=4", "train.log_every=1"]
+METHOD_EXTRA = {
+    "sft": ["optim.lr=1e-3"],
+    "kd": ["optim.lr=1e-3", "method.loss=skew_reverse_kl"],
+    "seqkd": ["optim.lr=1e-3", "method.max_new_tokens=6"],
+    "gkd": ["optim.lr=1e-3", "method.max_new_tokens=6", "method.lmbda=1.0", "method.beta=0.9"],
+    "minillm": ["optim.lr=1e-3", "method.max_new_tokens=6", "method.num_rollouts=8", "method.ppo_epochs=2",
+                "rollout.batch_size=4"],
+}
+"""Per-method overrides of a few-step run on the tiny models."""
+
+
+def train_tiny(tiny_dir: Path, data: Path, out: Path, method: str, steps: int, extra: Sequence[str] = (),
+               resume: bool = False, extend: bool = False) -> Path:
+    """Train the tiny student (teacher: the tiny teacher) in this process; returns the run directory."""
+    from minillm_cli.loop import train
+    from minillm_cli.recipe_loading import load_recipe
+
+    flags = {"models.teacher": None if method == "sft" else str(tiny_dir / "teacher"),
+             "models.student": str(tiny_dir / "student"), "data.train": str(data), "output.dir": str(out),
+             "train.max_steps": steps}
+    recipe, source = load_recipe(None, [*TRAIN_COMMON, f"method.name={method}", *extra], flags)
+    return train(recipe, source, resume=resume, extend=extend)
+
+
+def metrics(run: Path) -> list[dict]:
+    """The records of RUN/metrics.jsonl."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------------ weights
+def weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a step or model directory's model.safetensors."""
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Bit for bit."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def close_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 2e-6) -> None:
+    """Equal up to float summation order (assert)."""
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=atol, rtol=1e-4), (k, float((a[k] - b[k]).abs().max()))
+
+
+# --------------------------------------------------------------------------- several processes
+DISTRIBUTED_COMMON = ["optim.lr=1e-3", "optim.warmup_steps=1", "train.log_every=1", "train.threads=1",
+                      "data.dev_fraction=0"]
+
+
+def model_flags(tiny_dir: Path, data: Path, out: Path, method: str) -> list[str]:
+    """--teacher (not for sft), --student, --data and -o of a tiny run."""
+    teacher = [] if method == "sft" else ["--teacher", str(tiny_dir / "teacher")]
+    return [*teacher, "--student", str(tiny_dir / "student"), "--data", str(data), "-o", str(out)]
+
+
+def launch(command: str, args: list[str], processes: int = 2) -> subprocess.CompletedProcess:
+    """`minillm COMMAND ... --num-processes N`: the CLI re-launches itself through accelerate."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "minillm_cli.cli", command, *args, "--num-processes", str(processes)],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def one_process(tiny_dir: Path, data: Path, out: Path, method: str, steps: int, extra: list[str],
+                resume: bool = False) -> Path:
+    """The single-process twin of a `launch`ed run (DISTRIBUTED_COMMON settings)."""
+    from minillm_cli.loop import train
+    from minillm_cli.recipe_loading import load_recipe
+
+    flags = {"models.teacher": None if method == "sft" else str(tiny_dir / "teacher"),
+             "models.student": str(tiny_dir / "student"), "data.train": str(data), "output.dir": str(out),
+             "train.max_steps": steps}
+    recipe, source = load_recipe(None, [*DISTRIBUTED_COMMON, f"method.name={method}", *extra], flags)
+    return train(recipe, source, resume=resume)
+
+
+# ------------------------------------------------------------------------------- steppers
+class FakeAccelerator:
+    """The subset of accelerate's interface that `Ctx` uses, in one process. With `num_processes` N it
+    stands for N ranks that all hold the same values (a sum over ranks is N times the local value)."""
+
+    def __init__(self, num_processes: int = 1) -> None:
+        self.num_processes, self.process_index = num_processes, 0
+
+    @staticmethod
+    def backward(loss: torch.Tensor) -> None:
+        loss.backward()
+
+    @staticmethod
+    def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def reduce(self, value: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        assert reduction == "sum"
+        return value * self.num_processes
+
+
+def fake_ctx(recipe: object, student: torch.nn.Module, teacher: torch.nn.Module | None, train: list, *,
+             pad_token_id: int, eos_token_id: int | None = None, vocab: int | None = None,
+             gen: torch.Generator | None = None, world: int = 1, stop: bool = False) -> object:
+    """A real `Ctx` for a stepper in this process: no launcher, no run directory."""
+    from types import SimpleNamespace
+
+    from minillm_cli.context import Ctx
+
+    if vocab is None:
+        vocab = student.get_output_embeddings().weight.shape[0]  # type: ignore[operator, union-attr]
+    return Ctx(recipe=recipe, accelerator=FakeAccelerator(world), student=student, teacher=teacher,  # type: ignore[arg-type]
+               tokenizer=SimpleNamespace(pad_token_id=pad_token_id, eos_token_id=eos_token_id), train=train, dev=[],
+               corpus=None, run_dir=Path("."), device=torch.device("cpu"), gen=gen or torch.Generator().manual_seed(0),
+               vocab=vocab, stop_requested=lambda: stop, print=lambda s: None)
+
+
+def left_pad(seqs: list[list[int]], pad: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts left-padded to `width` (default: the longest): (ids, attention mask), both (B, width)."""
+    width = width or max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s)
+        mask[i, width - len(s):] = 1
+    return ids, mask
