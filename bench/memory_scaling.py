@@ -4,19 +4,19 @@ For each configuration (implementation × divergence × T) a fresh subprocess:
 
   1. allocates the inputs: student logits s (B, T, V) fp32 with requires_grad, teacher logits t
      (B, T, V) fp32 and an all-ones mask (B, T), all written (so their pages are resident);
-  2. reads `base = getrusage(RUSAGE_SELF).ru_maxrss` (the process's peak resident set so far);
+  2. reads `base` = the process's peak resident set so far (VmHWM, `common.peak_rss_bytes`);
   3. runs the divergence forward and `.sum().backward()` once (this creates s.grad, B·T·V fp32);
-  4. reads `peak = ru_maxrss` again and reports `extra = peak − base − bytes(s.grad)`:
+  4. reads `peak` (VmHWM) again and reports `extra = peak − base − bytes(s.grad)`:
      the peak bytes above "logits + teacher logits + the logits' gradient", i.e. what the
      divergence itself needs on top of tensors that any implementation must hold.
 
-ru_maxrss is the kernel's high-water mark of resident pages (KiB granularity), so `extra` counts every
+VmHWM is the kernel's high-water mark of resident pages (KiB granularity), so `extra` counts every
 temporary the forward and backward allocate and touch. The children run with
 `MALLOC_MMAP_THRESHOLD_=65536`: glibc then serves every allocation above 64 KiB with its own mmap and
 unmaps it on free, so the peak follows the live tensors (with glibc's default, freed (B, chunk, V)
 blocks stay in its heap and the RSS also grows with allocator retention). Implementations:
 
-    ours   losses.reverse_kl / losses.forward_kl with the default chunk_size (128 positions): the
+    ours   divergences.reverse_kl / divergences.forward_kl with the default chunk_size (128 positions): the
            (B, chunk, V) fp32 temporaries exist for one chunk at a time, forward and backward.
     dense  the plain formula over the whole tensor with autograd:
            log q = log_softmax(s), log p = log_softmax(t),
@@ -36,31 +36,30 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, peak_rss_bytes  # noqa: E402
 
 
 def measure(impl: str, loss: str, batch: int, length: int, vocab: int) -> dict[str, float]:
     """Run one configuration in this process (a fresh one: the parent spawns it) and return its figures."""
-    import resource
-
     import torch
 
-    from minillm_cli import losses
+    from minillm_cli.losses import divergences
 
     torch.manual_seed(0)
     s = torch.randn(batch, length, vocab).requires_grad_()  # (B, T, V)
     t = torch.randn(batch, length, vocab)  # (B, T, V)
     mask = torch.ones(batch, length, dtype=torch.long)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base = peak_rss_bytes()
     if impl == "ours":
-        fn = losses.reverse_kl if loss == "reverse_kl" else losses.forward_kl
+        fn = divergences.reverse_kl if loss == "reverse_kl" else divergences.forward_kl
         div = fn(s, t, mask)  # (B, T)
     else:
         log_q, log_p = torch.log_softmax(s, -1), torch.log_softmax(t, -1)  # (B, T, V) each
         a, b = (log_q, log_p) if loss == "reverse_kl" else (log_p, log_q)
         div = (a.exp() * (a - b)).sum(-1)  # (B, T)
     div.sum().backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     logits_bytes = s.numel() * s.element_size()
     assert s.grad is not None
     return {"impl": impl, "loss": loss, "T": length, "V": vocab, "B": batch, "logits_mib": logits_bytes / 2**20,

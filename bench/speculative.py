@@ -26,39 +26,37 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, add_model_options  # noqa: E402
+
+sys.path.insert(0, str(REPO))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default="../shared/data/instruct-dev.jsonl", help="instruction jsonl")
-    p.add_argument("--teacher", default="smollm2-135m-instruct", help="teacher: alias or local dir")
-    p.add_argument("--student", default=None, help="student dir (default: the teacher pruned to --keep layers)")
-    p.add_argument("--keep", type=int, default=8, help="layers of the pruned student")
+    add_model_options(p)
     p.add_argument("--batch", type=int, default=8, help="prompts per rollout batch")
     p.add_argument("--batches", type=int, default=5, help="rollout batches (the first batch × batches prompts)")
     p.add_argument("--new-tokens", type=int, default=64, help="max new tokens per prompt")
     p.add_argument("--ks", default="0,3,4,5,6", help="rollout.speculative_tokens values (0 = lockstep)")
     p.add_argument("--alpha", type=float, default=0.2, help="teacher share of the sampling mixture")
     p.add_argument("--repeats", type=int, default=2, help="passes over all settings, order alternating")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--forward-costs", action="store_true",
                    help="also time one KV-cached forward of each model over L = 1, 2, 4, 8 new tokens per row")
     p.add_argument("--json", default=None, help="also write the raw records here")
     args = p.parse_args()
 
-    from minillm_cli.cpu_tuning import tune_for_cpu
+    from minillm_cli.models.cpu_tuning import keep_freed_memory, tune_for_cpu
 
-    tune_for_cpu("cpu")  # as minillm's commands do (bench/RESULTS.md, "CPU process settings")
+    tune_for_cpu("cpu")  # as minillm's commands do (bench/RESULTS.md, "CPU process settings"),
+    keep_freed_memory("cpu").__enter__()  # and as their training loops run: for the whole benchmark
     import torch
     import vs_trl
     from transformers import AutoModelForCausalLM
 
-    from minillm_cli import data as data_mod
-    from minillm_cli import models as models_mod
-    from minillm_cli.rollout import sample
+    from minillm_cli.data import encoding as data_mod
+    from minillm_cli.models import loading as models_mod
+    from minillm_cli.sampling.rollout import sample
 
     torch.set_num_threads(args.threads)
     teacher_dir, student_dir = vs_trl.model_dirs(args.teacher, args.student, args.keep)
@@ -118,7 +116,7 @@ def forward_costs(student: Any, teacher: Any, ids: Any, mask: Any, repeats: int 
     (what a lockstep step, L = 1, and a speculative verification, L = k, cost), per model."""
     import torch
 
-    from minillm_cli.cached_lm import CachedLM
+    from minillm_cli.sampling.cached_lm import CachedLM
 
     lines = ["| model | L = 1 | L = 2 | L = 4 | L = 8 |", "|---|---|---|---|---|"]
     B, P = ids.shape

@@ -26,37 +26,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = "../shared/data/instruct-dev.jsonl"
-
-
-def _env(threads: int) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, add_model_options, minillm_command, offline_env, run_measured  # noqa: E402
 
 
 def run_phase(name: str, cli_args: list[str], threads: int, log_dir: Path) -> dict[str, float]:
     """`minillm CLI_ARGS` in a fresh process: its wall time and peak RSS (MiB)."""
-    log = log_dir / f"{name}.log"
-    t0 = time.time()
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "minillm_cli.cli", *cli_args], env=_env(threads), stdout=f,
-                                stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise SystemExit(f"{name} failed (exit {code}); log {log}:\n{log.read_text()[-3000:]}")
-    return {"wall_s": time.time() - t0, "rss_mib": usage.ru_maxrss / 1024}
+    return run_measured(name, minillm_command(*cli_args), offline_env(threads), log_dir / f"{name}.log")
 
 
 def step_seconds(run: Path) -> float:
@@ -72,11 +54,11 @@ def students_kl(live: Path, cached: Path, initial: Path, data: str, tokenizer_di
     import torch
     from transformers import AutoModelForCausalLM
 
-    from minillm_cli import data as data_mod
-    from minillm_cli import losses
-    from minillm_cli import models as models_mod
+    from minillm_cli.config.loading import load_recipe
+    from minillm_cli.data import encoding as data_mod
+    from minillm_cli.losses import divergences
     from minillm_cli.methods.batching import response_logits
-    from minillm_cli.recipe_loading import load_recipe
+    from minillm_cli.models import loading as models_mod
 
     recipe, _ = load_recipe(None, recipe_overrides, {"data.train": data})
     tok = models_mod.load_tokenizer(tokenizer_dir)
@@ -90,7 +72,7 @@ def students_kl(live: Path, cached: Path, initial: Path, data: str, tokenizer_di
             b = data_mod.collate_pairs(train[i : min(i + 8, rows)], tok.pad_token_id)
             ref = response_logits(load["live"], b)  # (B, T, V): KL from the live student's distribution
             for other in sums:
-                kl = losses.forward_kl(response_logits(load[other], b), ref, b["response_mask"])
+                kl = divergences.forward_kl(response_logits(load[other], b), ref, b["response_mask"])
                 sums[other] += float(kl.sum())
             count += int(b["response_mask"].sum())
     return {f"kl_live_{k}": v / max(count, 1) for k, v in sums.items()}
@@ -105,11 +87,11 @@ def approximation(teacher: str, students: dict[str, Path], data: str, tokenizer_
     import torch
     from transformers import AutoModelForCausalLM
 
-    from minillm_cli import data as data_mod
-    from minillm_cli import losses
-    from minillm_cli import models as models_mod
+    from minillm_cli.config.loading import load_recipe
+    from minillm_cli.data import encoding as data_mod
+    from minillm_cli.losses import divergences, sparse
     from minillm_cli.methods.batching import response_logits
-    from minillm_cli.recipe_loading import load_recipe
+    from minillm_cli.models import loading as models_mod
 
     recipe, _ = load_recipe(None, recipe_overrides, {"data.train": data})
     tok = models_mod.load_tokenizer(tokenizer_dir)
@@ -124,11 +106,11 @@ def approximation(teacher: str, students: dict[str, Path], data: str, tokenizer_
             s0 = response_logits(AutoModelForCausalLM.from_pretrained(path).eval(), b, vocab=None)
         for loss in ("forward_kl", "reverse_kl"):
             s = s0.clone().requires_grad_(True)
-            live = getattr(losses, loss)(s, t[..., : s.shape[-1]], mask).sum()
+            live = getattr(divergences, loss)(s, t[..., : s.shape[-1]], mask).sum()
             (g_live,) = torch.autograd.grad(live, s)
             for k in ks:
-                ids, logp, tail = losses.teacher_top_k(t[..., : s.shape[-1]], k, mask)
-                cached = losses.sparse_divergence(s, ids, logp.half(), tail, mask, loss=loss).sum()
+                ids, logp, tail = sparse.teacher_top_k(t[..., : s.shape[-1]], k, mask)
+                cached = sparse.sparse_divergence(s, ids, logp.half(), tail, mask, loss=loss).sum()
                 (g,) = torch.autograd.grad(cached, s)
                 cos = torch.nn.functional.cosine_similarity(g.flatten(), g_live.flatten(), dim=0)
                 lv, cv = float(live.detach()), float(cached.detach())
@@ -160,8 +142,8 @@ def resolve_student(args: argparse.Namespace) -> Path:
     """--student, or the teacher pruned to --keep layers (built once into minillm's model cache)."""
     if args.student is not None:
         return Path(args.student)
-    from minillm_cli import prepare
-    from minillm_cli.recipe_loading import load_recipe
+    from minillm_cli.config.loading import load_recipe
+    from minillm_cli.train import prepare
 
     recipe, _ = load_recipe(None, [f"models.student_init={{from: teacher, keep: {args.keep}}}"],
                             {"models.teacher": args.teacher})
@@ -170,10 +152,7 @@ def resolve_student(args: argparse.Namespace) -> Path:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=DEFAULT_DATA, help="instruction jsonl (training rows)")
-    p.add_argument("--teacher", default="smollm2-135m-instruct", help="teacher: alias or local dir")
-    p.add_argument("--student", default=None, help="student dir (default: the teacher pruned to --keep layers)")
-    p.add_argument("--keep", type=int, default=8, help="layers of the pruned student")
+    add_model_options(p, "instruction jsonl (training rows)")
     p.add_argument("--examples", type=int, default=512, help="training rows (data.max_train_samples)")
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per training side")
     p.add_argument("--batch", type=int, default=8, help="rows per optimizer step")
@@ -181,7 +160,6 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=64, help="teacher ids per position in the cache")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="cache storage dtype")
     p.add_argument("--kl-rows", type=int, default=64, help="rows on which the two students are compared")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--smoke", action="store_true", help="tiny models and data, a few steps (checks the script)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()

@@ -27,7 +27,7 @@ Usage (from the repository root; see bench/README.md):
 
 Step time is the wall time between the ends of two consecutive optimizer steps, so everything a
 framework does per step (data, logging, bookkeeping) is counted. Peak RSS is read twice: inside the
-child right after its last optimizer step (`getrusage(RUSAGE_SELF).ru_maxrss`: the peak of the whole
+child right after its last optimizer step (VmHWM, `common.peak_rss_bytes`: the peak of the whole
 process so far, loading included, before any final checkpoint is written) and by the parent from
 `os.wait4` when the child exits (the peak of the whole process, teardown included).
 """
@@ -38,9 +38,7 @@ import argparse
 import json
 import math
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,8 +46,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = "../shared/data/instruct-dev.jsonl"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, add_model_options, offline_env, peak_rss_bytes, run_measured  # noqa: E402
+
 SIDES = ("gkd", "trl", "trl-tuned", "minillm", "minillm-lockstep", "gkd-untuned")
 DEFAULT_SIDES = ("gkd", "trl", "trl-tuned", "minillm", "minillm-lockstep")
 LABELS = {
@@ -148,7 +147,7 @@ def _common_hooks(phases: Phases, total_steps: int, out: dict[str, Any]) -> None
         result = step(*args, **kwargs)
         phases.end_step()
         if len(phases.steps) == total_steps:
-            out["rss_train_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            out["rss_train_kb"] = peak_rss_bytes() // 1024
             if torch.cuda.is_available():
                 out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
         return result
@@ -164,7 +163,7 @@ def bench_prompts(data: str, count: int, seed: int) -> list[Any]:
     stream (`data.take_indices`); TRL is given the same rows in that same order without shuffling,
     so both sides see the same prompts in the same batches.
     """
-    from minillm_cli import data as data_mod
+    from minillm_cli.data import encoding as data_mod
 
     examples = data_mod.load_examples(data)[:count]
     if len(examples) < count:
@@ -175,8 +174,8 @@ def bench_prompts(data: str, count: int, seed: int) -> list[Any]:
 def model_dirs(teacher: str, student: str | None, keep: int) -> tuple[Path, Path]:
     """The teacher directory (any alias minillm resolves) and the student: `student` if given, else a
     `keep`-layer pruned copy of the teacher, built once into minillm's cache."""
-    from minillm_cli import models as models_mod
-    from minillm_cli import student_init
+    from minillm_cli.models import loading as models_mod
+    from minillm_cli.models import student_init
 
     teacher_dir = models_mod.resolve_model(teacher)
     if student is not None:
@@ -195,10 +194,11 @@ def run_minillm(args: argparse.Namespace, side: str, out: dict[str, Any]) -> Non
     import torch
     from rich.console import Console
 
-    from minillm_cli import losses, policy_gradient, rollout
-    from minillm_cli.loop import train
+    from minillm_cli.config.loading import load_recipe
+    from minillm_cli.losses import divergences, logprobs, policy_gradient
     from minillm_cli.methods import batching, minillm
-    from minillm_cli.recipe_loading import load_recipe
+    from minillm_cli.sampling import rollout
+    from minillm_cli.train.loop import train
 
     total = args.warmup + args.steps
     teacher_dir, student_dir = model_dirs(args.teacher, args.student, args.keep)
@@ -220,7 +220,7 @@ def run_minillm(args: argparse.Namespace, side: str, out: dict[str, Any]) -> Non
     for module in (batching, minillm):  # gkd's forwards run in batching.jsd_backward
         phases.wrap(module, "response_logits", _grad_name("student forward", "teacher forward"))
     phases.wrap(minillm.MiniLlmStepper, "_score_teacher", "teacher forward")
-    for module, names in ((losses, ("generalized_jsd", "reverse_kl", "token_logprobs")),
+    for module, names in ((divergences, ("generalized_jsd", "reverse_kl")), (logprobs, ("token_logprobs",)),
                           (policy_gradient, ("policy_loss", "advantages"))):
         for name in names:
             phases.wrap(module, name, "loss (fwd)")
@@ -351,11 +351,15 @@ def child(args: argparse.Namespace) -> None:
     if args.child == "matmul":
         run_matmul(args, out)
     elif args.child in ("trl", "trl-tuned"):
-        if args.child == "trl-tuned":
-            from minillm_cli.cpu_tuning import tune_for_cpu
+        from contextlib import nullcontext
 
+        from minillm_cli.models.cpu_tuning import keep_freed_memory, tune_for_cpu
+
+        if args.child == "trl-tuned":
             tune_for_cpu(args.device)  # what minillm's commands do first in their process
-        run_trl(args, out)
+        # ... and what minillm's training loop runs inside
+        with keep_freed_memory(args.device) if args.child == "trl-tuned" else nullcontext():
+            run_trl(args, out)
     else:
         run_minillm(args, args.child.removesuffix("-untuned"), out)
     out["wall_s"] = time.perf_counter() - t0
@@ -368,8 +372,8 @@ def child(args: argparse.Namespace) -> None:
 
 def prompt_token_counts(args: argparse.Namespace, student_dir: Path) -> list[int]:
     """Real prompt tokens of each step's batch (the same on every side: same prompts, same template)."""
-    from minillm_cli import data as data_mod
-    from minillm_cli import models as models_mod
+    from minillm_cli.data import encoding as data_mod
+    from minillm_cli.models import loading as models_mod
 
     tokenizer = models_mod.load_tokenizer(student_dir)
     examples = bench_prompts(args.data, args.batch * (args.warmup + args.steps), args.seed)
@@ -389,21 +393,10 @@ def spawn(args: argparse.Namespace, side: str) -> dict[str, Any]:
             cmd += [f"--{key.replace('_', '-')}", str(value)]
     if args.trl_grad_ckpt:
         cmd.append("--trl-grad-ckpt")
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    if side == "gkd-untuned":
-        env["MINILLM_CPU_TUNING"] = "0"
-    log = open(out.with_suffix(".log"), "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd())
-    _, status, usage = os.wait4(proc.pid, 0)
-    log.close()
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        tail = out.with_suffix(".log").read_text()[-3000:]
-        raise SystemExit(f"side {side} failed (exit {code}); log {out.with_suffix('.log')}:\n{tail}")
+    env = offline_env(args.threads, **({"MINILLM_CPU_TUNING": "0"} if side == "gkd-untuned" else {}))
+    usage = run_measured(f"side {side}", cmd, env, out.with_suffix(".log"))
     record = json.loads(out.read_text())
-    record["rss_process_kb"] = usage.ru_maxrss
+    record["rss_process_kb"] = usage["rss_mib"] * 1024
     return record
 
 
@@ -526,15 +519,11 @@ def _phase_order(name: str) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=DEFAULT_DATA, help="instruction jsonl (prompts are its first rows)")
-    p.add_argument("--teacher", default="smollm2-135m-instruct", help="teacher: alias or local dir")
-    p.add_argument("--student", default=None, help="student dir (default: the teacher pruned to --keep layers)")
-    p.add_argument("--keep", type=int, default=8, help="layers of the pruned student")
+    add_model_options(p, "instruction jsonl (prompts are its first rows)")
     p.add_argument("--batch", type=int, default=8, help="prompts per step")
     p.add_argument("--new-tokens", type=int, default=64, help="max new tokens per prompt")
     p.add_argument("--steps", type=int, default=6, help="measured steps per side")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured steps first (>= 1)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1, help="run the sides this many times, alternating the order")
     p.add_argument("--sides", default=",".join(DEFAULT_SIDES), help=f"comma-separated subset of {','.join(SIDES)}, "

@@ -1,4 +1,4 @@
-"""The one exception type that the CLI turns into a one-line message and exit code 2."""
+"""The exceptions that the CLI turns into one line and an exit code (2 for bad input)."""
 
 
 class UserError(Exception):
@@ -19,3 +19,12 @@ class RunStopped(Exception):
     def __init__(self, message: str, exit_code: int = 1) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class ReportedElsewhere(Exception):
+    """A multi-process run that ended with `exit_code`: its rank 0 already printed `message` (or
+    nothing, for a success-less launcher failure). The CLI exits with the code and prints nothing more."""
+
+    def __init__(self, message: str | None, exit_code: int) -> None:
+        super().__init__(message or f"exit code {exit_code}")
+        self.message, self.exit_code = message, exit_code

@@ -1,5 +1,6 @@
-"""Progress reporting: a rich live view on a terminal, one plain line per log interval otherwise,
-and always `metrics.jsonl` in the run directory (one JSON object per logged step or eval)."""
+"""Progress reporting: a rich live view on a terminal, plain lines otherwise (the first and last step
+and about one per tenth of the run), and always `metrics.jsonl` in the run directory (one JSON object
+per logged step or eval)."""
 
 from __future__ import annotations
 
@@ -56,6 +57,9 @@ class Progress:
         self.last: dict[str, Any] = {}
         self.step = start_step
         self._live: Live | None = None
+        # Plain lines (no terminal): the first and last step and about one per tenth of the run, so
+        # that a piped log stays short; every step is in metrics.jsonl all the same.
+        self._every = max(1, math.ceil((total_steps - start_step) / 10))
 
     def __enter__(self) -> "Progress":
         if self.live_mode:
@@ -103,7 +107,8 @@ class Progress:
             return
         if self._live is not None:
             self._live.update(self._render())
-        else:
+        elif (step - self.start_step) % self._every == 0 or step in (self.start_step + 1, self.total) or any(
+                k.startswith("dev/") for k in metrics):
             parts = [f"step {step}/{self.total}"] + [f"{k}={_fmt(metrics[k])}" for k in SHOWN if k in metrics]
             parts += [f"{k}={_fmt(v)}" for k, v in metrics.items() if k.startswith("dev/")]
             parts.append(f"elapsed={_duration(time.time() - self.t0)} eta={_duration(self._eta())}")

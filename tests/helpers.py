@@ -24,7 +24,7 @@ FAST = ["optim.warmup_steps=1", "train.batch_size=4", "optim.lr=1e-3", "data.dev
 
 def tree(root: Path) -> dict[str, str]:
     """Every path under `root` -> sha256 of its content ('dir' for directories), lock files aside."""
-    from minillm_cli import rundir
+    from minillm_cli.runs import rundir
 
     out = {}
     for p in sorted(root.rglob("*")):
@@ -97,8 +97,8 @@ METHOD_EXTRA = {
 def train_tiny(tiny_dir: Path, data: Path, out: Path, method: str, steps: int, extra: Sequence[str] = (),
                resume: bool = False, extend: bool = False) -> Path:
     """Train the tiny student (teacher: the tiny teacher) in this process; returns the run directory."""
-    from minillm_cli.loop import train
-    from minillm_cli.recipe_loading import load_recipe
+    from minillm_cli.config.loading import load_recipe
+    from minillm_cli.train.loop import train
 
     flags = {"models.teacher": None if method == "sft" else str(tiny_dir / "teacher"),
              "models.student": str(tiny_dir / "student"), "data.train": str(data), "output.dir": str(out),
@@ -151,8 +151,8 @@ def launch(command: str, args: list[str], processes: int = 2) -> subprocess.Comp
 def one_process(tiny_dir: Path, data: Path, out: Path, method: str, steps: int, extra: list[str],
                 resume: bool = False) -> Path:
     """The single-process twin of a `launch`ed run (DISTRIBUTED_COMMON settings)."""
-    from minillm_cli.loop import train
-    from minillm_cli.recipe_loading import load_recipe
+    from minillm_cli.config.loading import load_recipe
+    from minillm_cli.train.loop import train
 
     flags = {"models.teacher": None if method == "sft" else str(tiny_dir / "teacher"),
              "models.student": str(tiny_dir / "student"), "data.train": str(data), "output.dir": str(out),
@@ -188,7 +188,7 @@ def fake_ctx(recipe: object, student: torch.nn.Module, teacher: torch.nn.Module 
     """A real `Ctx` for a stepper in this process: no launcher, no run directory."""
     from types import SimpleNamespace
 
-    from minillm_cli.context import Ctx
+    from minillm_cli.methods.context import Ctx
 
     if vocab is None:
         vocab = student.get_output_embeddings().weight.shape[0]  # type: ignore[operator, union-attr]

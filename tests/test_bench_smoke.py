@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from minillm_cli.methods.batching import length_groups, response_logits, take_group
-from minillm_cli.rollout import sample, score
+from minillm_cli.sampling.batch import score
+from minillm_cli.sampling.rollout import sample
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,6 +115,7 @@ def test_flop_model_counts_the_head_only_at_generated_tokens() -> None:
     assert bench.step_flops("minillm", shape, shape, 3, 2) == student_fwd * 6
 
 
+@pytest.mark.slow
 def test_bench_runs_end_to_end_on_tiny_models(tmp_path, tiny_dir, tiny_data) -> None:  # noqa: ANN001
     has_trl = importlib.util.find_spec("trl") is not None
     sides = "gkd,minillm,minillm-lockstep,gkd-untuned" + (",trl,trl-tuned" if has_trl else "")
@@ -140,6 +142,7 @@ def test_bench_runs_end_to_end_on_tiny_models(tmp_path, tiny_dir, tiny_data) -> 
     assert "teacher calls / gen token" in run.stdout
 
 
+@pytest.mark.slow
 def test_speculative_bench_runs_on_tiny_models(tmp_path, tiny_dir, tiny_data) -> None:  # noqa: ANN001
     out = tmp_path / "spec.json"
     cmd = [sys.executable, str(REPO / "bench" / "speculative.py"), "--data", str(tiny_data),

@@ -103,16 +103,16 @@ def test_tokenizer_mismatch_stops_before_training(tmp_path, tiny_dir, tiny_data)
 
 
 def test_training_options_map_to_recipe_keys_once():
-    from minillm_cli.cli import _TRAIN_FLAGS, _recipe_flags
+    from minillm_cli.commands.options import OPTIONS, recipe_flags
 
     params = {"teacher": "t", "student": None, "output": "run", "overwrite": False, "resume": True, "max_steps": 3}
-    assert _recipe_flags(params) == {"models.teacher": "t", "models.student": None, "output.dir": "run",
-                                     "output.overwrite": None, "train.max_steps": 3}
-    assert _recipe_flags({"overwrite": True}) == {"output.overwrite": True}
-    # every flag that sets a recipe key names a real one
-    from minillm_cli.recipe_loading import load_recipe
+    assert recipe_flags(params) == {"models.teacher": "t", "models.student": None, "output.dir": "run",
+                                    "output.overwrite": None, "train.max_steps": 3}
+    assert recipe_flags({"overwrite": True}) == {"output.overwrite": True}
+    # every option that sets a recipe key names a real one
+    from minillm_cli.config.loading import load_recipe
 
-    keys = [f.key for f in _TRAIN_FLAGS.values() if f.key]
+    keys = [o.key for o in OPTIONS.values() if o.key]
     values = {"models.teacher": "t", "models.student": "s", "data.train": "d", "output.dir": "o",
               "method.name": "kd", "train.max_steps": 2, "output.overwrite": True}
     assert sorted(keys) == sorted(values)
@@ -120,10 +120,33 @@ def test_training_options_map_to_recipe_keys_once():
     assert recipe.train.max_steps == 2 and recipe.method.name == "kd" and set(values) <= set(source)
 
 
+def test_every_option_has_one_spelling_and_one_help_across_commands():
+    """An option name means one thing: the same help text in every command that takes it, and the
+    output directory is -o/--output everywhere (the old --out is a hidden alias)."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    seen: dict[str, tuple[str, str]] = {}
+    for name, command in group.commands.items():
+        for param in command.params:
+            for flag in param.opts:
+                if not flag.startswith("-"):
+                    continue
+                help_text = getattr(param, "help", None) or ""
+                if flag in seen:
+                    assert seen[flag][1] == help_text, (flag, seen[flag][0], name)
+                seen[flag] = (name, help_text)
+            if "--out" in param.opts:
+                assert param.hidden, name
+    for name in ("distill", "sft", "teacher-cache", "export"):
+        flags = {f for p in group.commands[name].params for f in p.opts}
+        assert {"-o", "--output"} <= flags, name
+
+
 def test_launch_job_round_trips_every_shipped_recipe():
     """The multi-process children train `validate(recipe.model_dump())`: it must be the same recipe."""
-    from minillm_cli.config import validate
-    from minillm_cli.recipe_loading import is_pipeline, load_recipe, shipped_recipes
+    from minillm_cli.config.loading import is_pipeline, load_recipe, shipped_recipes
+    from minillm_cli.config.schema import validate
 
     for path in [p for p in shipped_recipes() if not is_pipeline(p)]:
         recipe, _ = load_recipe(path, ["models.teacher=t"])

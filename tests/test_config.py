@@ -7,9 +7,7 @@ import random
 import pytest
 import yaml
 
-from minillm_cli.config import Recipe, validate
-from minillm_cli.errors import UserError
-from minillm_cli.recipe_loading import (
+from minillm_cli.config.loading import (
     dump_resolved,
     is_pipeline,
     load_recipe,
@@ -17,13 +15,15 @@ from minillm_cli.recipe_loading import (
     read_recipe_file,
     shipped_recipes,
 )
+from minillm_cli.config.schema import Recipe, validate
+from minillm_cli.errors import UserError
 
 
 def test_every_shipped_recipe_validates():
     paths = shipped_recipes()
     # recursive glob: the cpu/ and paper/ folders are included, data files are not
     assert any("paper" in p.parts for p in paths) and any("cpu" in p.parts for p in paths)
-    from minillm_cli.quickstart import QuickstartRecipe, load_pipeline
+    from minillm_cli.commands.quickstart import QuickstartRecipe, load_pipeline
 
     for path in paths:
         if is_pipeline(path):

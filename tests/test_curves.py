@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from minillm_cli.curves import CURVES, METHOD_KEYS, series, write_curves
+from minillm_cli.train.curves import CURVES, METHOD_KEYS, series, write_curves
 from tests.helpers import METHOD_EXTRA, train_tiny
 
 PNG = b"\x89PNG"
@@ -49,7 +49,7 @@ def test_without_matplotlib_a_note_and_no_file(tmp_path: Path, monkeypatch: pyte
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     note = write_curves(tmp_path, "sft")
-    assert note is not None and "pip install 'minillm[plot]'" in note and CURVES in note
+    assert note is not None and "pip install matplotlib" in note and CURVES in note
     assert not (tmp_path / CURVES).exists()
 
 
@@ -67,6 +67,6 @@ def test_a_training_run_writes_curves_at_its_checkpoints(tmp_path: Path, tiny_di
     run = train_tiny(tiny_dir, tiny_data, tmp_path / "run", "minillm", 2, [*METHOD_EXTRA["minillm"], "train.save_every=1"])
     assert (run / CURVES).read_bytes()[:4] == PNG
     # the run directory still passes its own contract: curves.png is a run file
-    from minillm_cli import rundir
+    from minillm_cli.runs import rundir
 
     assert all(rundir.is_run_entry(p.name) for p in run.iterdir())

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from minillm_cli import data
-from minillm_cli import rows as rows_mod
-from minillm_cli.config import DataConfig
+from minillm_cli.config.schema import DataConfig
+from minillm_cli.data import encoding as data
+from minillm_cli.data import rows as rows_mod
 from minillm_cli.errors import UserError
 
 

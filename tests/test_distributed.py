@@ -15,15 +15,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minillm_cli.checkpoint import write_text_atomic
+from minillm_cli.config.loading import RECIPES_DIR, load_recipe
 from minillm_cli.errors import UserError
-from minillm_cli.recipe_loading import RECIPES_DIR, load_recipe
+from minillm_cli.runs.checkpoint import write_text_atomic
 from tests.helpers import DISTRIBUTED_COMMON, launch, metrics, model_flags, one_process
 
 MINILLM = ["method.name=minillm", "method.max_new_tokens=6", "method.num_rollouts=8", "method.ppo_epochs=2",
            "rollout.batch_size=4", "train.batch_size=2", "train.save_every=2", "train.keep_last=10"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["sft", "kd"])
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_dir, tiny_data, method):
     one = one_process(tiny_dir, tiny_data, tmp_path / "one", method, 3, ["train.batch_size=8"])
@@ -56,6 +57,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_dir, 
     assert not any(k.startswith("opt.") for k in load_file(str(step / "state-rank1.safetensors")))
 
 
+@pytest.mark.slow
 def test_minillm_on_two_processes_samples_per_rank_and_resumes_exactly(tmp_path, tiny_dir, tiny_data):
     args = [*DISTRIBUTED_COMMON, *MINILLM]
     straight = tmp_path / "straight"
@@ -94,6 +96,7 @@ def test_minillm_on_two_processes_samples_per_rank_and_resumes_exactly(tmp_path,
         one_process(tiny_dir, tiny_data, killed, "minillm", 6, MINILLM[:-2], resume=True)
 
 
+@pytest.mark.slow
 def test_setup_error_stops_every_process_before_writing(tmp_path, tiny_dir):
     out = tmp_path / "run"
     result = launch("sft", ["--student", str(tiny_dir / "student"), "--data", str(tmp_path / "missing.jsonl"),
@@ -107,7 +110,7 @@ def test_setup_error_stops_every_process_before_writing(tmp_path, tiny_dir):
 def test_ranks_agree_on_an_error_of_one_rank(monkeypatch):
     import accelerate.utils
 
-    from minillm_cli.distributed import agree_on_setup
+    from minillm_cli.parallel.distributed import agree_on_setup
 
     class TwoRanks:
         num_processes = 2
@@ -126,7 +129,7 @@ def test_ranks_agree_on_an_error_of_one_rank(monkeypatch):
 
 def test_teacher_on_the_cpu_gives_the_same_run(tmp_path, tiny_dir, tiny_data, monkeypatch):
     """`teacher_placement: cpu` runs the teacher through a device-moving hook (a no-op move here)."""
-    from minillm_cli import prepare
+    from minillm_cli.train import prepare
 
     hooked = []
     real = prepare.outputs_to_caller
@@ -179,7 +182,7 @@ def test_shipped_accelerate_configs_are_valid(name, monkeypatch):
         assert env["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT" and env["FSDP_RESHARD_AFTER_FORWARD"] == "true"
         assert env["FSDP_VERSION"] == "2" and env["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "false"
         assert env["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP" and env["FSDP_OFFLOAD_PARAMS"] == "false"
-        from minillm_cli.fsdp import fsdp_settings
+        from minillm_cli.parallel.fsdp import fsdp_settings
 
         for k, v in env.items():
             if k.startswith(("FSDP_", "ACCELERATE_USE_FSDP")):
@@ -189,6 +192,6 @@ def test_shipped_accelerate_configs_are_valid(name, monkeypatch):
         assert args.use_deepspeed and int(args.zero_stage) == 3
         assert int(args.gradient_accumulation_steps) == 1 and float(args.gradient_clipping) == 1.0
         assert str(args.zero3_save_16bit_model).lower() == "true"
-    from minillm_cli.plan import sharding_of
+    from minillm_cli.commands.plan import sharding_of
 
     assert sharding_of(path) == {"ddp": "none", "fsdp": "fsdp", "zero3": "zero3"}[name]

@@ -27,7 +27,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from minillm_cli import losses, policy_gradient
+from minillm_cli.losses import divergences, logprobs, policy_gradient
 
 V, T = 3, 3
 OFFSETS = [(V**t - 1) // (V - 1) for t in range(T)]  # first table row of the prefixes of length t: 0, 1, 4
@@ -99,15 +99,15 @@ def per_sample_gradients(student: Tensor, teacher: Tensor, y: Tensor, *, include
     s_logits = student.detach()[idx].requires_grad_()  # (N, T, V): a leaf, so its grad is per sample
     t_logits = teacher[idx]  # (N, T, V)
     mask = torch.ones(y.shape, dtype=torch.long)
-    logq = losses.token_logprobs(s_logits, y, mask)  # (N, T)
-    logp = losses.token_logprobs(t_logits, y, mask)
+    logq = logprobs.token_logprobs(s_logits, y, mask)  # (N, T)
+    logp = logprobs.token_logprobs(t_logits, y, mask)
     rewards = (logp - logq).detach()
     adv = policy_gradient.advantages(rewards, mask, gamma=1.0, include_current=include_current, length_norm=False,
                             whiten=False)
     pg, _ = policy_gradient.policy_loss(logq, logq.detach(), torch.zeros_like(logq), adv, mask, clip_eps=None)
     per_seq = pg.sum(-1)  # (N,) sum over tokens, not token mean
     if single_step:
-        per_seq = per_seq + losses.reverse_kl(s_logits, t_logits, mask).sum(-1)
+        per_seq = per_seq + divergences.reverse_kl(s_logits, t_logits, mask).sum(-1)
     (g_logits,) = torch.autograd.grad(per_seq.sum(), s_logits)  # (N, T, V), row n only from sample n
     out = torch.zeros(y.shape[0], NUM_PREFIXES, V)
     return out.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, V), g_logits)

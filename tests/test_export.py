@@ -14,7 +14,7 @@ from minillm_cli.errors import UserError
 from minillm_cli.export import ExportOptions, export
 from minillm_cli.export import gguf as gguf_export
 from minillm_cli.export import verify as verify_mod
-from minillm_cli.rundir import pick_step
+from minillm_cli.runs.steps import pick_step
 
 DATA_SHA = "ab" * 32
 METHOD = {"name": "minillm", "teacher_mix": 0.2, "clip_eps": 0.2, "length_norm": True}

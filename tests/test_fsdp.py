@@ -22,9 +22,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from minillm_cli.checkpoint import write_text_atomic
+from minillm_cli.config.loading import RECIPES_DIR, load_recipe
 from minillm_cli.errors import UserError
-from minillm_cli.recipe_loading import RECIPES_DIR, load_recipe
+from minillm_cli.runs.checkpoint import write_text_atomic
 from tests.helpers import DISTRIBUTED_COMMON, close_weights, launch, metrics, model_flags, one_process, weights
 
 MINILLM = ["method.name=minillm", "method.max_new_tokens=6", "method.num_rollouts=8", "method.ppo_epochs=1",
@@ -180,7 +180,7 @@ def _fsdp_env(monkeypatch, **extra: str) -> None:
 
 
 def test_fsdp_launches_minillm_cannot_run_are_refused(monkeypatch):
-    from minillm_cli.distributed import check_launch, is_sharded
+    from minillm_cli.parallel.distributed import check_launch, is_sharded
 
     kd = load_recipe(None, ["method.name=kd", "models.teacher_placement=sharded"])[0]
     _fsdp_env(monkeypatch)
@@ -202,7 +202,7 @@ def test_fsdp_launches_minillm_cannot_run_are_refused(monkeypatch):
 
 
 def test_deepspeed_resume_is_refused_in_one_line():
-    from minillm_cli.distributed import check_launch
+    from minillm_cli.parallel.distributed import check_launch
 
     sft = load_recipe(None, ["method.name=sft"])[0]
     check_launch(sft, _accelerator("DEEPSPEED"), resume=False)
@@ -230,7 +230,7 @@ def test_zero3_launch_is_refused_before_any_process_starts(monkeypatch):
     """--resume with DeepSpeed, or DeepSpeed not installed: one line, before any process starts."""
     import importlib.util
 
-    from minillm_cli.launch import check_before_launch
+    from minillm_cli.commands.launch import check_before_launch
 
     recipe = load_recipe(None, ["method.name=sft"])[0]
     with pytest.raises(UserError, match=r"^--resume: DeepSpeed runs keep the optimizer") as e:
@@ -269,8 +269,8 @@ def test_plan_fsdp_matches_the_measured_peak_rss_of_two_cpu_processes(tmp_path, 
     and at most the plan plus one full fp32 copy of the student, the transient the plan names but
     does not add up: every process loads the whole student before sharding it, and rank 0 gathers
     full weights to save. (Measured when this was written: plan 430 MiB, run 541 MiB.)"""
-    from minillm_cli.model_shapes import model_shape
-    from minillm_cli.plan import plan_memory
+    from minillm_cli.commands.plan import plan_memory
+    from minillm_cli.models.shapes import model_shape
     from tests.tiny import make_llama
 
     small = tmp_path / "small-model"

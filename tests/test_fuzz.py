@@ -15,10 +15,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minillm_cli import data as data_mod
-from minillm_cli.config import Recipe
+from minillm_cli.config.loading import load_recipe
+from minillm_cli.config.schema import Recipe
+from minillm_cli.data import encoding as data_mod
 from minillm_cli.errors import UserError
-from minillm_cli.recipe_loading import load_recipe
 
 CASES = 300
 FUZZ = settings(max_examples=CASES, derandomize=True, deadline=None, database=None,
@@ -153,11 +153,11 @@ def test_data_reader_gives_examples_or_a_user_error(tmp_path_factory, tokenizer,
 
 # ------------------------------------------------------------------ teacher-cache manifests
 def _valid_manifest() -> dict:
-    from minillm_cli import teacher_cache as tc
+    from minillm_cli.data import cache_format
 
     ident = {"kind": "logprobs", "examples": 5, "tokens": 40, "vocab": 320, "rows": "0" * 64, "tokenizer": "1" * 64,
              "data.train": "2" * 64}
-    return tc.new_manifest(ident, teacher={"path": "T", "sha256": "3" * 64}, top_k=8, dtype="fp16", shard_examples=2)
+    return cache_format.new_manifest(ident, teacher={"path": "T", "sha256": "3" * 64}, top_k=8, dtype="fp16", shard_examples=2)
 
 
 MANIFEST_EDITS = st.lists(st.tuples(
@@ -172,8 +172,8 @@ MANIFEST_EDITS = st.lists(st.tuples(
 def test_an_edited_cache_manifest_is_read_or_refused_in_one_line(tmp_path_factory, edits, raw):
     """A hand-edited or damaged manifest: `read_manifest` and what reads its fields next (the shard
     plan, the --out check, `plan`'s K and dtype) give a result or a `UserError`, never a crash."""
-    from minillm_cli import teacher_cache as tc
-    from minillm_cli.teacher_cache_command import check_out_dir
+    from minillm_cli.commands.teacher_cache import check_out_dir
+    from minillm_cli.data import cache_format
 
     manifest = _valid_manifest()
     for key, value in edits:
@@ -186,12 +186,12 @@ def test_an_edited_cache_manifest_is_read_or_refused_in_one_line(tmp_path_factor
                 target[leaf] = value
     root = tmp_path_factory.mktemp("cache")
     text = raw if raw is not None else json.dumps(manifest, default=str)
-    (root / tc.MANIFEST).write_bytes(text.encode("utf-8", "surrogatepass"))
+    (root / cache_format.MANIFEST).write_bytes(text.encode("utf-8", "surrogatepass"))
     _count("cache manifests")
     try:
-        read = tc.read_manifest(root)
+        read = cache_format.read_manifest(root)
         assert read is not None
-        sizes = [tc.shard_size(read["identity"], i) for i in range(read["shards"])]
+        sizes = [cache_format.shard_size(read["identity"], i) for i in range(read["shards"])]
         assert sum(sizes) == read["identity"]["examples"]
         check_out_dir(root, _valid_manifest())
     except UserError as e:
@@ -217,7 +217,7 @@ ACCELERATE_TEXTS = st.one_of(
 @FUZZ
 @given(text=ACCELERATE_TEXTS)
 def test_an_accelerate_config_file_is_read_or_refused_in_one_line(tmp_path_factory, text):
-    from minillm_cli.launch_config import SUPPORTED, read_accelerate_config
+    from minillm_cli.parallel.launch_config import SUPPORTED, read_accelerate_config
 
     path = tmp_path_factory.mktemp("acc") / "config.yaml"
     path.write_bytes(text.encode("utf-8", "surrogatepass"))
@@ -239,7 +239,7 @@ def test_an_output_flag_is_accepted_only_where_nothing_of_the_run_is(tmp_path_fa
     is none of the run's inputs — and checking never touches the disk."""
     import os
 
-    from minillm_cli.destinations import check_file
+    from minillm_cli.runs.destinations import check_file
 
     root = tmp_path_factory.mktemp("out")
     (root / "data.jsonl").write_text("{}\n")

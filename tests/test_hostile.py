@@ -157,7 +157,7 @@ def test_values_that_used_to_be_taken_are_refused(user, tiny_dir, override, need
 def test_speculative_rounds_never_draft_past_the_token_budget(models):
     import torch
 
-    from minillm_cli.rollout import sample
+    from minillm_cli.sampling.rollout import sample
 
     student, teacher = models
     prompt = torch.tensor([[5, 6, 7], [8, 9, 10]])
@@ -270,3 +270,13 @@ def test_a_worker_error_is_one_line_with_exit_code_2_and_the_json_says_so(tmp_pa
     report = json.loads(summary.read_text())
     assert report["exit_code"] == 2 and report["status"].startswith("bad input") and "model.safetensors" in report["message"]
     assert not (tmp_path / "run").exists() and list(tmp.iterdir()) == []
+
+
+def test_a_home_of_no_user_is_one_line_wherever_a_path_goes(user, tiny_dir):
+    ghost = "~no-such-user-here"
+    refused(sft_args(tiny_dir / "student", f"{ghost}/train.jsonl", "runs/a"), ["data.train", ghost], user)
+    refused(sft_args(f"{ghost}/student", "train.jsonl", "runs/a"), ["models.student", ghost], user)
+    refused(["eval", tiny_dir / "student", "--data", f"{ghost}/x.jsonl"], ["--data", ghost], user)
+    refused(["export", f"{ghost}/run", "-o", "out"], ["RUN", ghost], user)
+    refused(["teacher-cache", "--teacher", tiny_dir / "teacher", "--data", "train.jsonl", "-o", f"{ghost}/c"],
+            ["-o/--output", ghost], user)

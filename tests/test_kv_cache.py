@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from minillm_cli.kv_cache import GrowingLayer, grow_in_place
+from minillm_cli.sampling.kv_cache import GrowingLayer, grow_in_place
 
 
 def _kv(B: int, L: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

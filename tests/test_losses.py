@@ -14,18 +14,19 @@ from hypothesis import strategies as st
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from minillm_cli import logprobs, losses, policy_gradient
+from minillm_cli.losses import divergences as divergences_mod
+from minillm_cli.losses import logprobs, objectives, policy_gradient
 
 DIVERGENCES: dict[str, Callable[..., Tensor]] = {
-    "forward_kl": losses.forward_kl,
-    "reverse_kl": losses.reverse_kl,
-    "jsd_0.3": partial(losses.generalized_jsd, beta=0.3),
-    "jsd_0.5": partial(losses.generalized_jsd, beta=0.5),
-    "skew_forward_kl": partial(losses.skew_forward_kl, alpha=0.1),
-    "skew_reverse_kl": partial(losses.skew_reverse_kl, alpha=0.1),
-    "tvd": losses.tvd,
+    "forward_kl": divergences_mod.forward_kl,
+    "reverse_kl": divergences_mod.reverse_kl,
+    "jsd_0.3": partial(divergences_mod.generalized_jsd, beta=0.3),
+    "jsd_0.5": partial(divergences_mod.generalized_jsd, beta=0.5),
+    "skew_forward_kl": partial(divergences_mod.skew_forward_kl, alpha=0.1),
+    "skew_reverse_kl": partial(divergences_mod.skew_reverse_kl, alpha=0.1),
+    "tvd": divergences_mod.tvd,
 }
-ALL_PER_TOKEN = {**DIVERGENCES, "teacher_ce": losses.teacher_cross_entropy}
+ALL_PER_TOKEN = {**DIVERGENCES, "teacher_ce": divergences_mod.teacher_cross_entropy}
 
 
 def random_batch(seed: int, B: int = 3, T: int = 7, V: int = 11, scale: float = 3.0) -> tuple[Tensor, Tensor, Tensor]:
@@ -83,7 +84,7 @@ def test_hand_values_two_ids() -> None:
 def test_kl_gradient_is_q_minus_p() -> None:
     # ∂ KL[p‖q] / ∂ student logits = q − p, the textbook KD gradient
     s, t, mask = random_batch(5)
-    (grad,) = torch.autograd.grad(losses.forward_kl(s, t, mask).sum(), s)
+    (grad,) = torch.autograd.grad(divergences_mod.forward_kl(s, t, mask).sum(), s)
     expected = (torch.softmax(s, -1) - torch.softmax(t, -1)) * mask.unsqueeze(-1)
     torch.testing.assert_close(grad, expected.detach(), atol=1e-5, rtol=1e-4)
 
@@ -91,44 +92,44 @@ def test_kl_gradient_is_q_minus_p() -> None:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_jsd_endpoints_are_exactly_forward_and_reverse_kl(seed: int) -> None:
     s, t, mask = random_batch(seed)
-    assert torch.equal(losses.generalized_jsd(s, t, mask, beta=0.0), losses.forward_kl(s, t, mask))
-    assert torch.equal(losses.generalized_jsd(s, t, mask, beta=1.0), losses.reverse_kl(s, t, mask))
+    assert torch.equal(divergences_mod.generalized_jsd(s, t, mask, beta=0.0), divergences_mod.forward_kl(s, t, mask))
+    assert torch.equal(divergences_mod.generalized_jsd(s, t, mask, beta=1.0), divergences_mod.reverse_kl(s, t, mask))
     # the documented convention: the endpoints are the limits of JSD(β)/β and JSD(β)/(1−β)
     # (the gap shrinks like β·χ², so use moderate logits; fp32 limits how small β can go)
     s, t, mask = random_batch(seed, scale=1.0)
     eps = 1e-3
     valid = mask.bool()
-    near0 = losses.generalized_jsd(s, t, mask, beta=eps) / eps
-    near1 = losses.generalized_jsd(s, t, mask, beta=1 - eps) / eps
-    torch.testing.assert_close(near0[valid], losses.forward_kl(s, t, mask)[valid], rtol=1e-2, atol=1e-4)
-    torch.testing.assert_close(near1[valid], losses.reverse_kl(s, t, mask)[valid], rtol=1e-2, atol=1e-4)
+    near0 = divergences_mod.generalized_jsd(s, t, mask, beta=eps) / eps
+    near1 = divergences_mod.generalized_jsd(s, t, mask, beta=1 - eps) / eps
+    torch.testing.assert_close(near0[valid], divergences_mod.forward_kl(s, t, mask)[valid], rtol=1e-2, atol=1e-4)
+    torch.testing.assert_close(near1[valid], divergences_mod.reverse_kl(s, t, mask)[valid], rtol=1e-2, atol=1e-4)
 
 
 def test_skew_endpoints() -> None:
     s, t, mask = random_batch(3)
-    torch.testing.assert_close(losses.skew_forward_kl(s, t, mask, alpha=0.0), losses.forward_kl(s, t, mask))
-    torch.testing.assert_close(losses.skew_reverse_kl(s, t, mask, alpha=0.0), losses.reverse_kl(s, t, mask))
-    assert float(losses.skew_forward_kl(s, t, mask, alpha=1.0).detach().abs().max()) < 1e-6
-    assert float(losses.skew_reverse_kl(s, t, mask, alpha=1.0).detach().abs().max()) < 1e-6
+    torch.testing.assert_close(divergences_mod.skew_forward_kl(s, t, mask, alpha=0.0), divergences_mod.forward_kl(s, t, mask))
+    torch.testing.assert_close(divergences_mod.skew_reverse_kl(s, t, mask, alpha=0.0), divergences_mod.reverse_kl(s, t, mask))
+    assert float(divergences_mod.skew_forward_kl(s, t, mask, alpha=1.0).detach().abs().max()) < 1e-6
+    assert float(divergences_mod.skew_reverse_kl(s, t, mask, alpha=1.0).detach().abs().max()) < 1e-6
     with pytest.raises(ValueError, match="alpha"):
-        losses.skew_forward_kl(s, t, mask, alpha=1.5)
+        divergences_mod.skew_forward_kl(s, t, mask, alpha=1.5)
     with pytest.raises(ValueError, match="beta"):
-        losses.generalized_jsd(s, t, mask, beta=-0.1)
+        divergences_mod.generalized_jsd(s, t, mask, beta=-0.1)
 
 
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 2**20), scale=st.floats(0.01, 40.0), beta=st.floats(0.0, 1.0), alpha=st.floats(0.0, 1.0))
 def test_never_negative(seed: int, scale: float, beta: float, alpha: float) -> None:
     s, t, mask = random_batch(seed, scale=scale)
-    fns = {**DIVERGENCES, "jsd": partial(losses.generalized_jsd, beta=beta),
-           "skf": partial(losses.skew_forward_kl, alpha=alpha), "skr": partial(losses.skew_reverse_kl, alpha=alpha)}
+    fns = {**DIVERGENCES, "jsd": partial(divergences_mod.generalized_jsd, beta=beta),
+           "skf": partial(divergences_mod.skew_forward_kl, alpha=alpha), "skr": partial(divergences_mod.skew_reverse_kl, alpha=alpha)}
     with torch.no_grad():
         for name, fn in fns.items():
             div = fn(s, t, mask)
             assert bool(torch.isfinite(div).all()), name
             assert float(div.min()) >= -1e-6, name
             assert float(div[mask == 0].abs().max()) == 0.0, name
-        assert float(losses.tvd(s, t, mask).max()) <= 1.0 + 1e-6
+        assert float(divergences_mod.tvd(s, t, mask).max()) <= 1.0 + 1e-6
 
 
 @pytest.mark.parametrize("name", ALL_PER_TOKEN)
@@ -172,7 +173,7 @@ def test_minus_inf_where_only_one_side_is_zero() -> None:
     s, t, mask = random_batch(7)
     t_inf = t.clone()
     t_inf[..., 0] = float("-inf")
-    div = losses.forward_kl(s, t_inf, mask, chunk_size=2)
+    div = divergences_mod.forward_kl(s, t_inf, mask, chunk_size=2)
     (grad,) = torch.autograd.grad(div.sum(), s)
     assert bool(torch.isfinite(div).all()) and bool(torch.isfinite(grad).all())
     expected = (torch.softmax(s, -1) - torch.softmax(t_inf, -1)) * mask.unsqueeze(-1)
@@ -180,7 +181,7 @@ def test_minus_inf_where_only_one_side_is_zero() -> None:
     s_inf = s.detach().clone()
     s_inf[..., 0] = float("-inf")
     s_inf.requires_grad_()
-    div = losses.reverse_kl(s_inf, t, mask)
+    div = divergences_mod.reverse_kl(s_inf, t, mask)
     (grad,) = torch.autograd.grad(div.sum(), s_inf)
     assert bool(torch.isfinite(div).all()) and bool(torch.isfinite(grad).all())
     assert float(div.detach().min()) >= 0.0
@@ -219,8 +220,8 @@ def test_bf16_inputs_give_fp32_outputs_and_chunking_agrees() -> None:
     s, t, mask = random_batch(10)
     s16 = s.detach().bfloat16().requires_grad_()
     t16 = t.bfloat16()
-    dense = losses.reverse_kl(s16, t16, mask, chunk_size=None)
-    chunked = losses.reverse_kl(s16, t16, mask, chunk_size=2)
+    dense = divergences_mod.reverse_kl(s16, t16, mask, chunk_size=None)
+    chunked = divergences_mod.reverse_kl(s16, t16, mask, chunk_size=2)
     assert dense.dtype == torch.float32 and chunked.dtype == torch.float32
     (g_dense,) = torch.autograd.grad(dense.sum(), s16)
     (g_chunk,) = torch.autograd.grad(chunked.sum(), s16)
@@ -228,7 +229,7 @@ def test_bf16_inputs_give_fp32_outputs_and_chunking_agrees() -> None:
     torch.testing.assert_close(chunked, dense)
     torch.testing.assert_close(g_chunk, g_dense)
     # fp32 inside: the bf16 result equals the fp32 computation on the same (bf16-rounded) numbers
-    torch.testing.assert_close(dense, losses.reverse_kl(s16.detach().float(), t16.float(), mask, chunk_size=None))
+    torch.testing.assert_close(dense, divergences_mod.reverse_kl(s16.detach().float(), t16.float(), mask, chunk_size=None))
 
 
 def _saved_numels(fn: Callable[[], Tensor]) -> list[int]:
@@ -295,12 +296,12 @@ def test_chunked_backward_creates_no_full_size_intermediate(name: str) -> None:
 def test_align_vocab() -> None:
     s, t, mask = random_batch(12, V=11)
     wide = torch.cat([t, torch.full((*t.shape[:2], 5), 30.0)], dim=-1)  # padding rows with big logits
-    assert losses.align_vocab(s, wide).shape == s.shape
-    torch.testing.assert_close(losses.forward_kl(s, wide, mask), losses.forward_kl(s, t, mask))
+    assert divergences_mod.align_vocab(s, wide).shape == s.shape
+    torch.testing.assert_close(divergences_mod.forward_kl(s, wide, mask), divergences_mod.forward_kl(s, t, mask))
     with pytest.raises(ValueError, match="fewer than the student"):
-        losses.align_vocab(s, t[..., :5])
+        divergences_mod.align_vocab(s, t[..., :5])
     with pytest.raises(ValueError, match="fewer than the student"):
-        losses.reverse_kl(s, t[..., :5], mask)
+        divergences_mod.reverse_kl(s, t[..., :5], mask)
 
 
 # --------------------------------------------------------- micro-batch × accumulation invariance
@@ -353,10 +354,10 @@ def lm_example() -> tuple[Tensor, Tensor, Tensor]:
 
 def test_sft_loss_hand_example() -> None:
     s, _, labels = lm_example()
-    total, count = losses.sft_loss(s, labels)
+    total, count = objectives.sft_loss(s, labels)
     assert int(count) == 2
     assert float(total) == pytest.approx(-math.log(0.75) - math.log(0.5), rel=1e-6)
-    total, count = losses.sft_loss(s, torch.tensor([[7, -100, -100]]))  # nothing to predict
+    total, count = objectives.sft_loss(s, torch.tensor([[7, -100, -100]]))  # nothing to predict
     assert float(total) == 0.0 and int(count) == 0
 
 
@@ -365,18 +366,18 @@ def test_kd_and_pt_loss_hand_example() -> None:
     k = 0.5
     nll = -math.log(0.75) - math.log(0.5)
     ce = -(0.5 * math.log(0.25) + 0.5 * math.log(0.75)) - (0.75 * math.log(0.5) + 0.25 * math.log(0.5))
-    total, count = losses.kd_loss(s, t, labels, kd_ratio=k)
+    total, count = objectives.kd_loss(s, t, labels, kd_ratio=k)
     assert int(count) == 2
     assert float(total) == pytest.approx((1 - k) * nll + k * ce, rel=1e-6)
-    pt_total, pt_count = losses.pt_loss(s, labels, t, kd_ratio=k, chunk_size=1)
+    pt_total, pt_count = objectives.pt_loss(s, labels, t, kd_ratio=k, chunk_size=1)
     assert float(pt_total) == pytest.approx(float(total), rel=1e-6) and int(pt_count) == 2
-    lm_total, _ = losses.pt_loss(s, labels, None)
+    lm_total, _ = objectives.pt_loss(s, labels, None)
     assert float(lm_total) == pytest.approx(nll, rel=1e-6)
-    k0, _ = losses.kd_loss(s, t, labels, kd_ratio=0.0)
+    k0, _ = objectives.kd_loss(s, t, labels, kd_ratio=0.0)
     assert float(k0) == pytest.approx(nll, rel=1e-6)
     # a wider teacher head (padding rows) is sliced to the student's ids
     wide = torch.cat([t, torch.zeros(1, 3, 2)], dim=-1)
-    assert float(losses.kd_loss(s, wide, labels, kd_ratio=k)[0]) == pytest.approx(float(total), rel=1e-6)
+    assert float(objectives.kd_loss(s, wide, labels, kd_ratio=k)[0]) == pytest.approx(float(total), rel=1e-6)
 
 
 def test_kd_loss_chunked_equals_dense() -> None:
@@ -384,8 +385,8 @@ def test_kd_loss_chunked_equals_dense() -> None:
     labels = torch.randint(0, s.shape[-1], (3, 9), generator=torch.Generator().manual_seed(2))
     labels[:, :3] = -100
     labels[1, 6:] = -100
-    dense, count = losses.kd_loss(s, t, labels, kd_ratio=0.3, chunk_size=None)
-    chunked, _ = losses.kd_loss(s, t, labels, kd_ratio=0.3, chunk_size=2)
+    dense, count = objectives.kd_loss(s, t, labels, kd_ratio=0.3, chunk_size=None)
+    chunked, _ = objectives.kd_loss(s, t, labels, kd_ratio=0.3, chunk_size=2)
     (g_dense,) = torch.autograd.grad(dense, s)
     (g_chunk,) = torch.autograd.grad(chunked, s)
     assert int(count) == int((labels[:, 1:] != -100).sum())

@@ -45,8 +45,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from minillm_cli.config import MiniLlmMethod, Recipe, RolloutConfig, TrainConfig
-from minillm_cli.data import Encoded
+from minillm_cli.config.methods import MiniLlmMethod
+from minillm_cli.config.schema import Recipe, RolloutConfig, TrainConfig
+from minillm_cli.data.encoding import Encoded
 from minillm_cli.errors import UserError
 from minillm_cli.methods.minillm import MiniLlmStepper
 from tests.helpers import fake_ctx

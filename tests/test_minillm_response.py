@@ -15,14 +15,15 @@ from typing import Any
 import pytest
 import torch
 
-from minillm_cli import losses
-from minillm_cli.checkpoint import write_text_atomic
-from minillm_cli.config import MiniLlmMethod, Recipe, RolloutConfig, TrainConfig
-from minillm_cli.data import Encoded, collate_pairs, take_indices
+from minillm_cli.config.loading import load_recipe
+from minillm_cli.config.methods import MiniLlmMethod
+from minillm_cli.config.schema import Recipe, RolloutConfig, TrainConfig
+from minillm_cli.data.encoding import Encoded, collate_pairs, take_indices
 from minillm_cli.errors import UserError
+from minillm_cli.losses import divergences
 from minillm_cli.methods.batching import response_logits
 from minillm_cli.methods.minillm import MiniLlmStepper
-from minillm_cli.recipe_loading import load_recipe
+from minillm_cli.runs.checkpoint import write_text_atomic
 from tests.helpers import METHOD_EXTRA, fake_ctx, same_weights, train_tiny, weights
 
 BATCH, ACCUM = 2, 2  # two micro-batches per optimizer step: the term's token mean spans both
@@ -117,7 +118,7 @@ def test_one_step_is_minillm_plus_w_times_the_jsd_of_the_drawn_rows(models, beta
     with torch.no_grad():
         t_logits = response_logits(teacher, b, vocab=logits.shape[-1])
     mask = b["response_mask"]  # (4, T)
-    jsd = (losses.generalized_jsd(logits, t_logits, mask, beta=beta) * mask).sum() / mask.sum()
+    jsd = (divergences.generalized_jsd(logits, t_logits, mask, beta=beta) * mask).sum() / mask.sum()
     jsd.backward()
     g_jsd = _grads(student)
 

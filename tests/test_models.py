@@ -14,8 +14,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from minillm_cli import model_dirs, models, student_init
 from minillm_cli.errors import UserError
+from minillm_cli.models import dirs as model_dirs
+from minillm_cli.models import loading as models
+from minillm_cli.models import student_init
 from tests.gguf_tiny import write_llama_gguf
 from tests.helpers import weights
 from tests.tiny import make_tokenizer

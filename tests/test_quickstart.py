@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from rich.console import Console
 
+from minillm_cli.commands.quickstart import QUICKSTART, load_pipeline, run_quickstart
 from minillm_cli.errors import UserError
-from minillm_cli.quickstart import QUICKSTART, load_pipeline, run_quickstart
 
 
 def test_quickstart_recipe_validates_and_describes_every_stage():
@@ -25,13 +25,13 @@ def test_quickstart_recipe_validates_and_describes_every_stage():
 def test_quickstart_bad_stage_names_the_stage(tmp_path):
     bad = tmp_path / "q.yaml"
     bad.write_text(QUICKSTART.read_text().replace("ppo_epochs: 2", "ppo_epochz: 2"))
-    # data paths in the shipped recipe are relative to minillm_cli/recipes/: the copy uses absolute ones
+    # data paths in the shipped recipe are relative to recipes/: the copy uses absolute ones
     with pytest.raises(UserError, match="distill.*method.ppo_epochz"):
         load_pipeline(bad)
 
 
 def test_sft_control_copies_the_distillation_budget():
-    from minillm_cli.quickstart import _stage
+    from minillm_cli.commands.quickstart import _stage
 
     q = load_pipeline(QUICKSTART)
     assert q.sft_control is not None and "train" not in q.sft_control  # the budget is distill's, not its own
@@ -128,7 +128,7 @@ def test_shortened_quickstart_without_control(tmp_path):
 
 def test_gain_table_shows_the_minillm_stage_with_its_interval():
     """Without a control (`sft_control: null`): a report with one comparison, no control column."""
-    from minillm_cli.quickstart import _print_gain
+    from minillm_cli.commands.quickstart import _print_gain
 
     init, warmed, distilled = Path("runs/q/student-init"), Path("runs/q/warmup/step-2"), Path("runs/q/distill/step-2")
     report = {
@@ -166,7 +166,7 @@ def test_gain_table_shows_the_minillm_stage_with_its_interval():
 def test_gain_table_shows_the_stage_against_the_equal_budget_control():
     """With the control: its column, and the MiniLLM stage against it with its interval, from
     report["comparisons"], readable at 100 columns (no cell wraps)."""
-    from minillm_cli.quickstart import _print_gain
+    from minillm_cli.commands.quickstart import _print_gain
 
     init, warmed = Path("runs/q/student-init"), Path("runs/q/warmup/step-2")
     control, distilled = Path("runs/q/sft_control/step-2"), Path("runs/q/distill/step-2")

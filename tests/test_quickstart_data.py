@@ -12,7 +12,7 @@ from types import ModuleType
 
 import pytest
 
-from minillm_cli.recipe_loading import RECIPES_DIR
+from minillm_cli.config.loading import RECIPES_DIR
 
 DATA_DIR = RECIPES_DIR / "data"
 FILES = ["quickstart-train.jsonl", "quickstart-dev.jsonl", "quickstart-test.jsonl"]
@@ -21,7 +21,7 @@ FAMILIES = {"arithmetic", "units", "sorting", "spelling", "rewriting", "facts"}
 
 
 def _load_script() -> ModuleType:
-    """Import minillm_cli/recipes/data/make_quickstart_data.py (a script shipped as data, not a module)."""
+    """Import recipes/data/make_quickstart_data.py (a script shipped as data, not a module)."""
     path = DATA_DIR / "make_quickstart_data.py"
     spec = importlib.util.spec_from_file_location("make_quickstart_data", path)
     assert spec is not None and spec.loader is not None

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from minillm_cli import rundir
-from minillm_cli.checkpoint import list_steps, write_text_atomic
+from minillm_cli.runs import rundir
+from minillm_cli.runs.checkpoint import list_steps, write_text_atomic
 from tests.helpers import FAST, cli, error_line, refused, same_weights, sft_args, tree, weights
 
 
@@ -131,6 +131,7 @@ def test_resume_with_a_student_of_another_shape(user, tiny_dir, tmp_path):
 
 
 # ----------------------------------------------------------------------------------- 3. lock
+@pytest.mark.slow
 def test_one_process_owns_a_run_directory(user, tiny_dir, tiny_data):
     base = [sys.executable, "-m", "minillm_cli.cli", *map(str, sft_args(tiny_dir / "student", "train.jsonl", "runs/a",
                                                                    "train.save_every=1", steps=2000))]
@@ -304,6 +305,7 @@ def test_a_failure_after_setup_does_not_block_the_rerun(user, tiny_dir):
     assert code == 0, out[-2000:]
 
 
+@pytest.mark.slow
 def test_stop_during_the_first_step_says_there_is_nothing_to_resume(user, tiny_dir):
     args = [sys.executable, "-m", "minillm_cli.cli", "distill", "--teacher", str(tiny_dir / "teacher"), "--student",
             str(tiny_dir / "student"), "--data", "train.jsonl", "-o", "runs/a", "--max-steps", "1", *FAST,

@@ -15,8 +15,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from minillm_cli import rollout
-from minillm_cli.rollout import concat_prompt_response, sample, score
+from minillm_cli.sampling.batch import Rollout, concat_prompt_response, score
+from minillm_cli.sampling.cached_lm import CachedLM
+from minillm_cli.sampling.rollout import sample
 from tests.helpers import left_pad
 
 PAD = 0  # <|endoftext|>: deliberately not the EOS, so nothing relies on pad == eos
@@ -49,7 +50,7 @@ def sharp_models(models: tuple[torch.nn.Module, torch.nn.Module]) -> tuple[torch
 PROMPTS = [[5, 17, 40, 41], [8, 9, 10, 11, 12, 13, 60], [99], [7, 250, 33]]
 
 
-def _full_logprobs(model: torch.nn.Module, r: rollout.Rollout, vocab: int) -> torch.Tensor:
+def _full_logprobs(model: torch.nn.Module, r: Rollout, vocab: int) -> torch.Tensor:
     """(B, T, vocab) next-token log-probs at every response position, by one teacher-forced forward."""
     input_ids, attention_mask, position_ids = concat_prompt_response(
         r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask
@@ -320,7 +321,7 @@ def test_dropping_finished_rows_changes_no_draw(models, monkeypatch) -> None:
     prompt_ids, prompt_mask = left_pad(PROMPTS * 3, PAD)
     kw = dict(teacher=teacher, alpha=0.3, max_new_tokens=20, eos_token_id=EOS_MANY, pad_token_id=PAD)
     dropped = sample(student, prompt_ids, prompt_mask, generator=_gen(21), **kw)
-    monkeypatch.setattr(rollout.CachedLM, "can_drop_rows", lambda self: False)
+    monkeypatch.setattr(CachedLM, "can_drop_rows", lambda self: False)
     kept = sample(student, prompt_ids, prompt_mask, generator=_gen(21), **kw)
     assert dropped.response_mask.sum(-1).unique().numel() > 2  # rows ended at different steps
     assert torch.equal(dropped.response_ids, kept.response_ids)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from minillm_cli.cli import app
-from minillm_cli.run_summary import EXIT_MEANINGS
+from minillm_cli.commands.run_summary import EXIT_MEANINGS
 
 runner = CliRunner()
 FAST = ["optim.warmup_steps=1", "train.batch_size=4", "train.log_every=1", "train.max_steps=2"]
@@ -52,6 +52,6 @@ def test_summary_to_stdout_is_the_only_thing_there(tmp_path: Path, tiny_dir: Pat
 
 
 def test_every_documented_exit_code_has_a_meaning() -> None:
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "promises.md").read_text()
     for code in EXIT_MEANINGS:
         assert f"`{code}`" in readme, code

@@ -18,10 +18,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from minillm_cli import rollout
-from minillm_cli.cached_lm import CachedLM
-from minillm_cli.kv_cache import GrowingLayer
-from minillm_cli.rollout import concat_prompt_response, sample, score
+from minillm_cli.sampling import mixture, speculative
+from minillm_cli.sampling.batch import Rollout, concat_prompt_response, score
+from minillm_cli.sampling.cached_lm import CachedLM
+from minillm_cli.sampling.kv_cache import GrowingLayer
+from minillm_cli.sampling.rollout import sample
 from tests.helpers import left_pad
 
 PAD, EOS, V, M = 0, 1, 6, 3  # pad ≠ eos; responses of at most M tokens over V ids
@@ -55,7 +56,7 @@ def _next_target(student, teacher, prompt: list[int], prefixes: list[tuple[int, 
         with torch.no_grad():
             lq = (student(ids).logits[0, -1].double() / temperature).log_softmax(-1)
             lp = teacher(ids).logits[0, -1, :V].double().log_softmax(-1)
-        target = rollout._target(lq, lp, alpha, temperature, top_k, 1.0)
+        target = mixture.target(lq, lp, alpha, temperature, top_k, 1.0)
         out[prefix] = target.exp()
     return out
 
@@ -93,7 +94,7 @@ def _chi_square_p(observed: dict[tuple[int, ...], int], expected_probs: dict[tup
                                          torch.tensor(stat / 2, dtype=torch.float64)))
 
 
-def _sample_counts(student, teacher, n_per_prompt: int, seed: int, **kw) -> tuple[list[dict], rollout.Rollout]:
+def _sample_counts(student, teacher, n_per_prompt: int, seed: int, **kw) -> tuple[list[dict], Rollout]:
     counts: list[dict] = [{} for _ in PROMPTS]
     gen = torch.Generator().manual_seed(seed)
     batch = 2000  # rows per call, the two prompts interleaved
@@ -139,7 +140,7 @@ def test_lockstep_passes_and_a_wrong_replacement_rule_fails(pair, monkeypatch) -
     assert all(_chi_square_p(o, e, n) > 1e-3 for o, e in zip(lockstep, exact))
     # The classic mistake: after a rejection, draw the replacement from p̃ itself instead of the
     # normalised max(0, p̃ − q̃). Every token is still one p̃ could produce, but the sequences are biased.
-    monkeypatch.setattr(rollout, "residual_probs", lambda log_target, log_draft: log_target.exp())
+    monkeypatch.setattr(speculative, "residual_probs", lambda log_target, log_draft: log_target.exp())
     wrong, _ = _sample_counts(student, teacher, n, seed=12, alpha=alpha, speculative_tokens=2)
     assert min(_chi_square_p(o, e, n) for o, e in zip(wrong, exact)) < 1e-6
 

@@ -12,12 +12,13 @@ from typing import Any
 import pytest
 import torch
 
-from minillm_cli import losses
-from minillm_cli.config import METHOD_NAMES, KdMethod, Recipe, SftMethod, TrainConfig
-from minillm_cli.context import Interrupted
-from minillm_cli.data import Encoded, collate_pairs
+from minillm_cli.config.methods import METHOD_NAMES, KdMethod, SftMethod
+from minillm_cli.config.schema import Recipe, TrainConfig
+from minillm_cli.data.encoding import Encoded, collate_pairs
+from minillm_cli.losses import divergences, logprobs
 from minillm_cli.methods import METHODS
 from minillm_cli.methods.batching import TokenMean, response_logits
+from minillm_cli.methods.context import Interrupted
 from minillm_cli.methods.kd import KdStepper
 from minillm_cli.methods.sft import SftStepper
 from tests.helpers import fake_ctx
@@ -65,7 +66,7 @@ def test_sft_step_is_the_token_mean_nll_of_the_whole_batch(models):
     assert ctx.data_pos == 4
 
     b = _whole_batch(ctx)
-    nll = -losses.token_logprobs(response_logits(student, b), b["response_ids"])  # (4, T)
+    nll = -logprobs.token_logprobs(response_logits(student, b), b["response_ids"])  # (4, T)
     mask = b["response_mask"]
     expected = (nll * mask).sum() / mask.sum()
     expected.backward()
@@ -95,7 +96,7 @@ def test_kd_step_mixes_sft_and_the_divergence_and_ignores_the_micro_batch_split(
     mask = b["response_mask"]
     with torch.no_grad():
         q, p = response_logits(student, b), response_logits(models[1], b)
-        kd = (losses.forward_kl(q, p, mask) * mask).sum() / mask.sum()
+        kd = (divergences.forward_kl(q, p, mask) * mask).sum() / mask.sum()
     assert whole["kd_loss"] == pytest.approx(float(kd), rel=1e-5)
 
 

@@ -17,15 +17,17 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from minillm_cli import losses
-from minillm_cli import teacher_cache as tc
-from minillm_cli.checkpoint import write_text_atomic
-from minillm_cli.config import KdMethod
+from minillm_cli.commands.teacher_cache import build_cache
+from minillm_cli.config.loading import load_recipe
+from minillm_cli.config.methods import KdMethod
+from minillm_cli.data import cache_format
+from minillm_cli.data import teacher_cache as tc
 from minillm_cli.errors import RunStopped, UserError
-from minillm_cli.loop import train
+from minillm_cli.losses import divergences
+from minillm_cli.losses import sparse as sparse_mod
 from minillm_cli.methods.kd import divergence
-from minillm_cli.recipe_loading import load_recipe
-from minillm_cli.teacher_cache_command import build_cache
+from minillm_cli.runs.checkpoint import write_text_atomic
+from minillm_cli.train.loop import train
 from tests.helpers import weights
 
 LOSSES = ["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "tvd", "jsd"]
@@ -52,9 +54,9 @@ def test_sparse_divergence_with_every_id_is_the_dense_one(loss, chunk):
     s[0, 1, 3] = -float("inf")  # a cut student id and garbage at a masked position are fine
     s[1, 5] = float("nan")
     s.requires_grad_(True)
-    ids, logp, tail = losses.teacher_top_k(t, t.shape[-1], mask, chunk_size=chunk)
+    ids, logp, tail = sparse_mod.teacher_top_k(t, t.shape[-1], mask, chunk_size=chunk)
     cfg = KdMethod(loss=loss, skew_alpha=0.2, jsd_beta=0.3)
-    sparse = losses.sparse_divergence(s, ids, logp, tail, mask, loss=loss, alpha=0.2, beta=0.3, chunk_size=chunk)
+    sparse = sparse_mod.sparse_divergence(s, ids, logp, tail, mask, loss=loss, alpha=0.2, beta=0.3, chunk_size=chunk)
     dense = divergence(cfg, s, t, mask, chunk_size=chunk or 128)
     torch.testing.assert_close(sparse, dense, atol=2e-6, rtol=1e-5)
     (g_sparse,) = torch.autograd.grad(sparse.sum(), s)
@@ -68,8 +70,8 @@ def test_sparse_divergence_with_every_id_is_the_dense_one(loss, chunk):
 def test_sparse_divergence_is_that_of_the_coarse_grained_distributions(loss):
     s, t, mask = _logits(1)
     k = 4
-    ids, logp, tail = losses.teacher_top_k(t, k, mask, chunk_size=3)
-    got = losses.sparse_divergence(s, ids, logp.half(), tail, mask, loss=loss, chunk_size=3)  # fp16 storage
+    ids, logp, tail = sparse_mod.teacher_top_k(t, k, mask, chunk_size=3)
+    got = sparse_mod.sparse_divergence(s, ids, logp.half(), tail, mask, loss=loss, chunk_size=3)  # fp16 storage
     # by hand, in float64: k cached ids + one bucket for the rest, for both distributions
     p, q = t.double().softmax(-1), s.double().softmax(-1)
     p_k, q_k = p.gather(-1, ids), q.gather(-1, ids)
@@ -86,7 +88,7 @@ def test_sparse_divergence_is_that_of_the_coarse_grained_distributions(loss):
 
 def test_teacher_top_k_holds_the_whole_distribution():
     _, t, mask = _logits(2)
-    ids, logp, tail = losses.teacher_top_k(t, 5, mask, chunk_size=2)
+    ids, logp, tail = sparse_mod.teacher_top_k(t, 5, mask, chunk_size=2)
     valid = mask.bool()
     assert ids.shape == logp.shape == (3, 7, 5) and tail.shape == (3, 7)
     assert (logp[valid][:, :-1] >= logp[valid][:, 1:]).all()  # most likely first
@@ -94,7 +96,7 @@ def test_teacher_top_k_holds_the_whole_distribution():
     total = torch.logsumexp(torch.cat([logp, tail.unsqueeze(-1)], -1), -1)
     torch.testing.assert_close(total[valid], torch.zeros_like(total[valid]), atol=1e-6, rtol=0)
     assert (ids[~valid] == 0).all() and (tail[~valid] == 0).all()
-    _, _, empty = losses.teacher_top_k(t, t.shape[-1], mask)
+    _, _, empty = sparse_mod.teacher_top_k(t, t.shape[-1], mask)
     assert (empty[valid] <= -1e29).all()  # k = V: no tail mass
 
 
@@ -109,11 +111,11 @@ def test_approximation_error_of_small_k_on_the_tiny_models(models, tiny_dir):
     with torch.no_grad():
         s, t = response_logits(student, b), response_logits(teacher, b)
     mask = b["response_mask"]
-    live = float(losses.forward_kl(s, t, mask).sum())
+    live = float(divergences.forward_kl(s, t, mask).sum())
     errors = {}
     for k in (8, 32, 128, V):
-        ids, logp, tail = losses.teacher_top_k(t, k, mask)
-        cached = float(losses.sparse_divergence(s, ids, logp.half() if k < V else logp, tail, mask).sum())
+        ids, logp, tail = sparse_mod.teacher_top_k(t, k, mask)
+        cached = float(sparse_mod.sparse_divergence(s, ids, logp.half() if k < V else logp, tail, mask).sum())
         errors[k] = (live - cached) / live
     assert errors[V] == pytest.approx(0.0, abs=1e-5)
     assert 0 < errors[128] < errors[32] < errors[8] < 1  # an underestimate, shrinking with k
@@ -148,13 +150,13 @@ def test_cli_builds_a_cache_with_its_manifest(tmp_path, tiny_dir, tiny_data):
     ident = manifest["identity"]
     assert manifest["complete"] and manifest["shards"] == 3 and manifest["minillm_version"] == __version__
     assert ident["top_k"] == 8 and ident["dtype"] == "fp16" and ident["examples"] == 24
-    assert ident["teacher"] == tc.model_sha256(tiny_dir / "teacher") and ident["data.template"] == "chat"
+    assert ident["teacher"] == cache_format.model_sha256(tiny_dir / "teacher") and ident["data.template"] == "chat"
     assert ident["data.max_total_tokens"] == 512 and ident["vocab"] == V and len(ident["tokenizer"]) == 64
     assert manifest["bytes_per_token"] == 8 * (2 + 4) + 4
     shard = load_file(str(out / "shard-00000.safetensors"))
     assert shard["ids"].dtype == torch.int32 and shard["logprobs"].dtype == torch.float16
     assert shard["offsets"].tolist()[0] == 0 and shard["offsets"][-1] == shard["ids"].shape[0] == shard["tail"].shape[0]
-    payload = sum(load_file(str(out / tc.shard_name(i)))["ids"].shape[0] for i in range(3)) * manifest["bytes_per_token"]
+    payload = sum(load_file(str(out / cache_format.shard_name(i)))["ids"].shape[0] for i in range(3)) * manifest["bytes_per_token"]
     assert payload == ident["tokens"] * manifest["bytes_per_token"]
     assert sum(manifest["shard_bytes"].values()) < payload + 3 * 2000  # the payload plus the shards' headers
     again = CliRunner().invoke(app, args)  # the same command on a complete cache: nothing to do
@@ -162,9 +164,9 @@ def test_cli_builds_a_cache_with_its_manifest(tmp_path, tiny_dir, tiny_data):
 
 
 def test_cached_rows_are_the_teachers_distribution(tmp_path, tiny_dir, tiny_data, models):
-    from minillm_cli import data as data_mod
-    from minillm_cli import models as models_mod
+    from minillm_cli.data import encoding as data_mod
     from minillm_cli.methods.batching import response_logits
+    from minillm_cli.models import loading as models_mod
 
     out = tmp_path / "cache"
     _build(tiny_dir, tiny_data, out, k=8, dtype="fp32")
@@ -178,7 +180,7 @@ def test_cached_rows_are_the_teachers_distribution(tmp_path, tiny_dir, tiny_data
     ids, logp, tail = cache.batch(picked, T, torch.device("cpu"))
     b = data_mod.collate_pairs(picked, tok.pad_token_id)
     with torch.no_grad():
-        want = losses.teacher_top_k(response_logits(models[1], b), 8, b["response_mask"])
+        want = sparse_mod.teacher_top_k(response_logits(models[1], b), 8, b["response_mask"])
     valid = b["response_mask"].bool()
     assert torch.equal(ids.long()[valid], want[0][valid])
     torch.testing.assert_close(logp[valid], want[1][valid], atol=1e-5, rtol=1e-5)
@@ -186,7 +188,7 @@ def test_cached_rows_are_the_teachers_distribution(tmp_path, tiny_dir, tiny_data
 
 
 def test_interrupted_build_continues_shard_by_shard(tmp_path, tiny_dir, tiny_data, monkeypatch):
-    from minillm_cli import teacher_cache_command as cmd
+    from minillm_cli.commands import teacher_cache as cmd
 
     straight = tmp_path / "straight"
     _build(tiny_dir, tiny_data, straight)
@@ -218,7 +220,7 @@ def test_interrupted_build_continues_shard_by_shard(tmp_path, tiny_dir, tiny_dat
     assert calls == [7, 7, 3]  # only the missing shards were computed (24 examples, 7 per shard)
     assert not list(out.glob(".tmp-*"))
     for i in range(4):
-        a, b = load_file(str(straight / tc.shard_name(i))), load_file(str(out / tc.shard_name(i)))
+        a, b = load_file(str(straight / cache_format.shard_name(i))), load_file(str(out / cache_format.shard_name(i)))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((out / "manifest.json").read_text())["complete"]
 
@@ -292,7 +294,7 @@ def test_cached_kd_with_every_id_trains_like_the_live_teacher(tmp_path, tiny_dir
     extra = [f"method.loss={loss}"]
     live = train(*_recipe(tiny_dir, tiny_data, extra, out=tmp_path / "live"))
 
-    from minillm_cli import prepare
+    from minillm_cli.train import prepare
 
     def no_teacher(*a, **k):
         raise AssertionError("a cached run must not load the teacher")
@@ -405,7 +407,7 @@ def test_other_methods_refuse_a_teacher_cache(method):
 
 
 def test_plan_counts_no_teacher_and_the_cache_buffers(tiny_dir, tiny_data, full_cache):
-    from minillm_cli.plan import plan_memory
+    from minillm_cli.commands.plan import plan_memory
 
     live, _ = _recipe(tiny_dir, tiny_data)
     cached, _ = _recipe(tiny_dir, tiny_data, [f"data.teacher_cache={full_cache}"])
@@ -477,10 +479,10 @@ def answers_cache(tmp_path_factory, tiny_dir, tiny_data) -> Path:
 
 
 def test_answers_cache_is_seqkds_sampling_shard_by_shard(tmp_path, tiny_dir, tiny_data, answers_cache, models):
-    from minillm_cli import data as data_mod
-    from minillm_cli import models as models_mod
+    from minillm_cli.commands.teacher_cache import answers_seed
+    from minillm_cli.data import encoding as data_mod
     from minillm_cli.methods.seqkd import sample_answers
-    from minillm_cli.teacher_cache_command import answers_seed
+    from minillm_cli.models import loading as models_mod
 
     manifest = json.loads((answers_cache / "manifest.json").read_text())
     ident = manifest["identity"]
@@ -504,8 +506,8 @@ def test_answers_cache_is_seqkds_sampling_shard_by_shard(tmp_path, tiny_dir, tin
 
 
 def test_seqkd_trains_on_cached_answers_without_a_teacher(tmp_path, tiny_dir, tiny_data, answers_cache, monkeypatch):
-    from minillm_cli import prepare
-    from minillm_cli.data import take_indices
+    from minillm_cli.data.encoding import take_indices
+    from minillm_cli.train import prepare
 
     monkeypatch.setattr(prepare, "load_teacher", lambda *a, **k: pytest.fail("a cached run must not load the teacher"))
     recipe, source = _answers_recipe(tiny_dir, tiny_data, [f"data.teacher_cache={answers_cache}"],
@@ -516,7 +518,7 @@ def test_seqkd_trains_on_cached_answers_without_a_teacher(tmp_path, tiny_dir, ti
     assert not (run / "seqkd-teacher-responses.jsonl").exists()
     answers = []
     for i in range(3):
-        shard = load_file(str(answers_cache / tc.shard_name(i)))
+        shard = load_file(str(answers_cache / cache_format.shard_name(i)))
         offsets = shard["offsets"].tolist()
         answers += [len(range(a, b)) for a, b in zip(offsets[:-1], offsets[1:])]
     first = take_indices(24, recipe.train.seed, 0, 4)  # the rows of step 1

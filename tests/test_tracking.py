@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from minillm_cli.errors import UserError
-from minillm_cli.tracking import TRACKING_DIR, check_installed, flat_config
+from minillm_cli.train.tracking import TRACKING_DIR, check_installed, flat_config
 from tests.helpers import train_tiny
 
 
@@ -63,7 +63,7 @@ def test_tensorboard_gets_every_step_the_recipe_and_the_final_dev_loss(tmp_path:
 
     hparams = [yaml.safe_load(p.read_text()) for p in (run / TRACKING_DIR).rglob("hparams.yml")]
     assert len(hparams) == 1 and hparams[0]["method.name"] == "sft" and hparams[0]["train.max_steps"] == 3
-    from minillm_cli import rundir
+    from minillm_cli.runs import rundir
 
     assert all(rundir.is_run_entry(p.name) for p in run.iterdir())  # tracking/ is a run entry
 
@@ -112,6 +112,7 @@ def test_wandb_offline_writes_its_run_inside_the_run_dir(tmp_path: Path, tiny_di
     assert not missing, f"{records} still lacks {missing} after 60 s ({len(data)} bytes)"
 
 
+@pytest.mark.slow
 def test_trackio_local_store_gets_every_step(tmp_path: Path, tiny_dir: Path, tiny_data: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("trackio")

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minillm_cli.checkpoint import latest_step_dir, list_steps, write_text_atomic
-from minillm_cli.loop import train
-from minillm_cli.recipe_loading import load_recipe, shipped_recipes
+from minillm_cli.config.loading import load_recipe, shipped_recipes
+from minillm_cli.runs.checkpoint import latest_step_dir, list_steps, write_text_atomic
+from minillm_cli.train.loop import train
 from tests.helpers import METHOD_EXTRA, TRAIN_COMMON, cli_process, same_weights, train_tiny, weights
 
 
@@ -90,6 +90,7 @@ def test_existing_run_dir_is_not_overwritten(tmp_path, tiny_dir, tiny_data):
     assert (out / "precious.txt").read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_sigint_mid_run_saves_last_step_and_resume_matches(tmp_path, tiny_dir, tiny_data):
     base = ["distill", "--teacher", str(tiny_dir / "teacher"), "--student", str(tiny_dir / "student"),
             "--data", str(tiny_data), "--max-steps", "40", *TRAIN_COMMON, *METHOD_EXTRA["minillm"],
@@ -117,8 +118,8 @@ def test_sigint_mid_run_saves_last_step_and_resume_matches(tmp_path, tiny_dir, t
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path, tiny_dir, tiny_data, monkeypatch):
     import errno
 
-    from minillm_cli import checkpoint
     from minillm_cli.errors import UserError
+    from minillm_cli.runs import checkpoint
 
     extra = [*METHOD_EXTRA["sft"], "optim.schedule=constant"]
     run = train_tiny(tiny_dir, tiny_data, tmp_path / "run", "sft", 2, extra)
@@ -166,6 +167,7 @@ def test_cpu_recipes_run_a_few_steps_on_tiny_models(tmp_path, tiny_dir, tiny_dat
         assert latest_step_dir(run) is not None, path
 
 
+@pytest.mark.slow
 def test_second_signal_exits_at_once_without_corrupting(tmp_path, tiny_dir, tiny_data):
     base = ["distill", "--teacher", str(tiny_dir / "teacher"), "--student", str(tiny_dir / "student"),
             "--data", str(tiny_data), "--max-steps", "400", *TRAIN_COMMON, *METHOD_EXTRA["minillm"],

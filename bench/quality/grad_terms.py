@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from minillm_cli.config import validate
+from minillm_cli.config.schema import validate
 from minillm_cli.methods.batching import length_groups
 from minillm_cli.methods.minillm import MiniLlmStepper
 
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         return original(self)
 
     MiniLlmStepper.step = step_with_terms  # type: ignore[method-assign]
-    from minillm_cli.loop import train
+    from minillm_cli.train.loop import train
 
     with tempfile.TemporaryDirectory() as tmp:
         tree["output"] = {"dir": str(Path(tmp) / "run")}

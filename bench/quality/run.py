@@ -7,7 +7,7 @@ interrupted study resumes where it stopped (training stages continue from their 
     python bench/quality/run.py --study shared  --out bench/out/quality-shared
 
 Two studies, same arms, same protocol, different data:
-  builtin  the package's task data (minillm_cli/recipes/data/quickstart-*.jsonl) at the quickstart's
+  builtin  the package's task data (recipes/data/quickstart-*.jsonl) at the quickstart's
            shapes, evaluated on its held-out test split (the teacher reaches ~66 Rouge-L there);
   shared   ../shared/data/instruct-train.jsonl, evaluated on instruct-dev.jsonl and seed-tasks.jsonl.
 
@@ -36,10 +36,10 @@ Stages (all on the CPU, fp32):
 Nothing is tuned on the evaluation sets: every setting below was fixed before any evaluation, and no
 dev split is used during training (data.dev_fraction 0). Hyper-parameters are chosen on a dev split
 carved from the training data, never on a held-out set: the built-in data has one
-(minillm_cli/recipes/data/quickstart-dev.jsonl), e.g.
+(recipes/data/quickstart-dev.jsonl), e.g.
 
     python bench/quality/run.py --study builtin --arms minillm,minillm-lr5e-5,minillm-lr1e-4 \
-        --eval-set builtin-dev=minillm_cli/recipes/data/quickstart-dev.jsonl
+        --eval-set builtin-dev=recipes/data/quickstart-dev.jsonl
 
 writes summary-builtin-dev.md beside the held-out sets' summary.md.
 
@@ -61,19 +61,22 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from minillm_cli import checkpoint, student_init
-from minillm_cli import models as models_mod
-from minillm_cli.config import MiniLlmMethod, validate
+from minillm_cli.config.methods import MiniLlmMethod
+from minillm_cli.config.schema import validate
 from minillm_cli.errors import RunStopped, UserError
 from minillm_cli.evaluate import metrics as metrics_mod
 from minillm_cli.evaluate import report as report_mod
+from minillm_cli.evaluate import report_json
 from minillm_cli.evaluate.command import run_eval
-from minillm_cli.loop import train as train_run
-from minillm_cli.rows import file_sha256
+from minillm_cli.models import loading as models_mod
+from minillm_cli.models import student_init
+from minillm_cli.runs import checkpoint
+from minillm_cli.runs.resume_check import file_sha256
+from minillm_cli.train.loop import train as train_run
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = REPO.parent / "shared" / "data"
-BUILTIN_DATA = REPO / "minillm_cli" / "recipes" / "data"
+BUILTIN_DATA = REPO / "recipes" / "data"
 TEACHER = "smollm2-135m-instruct"
 SYSTEM_PROMPT = "Answer briefly."  # as in the quickstart: ~40% fewer prompt tokens than SmolLM2's default
 STUDENT_LAYERS = 8
@@ -112,7 +115,7 @@ class Setup:
     eval_batch_size: int
 
 
-# builtin: the quickstart's task and shapes (minillm_cli/recipes/quickstart.yaml), with the arms' budget
+# builtin: the quickstart's task and shapes (recipes/quickstart.yaml), with the arms' budget
 # of issue 20's equal-budget comparison (48 steps × 16 sequences) and learning rates: sft, kd, seqkd,
 # gkd 5e-5; minillm 2e-5 (the shipped cpu/minillm.yaml). All 204 test rows × 3 seeds: the interval of
 # a Rouge-L difference is about ±1.2 there (issue 20 measured ±1.5 on 128 rows).
@@ -124,7 +127,7 @@ BUILTIN = Setup(
     eval_samples=None, div_samples=64, eval_seeds=(10, 20, 30), eval_new_tokens=32, eval_batch_size=16,
 )
 # shared: the instruction data of ../shared/data at the paper-like shapes of issue 10's study (prompts
-# <= 192 tokens, 64-token responses), learning rates of the shipped minillm_cli/recipes/cpu/*.yaml.
+# <= 192 tokens, 64-token responses), learning rates of the shipped recipes/cpu/*.yaml.
 SHARED = Setup(
     train=str(SHARED_DATA / "instruct-train.jsonl"), max_prompt_tokens=192, max_total_tokens=256,
     teacher_sft_steps=40, teacher_sft_lr=3.0e-4, warmup_steps=100, warmup_lr=5.0e-4, batch_size=8,
@@ -531,7 +534,7 @@ def summarize(study: Study, sets: dict[str, Path], students: dict[str, Path], te
                 buckets["vs_control"][name] = [
                     interval(scores[name][:, bucket_ids == b], scores[CONTROL][:, bucket_ids == b]) if b in present else None
                     for b in range(3)]
-        report = report_mod.from_json(div)
+        report = report_json.from_json(div)
         for row in report.rows:
             row.name = label_of.get(row.name, row.name)
         report_mod.plot_exposure_bias(report, study.out / f"exposure-bias-{set_name}.png", data_name=set_name)

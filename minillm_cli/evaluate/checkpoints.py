@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from minillm_cli import checkpoint, rundir
-from minillm_cli import models as models_mod
 from minillm_cli.errors import UserError
+from minillm_cli.models import loading as models_mod
+from minillm_cli.runs import checkpoint, steps
 
 if TYPE_CHECKING:
     import torch
@@ -36,7 +36,7 @@ def resolve_checkpoint(arg: str, name: str | None = None, say: Callable[[str], N
         UserError: A run dir without complete checkpoint, a path that is not a model, a LoRA step
             whose base model is missing.
     """
-    path = rundir.model_step(Path(arg).expanduser(), arg)
+    path = steps.model_step(Path(arg).expanduser(), arg)
     if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         return ModelSpec(name=name or arg, path=path, base=_lora_base(path, say))
     target = str(path) if path.is_dir() else arg  # a run dir resolved to its step dir
@@ -44,8 +44,8 @@ def resolve_checkpoint(arg: str, name: str | None = None, say: Callable[[str], N
 
 
 def _lora_base(step_dir: Path, say: Callable[[str], None] | None) -> Path:
-    """The base model of a LoRA step (`rundir.lora_base`), resolved like any model argument."""
-    base = rundir.lora_base(step_dir)
+    """The base model of a LoRA step (`steps.lora_base`), resolved like any model argument."""
+    base = steps.lora_base(step_dir)
     if not base:
         raise UserError(f"{step_dir}: LoRA adapter without a base model (no base_model in meta.json)")
     try:

@@ -40,28 +40,23 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from minillm_cli import __version__, cpu_tuning
-from minillm_cli import data as data_mod
-from minillm_cli import models as models_mod
-from minillm_cli.destinations import check_distinct, check_file, existing_path
+from minillm_cli import __version__
+from minillm_cli.data import encoding as data_mod
 from minillm_cli.errors import UserError
 from minillm_cli.evaluate import report as report_mod
-from minillm_cli.evaluate.checkpoints import free, load_checkpoint, output_width, resolve_checkpoint
-from minillm_cli.evaluate.dataset import read_eval_data, read_labels
+from minillm_cli.evaluate import report_json
+from minillm_cli.evaluate.checkpoints import free, load_checkpoint, output_width
 from minillm_cli.evaluate.generate import Generation
 from minillm_cli.evaluate.options import (
-    REFERENCE_METRICS,
     TEACHER_METRICS,
-    baseline_row,
-    build_eval_config,
-    check_fail_under,
-    parse_int_list,
-    parse_metrics,
+    EvalRequest,
+    check_request,
 )
 from minillm_cli.evaluate.scoring import (
     EXACCERR_MIN_SHARE,
@@ -75,7 +70,9 @@ from minillm_cli.evaluate.scoring import (
     teacher_cache,
 )
 from minillm_cli.evaluate.thresholds import check_thresholds
-from minillm_cli.rows import file_sha256
+from minillm_cli.models import cpu_tuning
+from minillm_cli.models import loading as models_mod
+from minillm_cli.runs.resume_check import file_sha256
 
 
 def _sample_rows(name: str, tokenizer: Any, passes: list[list[Generation]], references: list[list[str]],
@@ -124,6 +121,7 @@ def run_eval(
     row_metrics: dict[str, list[str]] | None = None,
     overrides: list[str] | None = None,
     console: Console | None = None,
+    show_tables: bool = True,
 ) -> int:
     """Evaluate `models` (and the teacher) on `data` and report; the engine of `minillm eval`.
 
@@ -151,8 +149,9 @@ def run_eval(
         row_metrics: Model (as in `models`) -> a subset of the metrics for that row only, e.g. to
             skip the teacher divergences of a row nobody compares on them (they cost a teacher
             forward per sampled continuation).
-        overrides: `key=value` EvalConfig overrides (`--set`).
+        overrides: `key=value` EvalConfig overrides (positional `eval.key=value` words).
         console: Where the table and progress go (default: stdout).
+        show_tables: Print the report's tables (a caller that prints its own view turns it off).
 
     Returns:
         0, or 1 when a --fail-under threshold is not met (the failures are printed).
@@ -160,89 +159,70 @@ def run_eval(
     Raises:
         UserError: Any bad input (metric, data, model, option), before models are loaded where possible.
     """
-    import torch
-
-    fail_under = list(fail_under or [])
     console = console or Console()
     out = Console(stderr=True) if json_out == "-" else console
 
     def say(text: str) -> None:
         out.print(text, highlight=False, markup=False)
 
-    # 1. Options, data and model paths: every user error before the first model is loaded.
-    if not models:
-        raise UserError("no model to evaluate; pass at least one MODEL")
-    named = {"greedy": True if greedy else None, "max_samples": max_samples, "max_new_tokens": max_new_tokens,
-             "batch_size": batch_size, "seeds": parse_int_list(seeds, "--seeds") if seeds is not None else None}
-    cfg = build_eval_config(overrides or [], named)
-    if not cfg.seeds:
-        raise UserError("eval.seeds: give at least one seed (the first one also seeds greedy and exposure-bias passes)")
-    configured = cfg.metrics if "metrics" in cfg.model_fields_set else None  # given with --set
-    metric_names = parse_metrics(metrics, configured, teacher is not None)
-    cfg = cfg.model_copy(update={"metrics": metric_names})
-    words = [w.strip() for w in (label_words or "").split(",") if w.strip()]
-    if "calibration" in metric_names and len(words) < 2:
-        raise UserError("--label-words: the calibration metric needs at least two comma-separated label words")
-    if plot_out is not None and "exposure_bias" not in metric_names:
-        raise UserError("--plot draws the exposure-bias curve; add exposure_bias to --metrics (needs --teacher)")
-    names = ([f"{teacher} (teacher)"] if teacher else []) + list(models)
-    for row_name, subset in (row_metrics or {}).items():
-        if row_name not in models or not set(subset) <= set(metric_names):
-            raise UserError(f"row_metrics: {row_name!r}: {subset} must be a subset of {metric_names} for an evaluated model")
-    wanted = [baseline] if isinstance(baseline, str) else list(baseline or [])
-    baseline_names = [name for name in (baseline_row(b, names, teacher) for b in wanted) if name is not None]
-    baseline_name = baseline_names[0] if baseline_names else None
-    check_fail_under(fail_under, metric_names, names, baseline_name)
-    # Outputs: writable files, never an input (the data, a model, the teacher) nor each other.
-    inputs = {name: p for name, value in (("--data", data), *((f"model {m}", m) for m in models), ("--teacher", teacher))
-              if (p := existing_path(value)) is not None}
-    outputs = {"--json": json_out, "--samples": samples_out, "--plot": plot_out}
-    for flag, path in outputs.items():
-        if path is not None:
-            check_file(flag, path, inputs, stdout=flag == "--json")
-    check_distinct(outputs)
-
-    need_refs = [m for m in REFERENCE_METRICS if m in metric_names]
-    examples, rows = read_eval_data(data, need_refs)
-    examples = data_mod.with_system(examples, cfg.system_prompt)
-    if cfg.max_samples is not None:
-        examples, rows = examples[: cfg.max_samples], rows[: cfg.max_samples]
-    labels = read_labels(rows, examples, words) if "calibration" in metric_names else []
-    teacher_spec = resolve_checkpoint(teacher, name=names[0], say=say) if teacher else None
-    specs = [resolve_checkpoint(m, say=say) for m in models]
-
-    # 2. Teacher first: its passes are the teacher-sampled continuations of every student row.
+    request = check_request(models=models, data=data, teacher=teacher, metrics=metrics, seeds=seeds, greedy=greedy,
+                            max_samples=max_samples, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                            label_words=label_words, outputs={"--json": json_out, "--samples": samples_out,
+                                                              "--plot": plot_out},
+                            fail_under=list(fail_under or []), baseline=baseline, row_metrics=row_metrics or {},
+                            overrides=overrides or [], say=say)
     device = models_mod.pick_device("auto")
     cpu_tuning.tune_for_cpu(device.type)
     dtype = models_mod.pick_dtype("auto", device)
+    scored = _score(request, device, dtype, say, out)
+    report = _report(request, scored, data, device, dtype)
+    if show_tables:
+        out.print(report_mod.render_table(report, width=out.width))
+    _write_outputs(report, scored.samples, json_out, samples_out, plot_out, console, say)
+    failures = check_thresholds(report, request.fail_under)
+    for line in failures:
+        out.print(f"[bold red]fail-under:[/] {line}", highlight=False)
+    return 1 if failures else 0
+
+
+@dataclass
+class _Scored:
+    """Every row's numbers, the generated samples and each row's prompt template."""
+
+    rows: list[report_mod.ModelRow] = field(default_factory=list)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    templates: dict[str, str] = field(default_factory=dict)
+
+
+def _score(request: EvalRequest, device: Any, dtype: Any, say: Callable[[str], None], out: Console) -> _Scored:
+    """The teacher first (its continuations are the teacher-sampled text of every student row), then
+    the students one at a time (only one student in memory)."""
+    cfg, metric_names, words = request.cfg, request.metric_names, request.words
     calibrate = "calibration" in metric_names
-    report_rows: list[report_mod.ModelRow] = []
-    samples: list[dict[str, Any]] = []
+    scored = _Scored()
     teacher_state: TeacherState | None = None
     teacher_tok: Any = None
     prompts: Prompts | None = None
-    templates: dict[str, str] = {}
-    if teacher_spec is not None:
-        say(f"loading teacher {teacher_spec.path}")
-        t_model, teacher_tok = load_checkpoint(teacher_spec, device, dtype)
-        prompts = encode_prompts(teacher_tok, examples, cfg, words, calibrate)  # shared by all rows
+    if request.teacher_spec is not None:
+        spec = request.teacher_spec
+        say(f"loading teacher {spec.path}")
+        t_model, teacher_tok = load_checkpoint(spec, device, dtype)
+        prompts = encode_prompts(teacher_tok, request.examples, cfg, words, calibrate)  # shared by all rows
         say(f"data: {prompts.summary} (template: {prompts.template})")
-        row, passes = evaluate_model(teacher_spec.name, t_model, teacher_tok, prompts, cfg, metric_names, device,
-                                     teacher=None, labels=labels, words=words, say=say, console=out)
+        row, passes = evaluate_model(spec.name, t_model, teacher_tok, prompts, cfg, metric_names, device,
+                                     teacher=None, labels=request.labels, words=words, say=say, console=out)
         if any(m in metric_names for m in TEACHER_METRICS) and not passes:
-            passes = generation_passes(t_model, teacher_tok, prompts, cfg, device, say, teacher_spec.name)
-        sampled = None
-        if "exposure_bias" in metric_names:
-            sampled = exposure_pass(passes, t_model, teacher_tok, prompts, cfg, device)
+            passes = generation_passes(t_model, teacher_tok, prompts, cfg, device, say, spec.name)
+        sampled = exposure_pass(passes, t_model, teacher_tok, prompts, cfg, device) \
+            if "exposure_bias" in metric_names else None
         width = output_width(t_model)
         teacher_state = TeacherState(model=t_model, passes=passes, sampled=sampled, width=width,
                                      logits_cache=teacher_cache(passes, cfg.max_new_tokens, width))
-        report_rows.append(row)
-        templates[teacher_spec.name] = prompts.template
-        samples += _sample_rows(teacher_spec.name, teacher_tok, passes, prompts.references, prompts.encoded)
+        scored.rows.append(row)
+        scored.templates[spec.name] = prompts.template
+        scored.samples += _sample_rows(spec.name, teacher_tok, passes, prompts.references, prompts.encoded)
 
-    # 3. Students one at a time (only one student in memory).
-    for spec in specs:
+    for spec in request.specs:
         say(f"loading {spec.path}" + (f" (LoRA on {spec.base})" if spec.base else ""))
         model, tok = load_checkpoint(spec, device, dtype)
         if teacher_state is not None:
@@ -250,26 +230,33 @@ def run_eval(
                                         student_vocab=output_width(model))
             row_prompts = prompts
         else:
-            row_prompts = encode_prompts(tok, examples, cfg, words, calibrate)
+            row_prompts = encode_prompts(tok, request.examples, cfg, words, calibrate)
             say(f"data: {row_prompts.summary} (template: {row_prompts.template})")
         assert row_prompts is not None
-        templates[spec.name] = row_prompts.template
+        scored.templates[spec.name] = row_prompts.template
         row, passes = evaluate_model(spec.name, model, tok, row_prompts, cfg,
-                                     (row_metrics or {}).get(spec.name, metric_names), device, teacher=teacher_state, labels=labels, words=words, say=say, console=out)
-        report_rows.append(row)
-        samples += _sample_rows(spec.name, tok, passes, row_prompts.references, row_prompts.encoded)
+                                     request.row_metrics.get(spec.name, metric_names), device, teacher=teacher_state,
+                                     labels=request.labels, words=words, say=say, console=out)
+        scored.rows.append(row)
+        scored.samples += _sample_rows(spec.name, tok, passes, row_prompts.references, row_prompts.encoded)
         free(model)
     if teacher_state is not None:
         free(teacher_state.model)
-        teacher_state = None
+    return scored
 
-    # 4. Report.
-    n_prompts = len(examples)
-    exaccerr_length = add_exaccerr(report_rows, n_prompts)
+
+def _report(request: EvalRequest, scored: _Scored, data: str, device: Any, dtype: Any) -> report_mod.EvalReport:
+    """The report: the rows, the settings they were made with, and the paired comparisons."""
+    import torch
+
+    cfg = request.cfg
+    n_prompts = len(request.examples)
+    exaccerr_length = add_exaccerr(scored.rows, n_prompts)
     source = Path(data).expanduser()
+    spec_json = lambda s: {"name": s.name, "path": str(s.path), "lora_base": str(s.base) if s.base else None}  # noqa: E731
     settings: dict[str, Any] = {
         "split": "test",
-        "metrics": metric_names,
+        "metrics": request.metric_names,
         "seeds": None if cfg.greedy else cfg.seeds,
         "decoding": {
             "greedy": cfg.greedy, "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p,
@@ -279,27 +266,28 @@ def run_eval(
         },
         "data": {"path": data, "sha256": file_sha256(source) if source.is_file() else None,
                  "examples": n_prompts, "max_samples": cfg.max_samples},
-        "templates": templates,
-        "models": [{"name": s.name, "path": str(s.path), "lora_base": str(s.base) if s.base else None} for s in specs],
-        "teacher": ({"name": teacher_spec.name, "path": str(teacher_spec.path),
-                     "lora_base": str(teacher_spec.base) if teacher_spec.base else None} if teacher_spec else None),
-        "label_words": words or None,
+        "templates": scored.templates,
+        "models": [spec_json(s) for s in request.specs],
+        "teacher": spec_json(request.teacher_spec) if request.teacher_spec else None,
+        "label_words": request.words or None,
         "exposure_bias": ({"seed": cfg.seeds[0], "length": exaccerr_length, "min_share": EXACCERR_MIN_SHARE}
-                          if "exposure_bias" in metric_names else None),
+                          if "exposure_bias" in request.metric_names else None),
         "units": {"rougeL": "%", "em": "%", "dist4": "%", "agreement": "%", "accuracy": "%",
                   "loss": "nats/token", "kl": "nats/token", "ece": "fraction", "exaccerr": "%"},
         "device": str(device), "dtype": str(dtype).removeprefix("torch."),
         "minillm_version": __version__, "torch_version": torch.__version__,
     }
-    comparisons = [report_mod.compare(report_rows, name) for name in baseline_names]
-    report = report_mod.EvalReport(settings=settings, rows=report_rows, split="test",
-                                   comparison=comparisons[0] if comparisons else None,
-                                   more_comparisons=comparisons[1:])
-    out.print(report_mod.render_table(report, width=out.width))
+    comparisons = [report_mod.compare(scored.rows, name) for name in request.baselines]
+    return report_mod.EvalReport(settings=settings, rows=scored.rows, split="test",
+                                 comparison=comparisons[0] if comparisons else None, more_comparisons=comparisons[1:])
+
+
+def _write_outputs(report: report_mod.EvalReport, samples: list[dict[str, Any]], json_out: str | None,
+                   samples_out: str | None, plot_out: str | None, console: Console, say: Callable[[str], None]) -> None:
     if json_out == "-":
-        console.file.write(json.dumps(report_mod.to_json(report), indent=2, allow_nan=False) + "\n")
+        console.file.write(json.dumps(report_json.to_json(report), indent=2, allow_nan=False) + "\n")
     elif json_out is not None:
-        _written("--json", json_out, lambda: report_mod.write_json(report, Path(json_out).expanduser()))
+        _written("--json", json_out, lambda: report_json.write_json(report, Path(json_out).expanduser()))
         say(f"wrote {json_out}")
     if samples_out is not None:
         _write_text(samples_out, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
@@ -307,8 +295,3 @@ def run_eval(
     if plot_out is not None:
         _written("--plot", plot_out, lambda: report_mod.plot_exposure_bias(report, Path(plot_out).expanduser()))
         say(f"wrote {plot_out}")
-
-    failures = check_thresholds(report, fail_under)
-    for line in failures:
-        out.print(f"[bold red]fail-under:[/] {line}", highlight=False)
-    return 1 if failures else 0

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from minillm_cli import data as data_mod
-from minillm_cli import rows as rows_mod
+from minillm_cli.data import encoding as data_mod
+from minillm_cli.data import rows as rows_mod
 from minillm_cli.errors import UserError
 
 # Reference column(s) of the row formats whose prompt column is the key.

@@ -17,11 +17,23 @@ caller's business.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 from torch import Tensor
 
-from minillm_cli.losses import align_vocab, forward_kl, reverse_kl
+from minillm_cli.data import encoding as data_mod
+from minillm_cli.data.encoding import Encoded
+from minillm_cli.evaluate.generate import Generation, as_encoded, pairs
+from minillm_cli.losses.divergences import align_vocab, forward_kl, reverse_kl
 from minillm_cli.methods.batching import response_logits
+
+
+def teacher_forward(teacher: torch.nn.Module, b: dict[str, Tensor]) -> Tensor:
+    """The teacher's (B, T, Vp) response logits of a batch (one place, so that a test can count them)."""
+    return response_logits(teacher, b)
 
 
 def top1_agreement(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Tensor:
@@ -68,7 +80,7 @@ def divergences(
     b = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
          "response_mask": response_mask}
     q_logits = response_logits(student, b)  # (B, T, Vq)
-    p_logits = teacher_logits if teacher_logits is not None else response_logits(teacher, b)  # (B, T, Vp)
+    p_logits = teacher_logits if teacher_logits is not None else teacher_forward(teacher, b)  # (B, T, Vp)
     p_logits = p_logits.to(q_logits.device)
     mask = response_mask.to(q_logits.device)
     return {
@@ -76,3 +88,122 @@ def divergences(
         "rkl": reverse_kl(q_logits, p_logits, mask, chunk_size=chunk_size),
         "agree": top1_agreement(q_logits, p_logits, mask),
     }
+
+
+@dataclass
+class Divergences:
+    """Per-token divergences of N continuations, padded to a common width L (numpy, fp32)."""
+
+    fkl: np.ndarray
+    """(N, L) forward KL(p‖q) per response position."""
+    rkl: np.ndarray
+    """(N, L) reverse KL(q‖p)."""
+    agree: np.ndarray
+    """(N, L) top-1 agreement (0/1)."""
+    mask: np.ndarray
+    """(N, L) 1 on valid response positions."""
+
+    def token_mean(self, name: str) -> float:
+        """Mean of `fkl`, `rkl` or `agree` over all valid response tokens (NaN if there are none)."""
+        n = self.mask.sum()
+        return float(getattr(self, name).sum() / n) if n else float("nan")
+
+    def per_row(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(N,) sums of `fkl`, `rkl` or `agree` over each row's valid tokens and (N,) their counts:
+        `token_mean` is sums.sum() / counts.sum() (the parts a paired comparison resamples)."""
+        return (getattr(self, name) * self.mask).sum(-1).astype(np.float64), self.mask.sum(-1).astype(np.float64)
+
+
+@torch.no_grad()
+def continuation_divergences(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    generations: Sequence[Generation],
+    *,
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    width: int,
+    teacher_cache: dict[int, torch.Tensor] | None = None,
+) -> Divergences:
+    """KL(p‖q), KL(q‖p) and top-1 agreement at every position of some continuations.
+
+    Both models are teacher-forced over prompt + continuation (whoever sampled it); the formulas are
+    in `divergences` above. Row i belongs to `generations[i]`. With `teacher_cache` (one dict per list of
+    generations, shared by every student scored on them), the teacher's logits of each batch are
+    kept there on first use, keyed by the batch's first row, and reused: the batches are the same
+    rows for every student, so the numbers are those of a fresh forward.
+
+    Args:
+        student, teacher: Causal LMs sharing a vocabulary, on `device`.
+        generations: The continuations.
+        pad_id: Padding id.
+        batch_size: Continuations per forward.
+        device: Where the models live.
+        width: L, the padded width (at least the longest continuation, e.g. max_new_tokens).
+
+    Returns:
+        `Divergences` with (N, width) arrays.
+    """
+    n = len(generations)
+    fkl, rkl, agree, mask = (np.zeros((n, width), dtype=np.float32) for _ in range(4))
+    items = as_encoded(generations)
+    for start in range(0, n, batch_size):
+        b = pairs(items[start : start + batch_size], pad_id, device)
+        if not bool(b["response_mask"].any()):
+            continue  # only empty continuations: nothing to score
+        cached = teacher_cache.get(start) if teacher_cache is not None else None
+        if teacher_cache is not None and cached is None:
+            cached = teacher_cache[start] = teacher_forward(teacher, b)  # (b, T, Vp)
+        d = divergences(student, teacher, b["prompt_ids"], b["prompt_mask"], b["response_ids"],
+                                     b["response_mask"], teacher_logits=cached)
+        rows, t = slice(start, start + b["response_ids"].shape[0]), b["response_ids"].shape[1]
+        fkl[rows, :t] = d["fkl"].cpu().numpy()
+        rkl[rows, :t] = d["rkl"].cpu().numpy()
+        agree[rows, :t] = d["agree"].cpu().numpy()
+        mask[rows, :t] = b["response_mask"].cpu().numpy()
+    return Divergences(fkl=fkl, rkl=rkl, agree=agree, mask=mask)
+
+
+@torch.no_grad()
+def label_probabilities(
+    model: torch.nn.Module,
+    prompts: Sequence[Encoded],
+    label_token_ids: Sequence[int],
+    *,
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+) -> np.ndarray:
+    """Next-token probabilities of the label tokens after each prompt, softmax restricted to them.
+
+        P(label k | x) = exp(z_k) / sum_j exp(z_j),  z = the logits of the first token after x,
+                                                    k and j running over the label tokens only
+
+    Args:
+        model: A causal LM.
+        prompts: Rendered, cut prompts.
+        label_token_ids: The first token id of each label word (distinct).
+        pad_id: Padding id.
+        batch_size: Prompts per forward.
+        device: Where the model lives.
+
+    Returns:
+        (N, K) fp32 probabilities, rows summing to 1.
+    """
+    was_training = model.training
+    model.eval()
+    labels = torch.tensor(list(label_token_ids), dtype=torch.long, device=device)
+    rows: list[np.ndarray] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            ids, mask = data_mod.collate_prompts(list(prompts[start : start + batch_size]), pad_id)  # (B, P)
+            ids, mask = ids.to(device), mask.to(device)
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # real-token positions under left padding
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
+                           logits_to_keep=1).logits[:, -1]  # (B, V)
+            probs = logits.float()[:, labels].softmax(-1)  # (B, K)
+            rows.append(probs.cpu().numpy())
+    finally:
+        model.train(was_training)
+    return np.concatenate(rows, axis=0)

@@ -5,15 +5,16 @@ output paths (see `evaluate.command` for the protocol)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from minillm_cli.config import EvalConfig
+from minillm_cli.config.loading import parse_override
+from minillm_cli.config.schema import EvalConfig
 from minillm_cli.errors import UserError
 from minillm_cli.evaluate import metrics as metrics_mod
 from minillm_cli.evaluate import report as report_mod
 from minillm_cli.evaluate import thresholds
-from minillm_cli.recipe_loading import parse_override
 
 KNOWN_METRICS = ("rougeL", "em", "loss", "kl", "agreement", "exposure_bias", "calibration", "dist4")
 TEACHER_METRICS = ("kl", "agreement", "exposure_bias")
@@ -134,3 +135,85 @@ def check_fail_under(specs: list[str], metric_names: list[str], names: list[str]
             raise UserError(f"--fail-under {spec!r}: {base} is not a mean over prompts, so it has no paired "
                             f"interval; paired: {', '.join(c for c in columns if c in PAIRED_COLUMNS)}")
     thresholds.check_thresholds(report_mod.EvalReport(settings={}, rows=rows, comparison=comparison), early)
+
+
+@dataclass
+class EvalRequest:
+    """An evaluation, checked before any model is loaded: what to score, on what, how, against what."""
+
+    cfg: EvalConfig
+    metric_names: list[str]
+    words: list[str]
+    """Label words (calibration)."""
+    examples: list[Any]
+    """The evaluation examples (rows.Example), cut to max_samples, with the system prompt."""
+    labels: list[str]
+    """The label word of each example (calibration), else empty."""
+    teacher_spec: Any
+    """`checkpoints.Checkpoint` of the teacher, or None."""
+    specs: list[Any]
+    """`checkpoints.Checkpoint` of every model, in order."""
+    baselines: list[str]
+    """Report rows every other row is compared with (the first is the report's comparison)."""
+    row_metrics: dict[str, list[str]]
+    fail_under: list[str]
+
+
+def check_request(*, models: list[str], data: str, teacher: str | None, metrics: str | None, seeds: str | None,
+                  greedy: bool, max_samples: int | None, max_new_tokens: int | None, batch_size: int | None,
+                  label_words: str | None, outputs: dict[str, str | None], fail_under: list[str],
+                  baseline: str | Sequence[str] | None, row_metrics: dict[str, list[str]], overrides: list[str],
+                  say: Callable[[str], None]) -> EvalRequest:
+    """Every user error of `minillm eval` (options, output paths, data, model paths), before any model loads.
+
+    Raises:
+        UserError: naming the flag, key, file or model.
+    """
+    from minillm_cli.data import encoding as data_mod
+    from minillm_cli.evaluate.checkpoints import resolve_checkpoint
+    from minillm_cli.evaluate.dataset import read_eval_data, read_labels
+    from minillm_cli.runs.destinations import check_distinct, check_file, check_home, existing_path
+
+    if not models:
+        raise UserError("no model to evaluate; pass at least one MODEL")
+    for flag, value in (("--data", data), ("--teacher", teacher), *(("model", m) for m in models)):
+        check_home(flag, value)
+    named = {"greedy": True if greedy else None, "max_samples": max_samples, "max_new_tokens": max_new_tokens,
+             "batch_size": batch_size, "seeds": parse_int_list(seeds, "--seeds") if seeds is not None else None}
+    cfg = build_eval_config(overrides, named)
+    if not cfg.seeds:
+        raise UserError("eval.seeds: give at least one seed (the first one also seeds greedy and exposure-bias passes)")
+    configured = cfg.metrics if "metrics" in cfg.model_fields_set else None  # given as an eval.metrics override
+    metric_names = parse_metrics(metrics, configured, teacher is not None)
+    cfg = cfg.model_copy(update={"metrics": metric_names})
+    words = [w.strip() for w in (label_words or "").split(",") if w.strip()]
+    if "calibration" in metric_names and len(words) < 2:
+        raise UserError("--label-words: the calibration metric needs at least two comma-separated label words")
+    if outputs.get("--plot") is not None and "exposure_bias" not in metric_names:
+        raise UserError("--plot draws the exposure-bias curve; add exposure_bias to --metrics (needs --teacher)")
+    names = ([f"{teacher} (teacher)"] if teacher else []) + list(models)
+    for row_name, subset in row_metrics.items():
+        if row_name not in models or not set(subset) <= set(metric_names):
+            raise UserError(f"row_metrics: {row_name!r}: {subset} must be a subset of {metric_names} for an evaluated model")
+    wanted = [baseline] if isinstance(baseline, str) else list(baseline or [])
+    baselines = [name for name in (baseline_row(b, names, teacher) for b in wanted) if name is not None]
+    check_fail_under(fail_under, metric_names, names, baselines[0] if baselines else None)
+    # Outputs: writable files, never an input (the data, a model, the teacher) nor each other.
+    inputs = {name: p for name, value in (("--data", data), *((f"model {m}", m) for m in models), ("--teacher", teacher))
+              if (p := existing_path(value)) is not None}
+    for flag, path in outputs.items():
+        if path is not None:
+            check_file(flag, path, inputs, stdout=flag == "--json")
+    check_distinct(outputs)
+
+    need_refs = [m for m in REFERENCE_METRICS if m in metric_names]
+    examples, rows = read_eval_data(data, need_refs)
+    examples = data_mod.with_system(examples, cfg.system_prompt)
+    if cfg.max_samples is not None:
+        examples, rows = examples[: cfg.max_samples], rows[: cfg.max_samples]
+    labels = read_labels(rows, examples, words) if "calibration" in metric_names else []
+    teacher_spec = resolve_checkpoint(teacher, name=names[0], say=say) if teacher else None
+    specs = [resolve_checkpoint(m, say=say) for m in models]
+    return EvalRequest(cfg=cfg, metric_names=metric_names, words=words, examples=examples, labels=labels,
+                       teacher_spec=teacher_spec, specs=specs, baselines=baselines, row_metrics=row_metrics,
+                       fail_under=fail_under)

@@ -10,13 +10,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from minillm_cli import data as data_mod
-from minillm_cli.config import EvalConfig
+from minillm_cli.config.schema import EvalConfig
+from minillm_cli.data import encoding as data_mod
 from minillm_cli.errors import UserError
+from minillm_cli.evaluate import distribution
 from minillm_cli.evaluate import generate as gen_mod
 from minillm_cli.evaluate import metrics as metrics_mod
 from minillm_cli.evaluate import report as report_mod
-from minillm_cli.evaluate.generate import Divergences, Generation
+from minillm_cli.evaluate.distribution import Divergences
+from minillm_cli.evaluate.generate import Generation
 from minillm_cli.evaluate.options import COLUMNS, TEACHER_METRICS, TEXT_METRICS
 from minillm_cli.progress import Phase
 
@@ -142,7 +144,7 @@ def _calibration(model: "torch.nn.Module", tokenizer: Any, prompts: Prompts, lab
                  cfg: EvalConfig, device: "torch.device") -> tuple[dict[str, float], np.ndarray]:
     """ECE (fraction) and accuracy (%) from the label-word probabilities, and the (N,) per-prompt
     accuracy (0 or 100) in the order of `prompts.calibration`."""
-    probs = gen_mod.label_probabilities(model, prompts.calibration, prompts.label_ids, pad_id=tokenizer.pad_token_id,
+    probs = distribution.label_probabilities(model, prompts.calibration, prompts.label_ids, pad_id=tokenizer.pad_token_id,
                                         batch_size=cfg.batch_size, device=device)  # (N, K)
     predictions = [words[k] for k in probs.argmax(-1)]
     gold = [labels[e.index] for e in prompts.calibration]
@@ -219,9 +221,9 @@ def evaluate_model(
             with phase:
                 divergences = []
                 for gens_s, gens_t, cache in zip(passes, teacher.passes, caches):
-                    d_s = gen_mod.continuation_divergences(model, teacher.model, gens_s, **kw)
+                    d_s = distribution.continuation_divergences(model, teacher.model, gens_s, **kw)
                     phase.advance()
-                    d_t = gen_mod.continuation_divergences(model, teacher.model, gens_t, teacher_cache=cache, **kw)
+                    d_t = distribution.continuation_divergences(model, teacher.model, gens_t, teacher_cache=cache, **kw)
                     phase.advance()
                     divergences.append((gens_s, gens_t, d_s, d_t))
             for gens_s, gens_t, d_s, d_t in divergences:
@@ -241,8 +243,8 @@ def evaluate_model(
             if first is None or cfg.greedy:  # divergences of the sampled first-seed continuations
                 sampled = exposure_pass(passes, model, tokenizer, prompts, cfg, device)
                 assert teacher.sampled is not None
-                first = (gen_mod.continuation_divergences(model, teacher.model, sampled, **kw),
-                         gen_mod.continuation_divergences(model, teacher.model, teacher.sampled, **kw))
+                first = (distribution.continuation_divergences(model, teacher.model, sampled, **kw),
+                         distribution.continuation_divergences(model, teacher.model, teacher.sampled, **kw))
             d_s, d_t = first
             curves[report_mod.EXPOSURE_BIAS] = metrics_mod.exposure_bias_curve(d_s.fkl, d_t.fkl, d_s.mask, d_t.mask)
 

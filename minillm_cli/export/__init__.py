@@ -1,6 +1,6 @@
 """Export one checkpoint of a run as a Hugging Face directory or a GGUF file, verified by reloading it.
 
-`export(run_or_step_dir, opts)` (command.py) picks a step dir (`rundir.pick_step`), loads the student
+`export(run_or_step_dir, opts)` (command.py) picks a step dir (`steps.pick_step`), loads the student
 in fp32 (merging a LoRA adapter into its base unless told not to), computes reference logits on a
 fixed prompt, writes the export into a temporary directory next to `opts.out`, reloads it from those
 files alone and compares logits again (verify.py). Only a complete, verified export is renamed to

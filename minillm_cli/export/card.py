@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from minillm_cli import __version__, rundir
+from minillm_cli import __version__
 from minillm_cli.export.options import ExportOptions
+from minillm_cli.runs import steps
 
 CARD_SIGNATURE = "A student distilled with minillm"
 
@@ -27,7 +28,7 @@ def _dev_metrics(step_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
         return dict(meta["dev_metrics"])
     step = meta.get("step")
     found: dict[str, Any] = {}
-    for row in rundir.read_metrics(step_dir.parent):
+    for row in steps.read_metrics(step_dir.parent):
         dev = {k: v for k, v in row.items() if k.startswith("dev/")}
         if dev and (step is None or not isinstance(row.get("step"), int) or row["step"] <= step):
             found = dev
@@ -38,7 +39,7 @@ def _read_recipe(step_dir: Path) -> dict[str, Any]:
     """The resolved recipe saved with the step (or the run), as a dict; {} if absent or unreadable."""
     import yaml
 
-    path = rundir.step_recipe(step_dir)
+    path = steps.step_recipe(step_dir)
     if path is None:
         return {}
     try:

@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from minillm_cli import rundir
 from minillm_cli.errors import UserError
 from minillm_cli.export.card import is_export, model_card
 from minillm_cli.export.gguf import write_gguf
@@ -15,6 +14,7 @@ from minillm_cli.export.hf import write_adapter, write_hf
 from minillm_cli.export.options import ExportOptions, ExportResult, check_options
 from minillm_cli.export.verify import load_source, prompt_ids, tolerance_for, verify
 from minillm_cli.progress import Phase
+from minillm_cli.runs import steps
 
 
 def export(run_or_step_dir: Path, opts: ExportOptions, console: Any = None) -> ExportResult:
@@ -35,10 +35,10 @@ def export(run_or_step_dir: Path, opts: ExportOptions, console: Any = None) -> E
     import torch
 
     check_options(opts)
-    step_dir = rundir.pick_step(Path(run_or_step_dir), opts.step)
+    step_dir = steps.pick_step(Path(run_or_step_dir), opts.step)
     out = Path(opts.out)
     _check_out(out, step_dir, opts.overwrite)
-    meta = rundir.read_json(step_dir / "meta.json")
+    meta = steps.read_json(step_dir / "meta.json")
     is_lora = bool(meta.get("lora")) or (step_dir / "adapter_config.json").is_file()
     if is_lora and not opts.merge_lora and (opts.format != "safetensors" or opts.dtype is not None):
         raise UserError("--no-merge keeps the LoRA adapter as trained: it cannot be combined with --format gguf or --dtype")

@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from minillm_cli import rundir
 from minillm_cli.errors import UserError
 from minillm_cli.export.options import TORCH_DTYPES, ExportOptions
+from minillm_cli.runs import steps
 
 if TYPE_CHECKING:
     import torch
@@ -46,7 +46,7 @@ def load_source(step_dir: Path, is_lora: bool) -> tuple[Any, Any, str]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from minillm_cli.checkpoint import check_weights
+    from minillm_cli.runs.checkpoint import check_weights
 
     check_weights(step_dir)  # name a truncated or garbage file before transformers trips over it
     tokenizer = AutoTokenizer.from_pretrained(step_dir)
@@ -60,8 +60,8 @@ def load_source(step_dir: Path, is_lora: bool) -> tuple[Any, Any, str]:
 
 
 def _base_model_dir(step_dir: Path) -> Path:
-    """The local base model directory a LoRA step was trained on (`rundir.lora_base`)."""
-    base = rundir.lora_base(step_dir)
+    """The local base model directory a LoRA step was trained on (`steps.lora_base`)."""
+    base = steps.lora_base(step_dir)
     if not base or not (Path(base) / "config.json").is_file():
         raise UserError(f"{step_dir / 'meta.json'}: base_model {base!r} is not a model directory; the LoRA adapter needs it")
     return Path(base)
@@ -73,7 +73,7 @@ def _load_adapter(adapter_dir: Path, base: Path) -> Any:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from minillm_cli.checkpoint import check_weights
+    from minillm_cli.runs.checkpoint import check_weights
 
     check_weights(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -82,7 +82,7 @@ def _load_adapter(adapter_dir: Path, base: Path) -> Any:
 
 def _stored_dtype(model_dir: Path) -> str:
     """`fp32` / `fp16` / `bf16`: the dtype the weights were saved in, from config.json (fp32 if unstated)."""
-    config = rundir.read_json(model_dir / "config.json")
+    config = steps.read_json(model_dir / "config.json")
     name = str(config.get("dtype") or config.get("torch_dtype") or "float32")
     by_torch_name = {v: k for k, v in TORCH_DTYPES.items()}
     return by_torch_name.get(name.removeprefix("torch."), "fp32")

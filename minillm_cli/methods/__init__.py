@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Protocol
 
 from torch import Tensor
 
-from minillm_cli.context import Ctx
+from minillm_cli.methods.context import Ctx
 from minillm_cli.methods.gkd import GkdStepper
 from minillm_cli.methods.kd import KdStepper
 from minillm_cli.methods.minillm import MiniLlmStepper

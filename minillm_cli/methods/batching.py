@@ -8,8 +8,8 @@ from typing import TypeVar
 
 import torch
 
-from minillm_cli import data as data_mod
-from minillm_cli.context import Ctx
+from minillm_cli.data import encoding as data_mod
+from minillm_cli.methods.context import Ctx
 
 
 class TokenMean:
@@ -55,7 +55,7 @@ def response_logits(model: torch.nn.Module, b: dict[str, torch.Tensor], vocab: i
     """Teacher-forced logits of every response position: column t predicts response token t.
 
     One forward over `[left-padded prompt | right-padded response]` (layout of
-    `rollout.concat_prompt_response`), keeping only the last T + 1 logit columns.
+    `sampling.batch.concat_prompt_response`), keeping only the last T + 1 logit columns.
 
     Args:
         model: A causal LM.
@@ -65,7 +65,7 @@ def response_logits(model: torch.nn.Module, b: dict[str, torch.Tensor], vocab: i
     Returns:
         (B, T, V) logits in the model's dtype.
     """
-    from minillm_cli.rollout import concat_prompt_response
+    from minillm_cli.sampling.batch import concat_prompt_response
 
     input_ids, attention_mask, position_ids = concat_prompt_response(
         b["prompt_ids"], b["prompt_mask"], b["response_ids"], b["response_mask"])
@@ -153,8 +153,8 @@ def jsd_backward(ctx: Ctx, teacher: torch.nn.Module, batches: list[dict[str, tor
     Rows of similar length go through the models together (`length_groups`); the teacher runs under
     no_grad; gradients sync on the last backward only. Returns the `TokenMean` and the summed
     divergence (detached): `mean.value(total)` is the loss to log."""
-    from minillm_cli import losses
-    from minillm_cli.context import check_stop
+    from minillm_cli.losses import divergences
+    from minillm_cli.methods.context import check_stop
 
     mean = TokenMean(ctx, sum(b["response_mask"].sum() for b in batches))
     total = torch.zeros((), device=ctx.device)
@@ -165,7 +165,7 @@ def jsd_backward(ctx: Ctx, teacher: torch.nn.Module, batches: list[dict[str, tor
         logits = response_logits(ctx.student, g)  # (b, t, V)
         with torch.no_grad():
             t_logits = response_logits(teacher, g, vocab=logits.shape[-1])  # (b, t, V)
-        div = losses.generalized_jsd(logits, t_logits, g["response_mask"], beta=beta,
+        div = divergences.generalized_jsd(logits, t_logits, g["response_mask"], beta=beta,
                                      chunk_size=ctx.recipe.train.chunk_size)  # (b, t)
         loss_sum = (div * g["response_mask"]).sum()
         mean.backward(loss_sum if real else loss_sum * 0.0, last=i == len(groups) - 1, weight=weight)

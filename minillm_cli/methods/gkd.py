@@ -14,12 +14,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from minillm_cli import data as data_mod
-from minillm_cli.config import GkdMethod
-from minillm_cli.context import Ctx, check_stop
+from minillm_cli.config.methods import GkdMethod
+from minillm_cli.data import encoding as data_mod
 from minillm_cli.methods.batching import (
     jsd_backward,
 )
+from minillm_cli.methods.context import Ctx, check_stop
 
 
 class GkdStepper:
@@ -35,7 +35,7 @@ class GkdStepper:
         self.cfg = ctx.recipe.method
 
     def _on_policy(self, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        from minillm_cli.rollout import sample
+        from minillm_cli.sampling.rollout import sample
 
         ctx, r = self.ctx, self.ctx.recipe.rollout
         roll = sample(ctx.accelerator.unwrap_model(ctx.student), b["prompt_ids"], b["prompt_mask"], alpha=0.0,

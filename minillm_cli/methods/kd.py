@@ -5,7 +5,7 @@ to the teacher's softmax at temperature 1); reverse KL, skew KL / skew reverse K
 generalized JSD can be chosen with `method.loss`. Token mean over the global batch, like SFT.
 
 With `data.teacher_cache` no teacher is loaded: D is computed from the cached top-k log-probs
-(`losses.sparse_divergence`: the top-k ids plus one tail bucket), read for each micro-batch.
+(`sparse.sparse_divergence`: the top-k ids plus one tail bucket), read for each micro-batch.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from minillm_cli import losses
-from minillm_cli.config import KdMethod
-from minillm_cli.context import Ctx, check_stop
-from minillm_cli.data import Encoded
+from minillm_cli.config.methods import KdMethod
+from minillm_cli.data.encoding import Encoded
+from minillm_cli.losses import divergences, sparse
+from minillm_cli.losses import logprobs as logprobs_mod
 from minillm_cli.methods.batching import micro_batches, response_logits
+from minillm_cli.methods.context import Ctx, check_stop
 
 
 def divergence(cfg: KdMethod, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
@@ -27,16 +28,16 @@ def divergence(cfg: KdMethod, student_logits: torch.Tensor, teacher_logits: torc
     """Per-token divergence chosen by `cfg.loss`: (B, T) fp32, 0 where mask is 0."""
     kw: dict[str, Any] = {"chunk_size": chunk_size}
     if cfg.loss == "forward_kl":
-        return losses.forward_kl(student_logits, teacher_logits, mask, **kw)
+        return divergences.forward_kl(student_logits, teacher_logits, mask, **kw)
     if cfg.loss == "reverse_kl":
-        return losses.reverse_kl(student_logits, teacher_logits, mask, **kw)
+        return divergences.reverse_kl(student_logits, teacher_logits, mask, **kw)
     if cfg.loss == "skew_forward_kl":
-        return losses.skew_forward_kl(student_logits, teacher_logits, mask, alpha=cfg.skew_alpha, **kw)
+        return divergences.skew_forward_kl(student_logits, teacher_logits, mask, alpha=cfg.skew_alpha, **kw)
     if cfg.loss == "skew_reverse_kl":
-        return losses.skew_reverse_kl(student_logits, teacher_logits, mask, alpha=cfg.skew_alpha, **kw)
+        return divergences.skew_reverse_kl(student_logits, teacher_logits, mask, alpha=cfg.skew_alpha, **kw)
     if cfg.loss == "tvd":
-        return losses.tvd(student_logits, teacher_logits, mask, **kw)
-    return losses.generalized_jsd(student_logits, teacher_logits, mask, beta=cfg.jsd_beta, **kw)
+        return divergences.tvd(student_logits, teacher_logits, mask, **kw)
+    return divergences.generalized_jsd(student_logits, teacher_logits, mask, beta=cfg.jsd_beta, **kw)
 
 
 def teacher_divergence(ctx: Ctx, cfg: KdMethod, student_logits: torch.Tensor, b: dict[str, torch.Tensor],
@@ -46,7 +47,7 @@ def teacher_divergence(ctx: Ctx, cfg: KdMethod, student_logits: torch.Tensor, b:
     mask, chunk = b["response_mask"], ctx.recipe.train.chunk_size
     if ctx.teacher_cache is not None:
         ids, logprobs, tail = ctx.teacher_cache.batch(examples, mask.shape[1], ctx.device)  # (B, T, K) x2, (B, T)
-        return losses.sparse_divergence(student_logits, ids, logprobs, tail, mask, loss=cfg.loss,
+        return sparse.sparse_divergence(student_logits, ids, logprobs, tail, mask, loss=cfg.loss,
                                         alpha=cfg.skew_alpha, beta=cfg.jsd_beta, chunk_size=chunk)
     assert ctx.teacher is not None  # guaranteed by prepare.resolve_models for teacher methods
     with torch.no_grad():
@@ -74,7 +75,7 @@ class KdStepper:
             check_stop(ctx)
             mask = b["response_mask"]
             logits = response_logits(ctx.student, b)  # (B, T, V)
-            nll = -losses.token_logprobs(logits, b["response_ids"], chunk_size=tr.chunk_size)  # (B, T)
+            nll = -logprobs_mod.token_logprobs(logits, b["response_ids"], chunk_size=tr.chunk_size)  # (B, T)
             rows = examples[i * tr.batch_size : (i + 1) * tr.batch_size]  # micro-batch i, as micro_batches cuts it
             div = teacher_divergence(ctx, self.cfg, logits, b, rows)  # (B, T)
             sft_sum, kd_sum = (nll * mask).sum(), (div * mask).sum()

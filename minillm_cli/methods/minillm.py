@@ -51,12 +51,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from minillm_cli import data as data_mod
-from minillm_cli import losses, policy_gradient
-from minillm_cli.config import MiniLlmMethod
-from minillm_cli.config import check_minillm_sampler as check_sampler
-from minillm_cli.context import Ctx, check_stop
+from minillm_cli.config.methods import MiniLlmMethod
+from minillm_cli.config.schema import check_minillm_sampler as check_sampler
+from minillm_cli.data import encoding as data_mod
 from minillm_cli.errors import UserError
+from minillm_cli.losses import divergences, logprobs, objectives, policy_gradient
 from minillm_cli.methods.batching import (
     TokenMean,
     even_passes,
@@ -65,6 +64,7 @@ from minillm_cli.methods.batching import (
     response_logits,
     take_group,
 )
+from minillm_cli.methods.context import Ctx, check_stop
 
 BUFFER_KEYS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "logq", "log_mix", "logp", "adv", "reward")
 
@@ -140,7 +140,7 @@ class MiniLlmStepper:
     @torch.no_grad()
     def _collect(self) -> None:
         """Fill a new buffer (steps 1-3 of the module docstring) and plan its PPO schedule."""
-        from minillm_cli.rollout import sample
+        from minillm_cli.sampling.rollout import sample
 
         ctx, cfg, r = self.ctx, self.cfg, self.ctx.recipe.rollout
         t0 = time.time()
@@ -231,7 +231,7 @@ class MiniLlmStepper:
         for i in range(0, buf["response_ids"].shape[0], rows):
             b = {k: buf[k][i : i + rows] for k in ("prompt_ids", "prompt_mask", "response_ids", "response_mask")}
             t_logits = response_logits(self.teacher, b, vocab=ctx.vocab)  # (b, T, V)
-            logp = losses.token_logprobs(t_logits, b["response_ids"], chunk_size=ctx.recipe.train.chunk_size)
+            logp = logprobs.token_logprobs(t_logits, b["response_ids"], chunk_size=ctx.recipe.train.chunk_size)
             logits_parts.append(t_logits)
             logp_parts.append(logp * b["response_mask"])
         return torch.cat(logits_parts), torch.cat(logp_parts)
@@ -305,7 +305,7 @@ class MiniLlmStepper:
         logits = response_logits(ctx.student, b)  # (B, T, V)
         if self.temperature != 1.0:
             logits = logits / self.temperature  # the tempered student q̃_θ (module docstring)
-        logq_new = losses.token_logprobs(logits, b["response_ids"], chunk_size=tr.chunk_size)  # (B, T)
+        logq_new = logprobs.token_logprobs(logits, b["response_ids"], chunk_size=tr.chunk_size)  # (B, T)
         logq_old = buf["logq"][index, :T]
         log_w = logq_old - buf["log_mix"][index, :T]  # log(q_old / p~): the importance weight
         pg_tok, clip_frac = policy_gradient.policy_loss(logq_new, logq_old, log_w, buf["adv"][index, :T], m,
@@ -314,7 +314,7 @@ class MiniLlmStepper:
         reg_sum = torch.zeros((), device=pg_sum.device)
         if cfg.single_step:
             assert self.teacher_logits is not None  # set with the buffer whenever single_step is on
-            reg_tok = losses.reverse_kl(logits, self.teacher_logits[index, :T], m, chunk_size=tr.chunk_size)
+            reg_tok = divergences.reverse_kl(logits, self.teacher_logits[index, :T], m, chunk_size=tr.chunk_size)
             reg_sum = (reg_tok * m).sum()
         return pg_sum, reg_sum, clip_frac.detach() * m.sum()
 
@@ -339,7 +339,7 @@ class MiniLlmStepper:
             with torch.no_grad():
                 t_logits = self.teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
                 t_logits = t_logits[..., : logits.shape[-1]]
-            pt_sum, _ = losses.pt_loss(logits, b["labels"], t_logits, kd_ratio=cfg.pt_kd_ratio,
+            pt_sum, _ = objectives.pt_loss(logits, b["labels"], t_logits, kd_ratio=cfg.pt_kd_ratio,
                                        chunk_size=tr.chunk_size)
             mean.backward(pt_sum, last=last and j == len(batches) - 1, weight=cfg.pt_weight)
             total += pt_sum.detach()

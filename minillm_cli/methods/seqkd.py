@@ -12,13 +12,14 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from minillm_cli import data as data_mod
-from minillm_cli.checkpoint import write_text_atomic
-from minillm_cli.config import RolloutConfig, SeqKdMethod
-from minillm_cli.context import Ctx, check_stop
+from minillm_cli.config.methods import SeqKdMethod
+from minillm_cli.config.schema import RolloutConfig
+from minillm_cli.data import encoding as data_mod
+from minillm_cli.methods.context import Ctx, check_stop
 from minillm_cli.methods.sft import SftStepper
 from minillm_cli.progress import Phase
-from minillm_cli.rundir import SEQKD_CACHE
+from minillm_cli.runs.checkpoint import write_text_atomic
+from minillm_cli.runs.rundir import SEQKD_CACHE
 
 CACHE_NAME = SEQKD_CACHE
 
@@ -29,7 +30,7 @@ def sample_answers(teacher: torch.nn.Module, examples: list[data_mod.Encoded], c
     """Sample one teacher response per prompt of `examples`, in their order (batches of
     `cfg.batch_size`, KV-cached; our own sampler). `stop()` runs before each batch (it may raise to
     abandon the work), `advance(n)` after each batch of n prompts (progress)."""
-    from minillm_cli.rollout import sample
+    from minillm_cli.sampling.rollout import sample
 
     out: list[list[int]] = []
     for i in range(0, len(examples), cfg.batch_size):

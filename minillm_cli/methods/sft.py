@@ -12,9 +12,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from minillm_cli import losses
-from minillm_cli.context import Ctx, check_stop
+from minillm_cli.losses import logprobs
 from minillm_cli.methods.batching import micro_batches, response_logits
+from minillm_cli.methods.context import Ctx, check_stop
 
 
 class SftStepper:
@@ -33,7 +33,7 @@ class SftStepper:
         for i, b in enumerate(batches):
             check_stop(ctx)
             logits = response_logits(ctx.student, b)  # (B, T, V)
-            nll = -losses.token_logprobs(logits, b["response_ids"], chunk_size=tr.chunk_size)  # (B, T)
+            nll = -logprobs.token_logprobs(logits, b["response_ids"], chunk_size=tr.chunk_size)  # (B, T)
             loss_sum = (nll * b["response_mask"]).sum()
             mean.backward(loss_sum, last=i == len(batches) - 1)
             total += loss_sum.detach()
