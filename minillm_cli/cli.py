@@ -227,7 +227,7 @@ def train_job(job: Path = typer.Argument(..., help="Job file written by the laun
         import json
 
         from minillm_cli.commands.train import train_here
-        from minillm_cli.config.schema import validate
+        from minillm_cli.config.validation import validate
 
         try:
             payload = json.loads(job.read_text(encoding="utf-8"))

@@ -117,7 +117,11 @@ class Progress:
 
     def message(self, text: str) -> None:
         if self.enabled:
-            self.console.print(text, highlight=False, markup=False)
+            self.console.print(text, highlight=False, markup=False, soft_wrap=True)
+
+
+PLAIN_LINE_SECONDS = 30.0
+"""A `Phase` without a terminal prints at most one progress line this often (besides its first and last)."""
 
 
 class Phase:
@@ -126,8 +130,9 @@ class Phase:
 
     On a terminal (`console.is_terminal`): a rich bar with done/total, elapsed time and ETA (a
     spinner with elapsed time when `total` is None), removed when the phase ends. Otherwise, or
-    without a console: plain lines through `say`, at most one per tenth of the work, each with the
-    elapsed time and an ETA, and a last line with the phase's time.
+    without a console: plain lines through `say` — a first one, then at most one per tenth of the
+    work and per PLAIN_LINE_SECONDS, each with the elapsed time and an ETA, and a last line with the
+    phase's time (a short phase prints two lines).
 
         with Phase("seqkd: teacher answers", len(prompts), "prompts", console, say) as phase:
             for batch in ...: ...; phase.advance(len(batch))
@@ -142,10 +147,10 @@ class Phase:
         self._bar: Any = None
         self._task: Any = None
         self._next_line = 0.1  # fraction of the work after which the next plain line is printed
-        self.t0 = time.time()
+        self.t0 = self._last_line = time.time()
 
     def __enter__(self) -> Phase:
-        self.t0 = time.time()
+        self.t0 = self._last_line = time.time()
         if self.console is not None and self.console.is_terminal:
             from rich.progress import (
                 BarColumn,
@@ -173,7 +178,9 @@ class Phase:
         if self._bar is not None:
             self._bar.advance(self._task, n)
             return
-        if self.total and self.done / self.total >= self._next_line and self.done < self.total:
+        if (self.total and self.done / self.total >= self._next_line and self.done < self.total
+                and time.time() - self._last_line >= PLAIN_LINE_SECONDS):
+            self._last_line = time.time()
             elapsed = time.time() - self.t0
             eta = elapsed * (self.total - self.done) / max(self.done, 1)
             self.say(f"{self.label}: {self.done}/{self.total} {self.unit} (elapsed {_duration(elapsed)}, "

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from statistics import NormalDist
 
 import torch
 from safetensors.torch import load_file
@@ -184,8 +186,10 @@ class FakeAccelerator:
 
 def fake_ctx(recipe: object, student: torch.nn.Module, teacher: torch.nn.Module | None, train: list, *,
              pad_token_id: int, eos_token_id: int | None = None, vocab: int | None = None,
-             gen: torch.Generator | None = None, world: int = 1, stop: bool = False) -> object:
-    """A real `Ctx` for a stepper in this process: no launcher, no run directory."""
+             gen: torch.Generator | None = None, world: int = 1, stop: bool = False, tokenizer: object = None,
+             teacher_tokenizer: object = None, teacher_prompts: dict[int, list[int]] | None = None) -> object:
+    """A real `Ctx` for a stepper in this process: no launcher, no run directory. `tokenizer` defaults to
+    one that knows only the pad and EOS ids; the teacher's side is for cross-tokenizer runs."""
     from types import SimpleNamespace
 
     from minillm_cli.methods.context import Ctx
@@ -193,9 +197,10 @@ def fake_ctx(recipe: object, student: torch.nn.Module, teacher: torch.nn.Module 
     if vocab is None:
         vocab = student.get_output_embeddings().weight.shape[0]  # type: ignore[operator, union-attr]
     return Ctx(recipe=recipe, accelerator=FakeAccelerator(world), student=student, teacher=teacher,  # type: ignore[arg-type]
-               tokenizer=SimpleNamespace(pad_token_id=pad_token_id, eos_token_id=eos_token_id), train=train, dev=[],
-               corpus=None, run_dir=Path("."), device=torch.device("cpu"), gen=gen or torch.Generator().manual_seed(0),
-               vocab=vocab, stop_requested=lambda: stop, print=lambda s: None)
+               tokenizer=tokenizer or SimpleNamespace(pad_token_id=pad_token_id, eos_token_id=eos_token_id),
+               train=train, dev=[], corpus=None, run_dir=Path("."), device=torch.device("cpu"),
+               gen=gen or torch.Generator().manual_seed(0), vocab=vocab, stop_requested=lambda: stop,
+               print=lambda s: None, teacher_tokenizer=teacher_tokenizer, teacher_prompts=teacher_prompts)
 
 
 def left_pad(seqs: list[list[int]], pad: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,3 +212,85 @@ def left_pad(seqs: list[list[int]], pad: int, width: int | None = None) -> tuple
         ids[i, width - len(s):] = torch.tensor(s)
         mask[i, width - len(s):] = 1
     return ids, mask
+
+
+class PrefixTableLM(torch.nn.Module):
+    """A causal LM with the `...ForCausalLM` call interface the sampler and the trainer use, whose
+    next-token logits are a free table row per prefix of real tokens (enumerable worlds).
+
+    logits(prefix) = table[row(prefix)], the prefix being the real (attention-mask 1) tokens so far;
+    a prefix not in `prefixes` reads the last row. The "KV cache" is the (B, C) ids fed so far, and
+    every call reads the prefix through the whole attention mask, as attention does: a padded row, or a
+    column masked after it was fed (a rejected speculative draft), is not seen. Position ids are ignored.
+    """
+
+    def __init__(self, prefixes: list[tuple[int, ...]], vocab: int, seed: int, scale: float) -> None:
+        super().__init__()
+        from types import SimpleNamespace
+
+        self._ns = SimpleNamespace
+        self.base = vocab + 1  # prefix codes: base-(V+1) digits tok+1, so that no two prefixes share a code
+        self.rows = {p: i for i, p in enumerate(prefixes)}
+        order = sorted(self.rows, key=self.code)
+        self.register_buffer("sorted_codes", torch.tensor([self.code(p) for p in order]), persistent=False)
+        self.register_buffer("sorted_rows", torch.tensor([self.rows[p] for p in order]), persistent=False)
+        gen = torch.Generator().manual_seed(seed)
+        self.table = torch.nn.Parameter(scale * torch.randn(len(prefixes) + 1, vocab, generator=gen))
+        self.embed = torch.nn.Embedding(1, 1).requires_grad_(False)  # tells the sampler the device
+
+    def code(self, seq: tuple[int, ...]) -> int:
+        c = 0
+        for tok in seq:
+            c = c * self.base + tok + 1
+        return c
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.embed
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, use_cache: bool = False, logits_to_keep: int = 0,
+                **kwargs: object) -> object:
+        B, L = input_ids.shape
+        past = kwargs.get("past_key_values", kwargs.get("cache"))
+        ids = torch.cat([past, input_ids], 1) if past is not None else input_ids  # (B, C + L) every fed id
+        mask = attention_mask if attention_mask is not None else torch.ones_like(ids)  # (B, C + L)
+        codes = torch.zeros(B, dtype=torch.long)
+        cols = []
+        for j in range(ids.shape[1]):
+            codes = torch.where(mask[:, j].bool(), codes * self.base + ids[:, j] + 1, codes)
+            cols.append(codes)
+        c = torch.stack(cols[-L:], 1)  # (B, L) prefix codes after each new column
+        pos = torch.searchsorted(self.sorted_codes, c).clamp_max(self.sorted_codes.numel() - 1)
+        found = self.sorted_codes[pos] == c
+        idx = torch.where(found, self.sorted_rows[pos], self.table.shape[0] - 1)  # (B, L); unknown: last row
+        logits = self.table[idx]  # (B, L, V)
+        if logits_to_keep:
+            logits = logits[:, -logits_to_keep:]
+        return self._ns(logits=logits, past_key_values=ids if use_cache else None, cache=None)
+
+
+# --------------------------------------------------------------------- statistics of gradient tests
+def z_bound(components: int, k: int, family_error: float = 1e-3) -> float:
+    """Bonferroni bound on max |z| over `components` at `family_error`, for t with k-1 dof.
+
+    Normal quantile, then the Cornish-Fisher expansion of Student's t quantile to second order in 1/ν.
+    """
+    z = NormalDist().inv_cdf(1 - family_error / (2 * components))
+    nu = k - 1
+    return z + (z**3 + z) / (4 * nu) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * nu**2)
+
+
+def z_scores(samples: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """(D,) (mean − expected) / standard error over the (K, D) samples, on components that vary."""
+    se = samples.std(0) / math.sqrt(samples.shape[0])
+    live = se > 0
+    assert bool((expected[~live].abs() < 1e-7).all()), "a component without spread has a nonzero expectation"
+    return (samples.mean(0)[live] - expected[live]) / se[live]
+
+
+def check_match(samples: torch.Tensor, expected: torch.Tensor) -> float:
+    z = z_scores(samples, expected)
+    bound = z_bound(z.numel(), samples.shape[0])
+    rel = float((samples.mean(0) - expected).norm() / expected.norm())
+    assert float(z.abs().max()) < bound, f"max |z| = {float(z.abs().max()):.2f} >= {bound:.2f}, rel err {rel:.3f}"
+    return float(z.abs().max())

@@ -158,3 +158,18 @@ def test_speculative_bench_runs_on_tiny_models(tmp_path, tiny_dir, tiny_data) ->
     assert all(r["teacher_row_calls"] == r["tokens"] and r["drafts_checked"] == 0 for r in lock)
     assert sum(r["teacher_row_calls"] for r in spec) < sum(r["tokens"] for r in spec)
     assert "| 3 |" in run.stdout and "(lockstep)" in run.stdout
+
+
+@pytest.mark.slow
+def test_xtok_bench_runs_on_tiny_models(tmp_path, tiny_dir, tiny_data) -> None:  # noqa: ANN001
+    """bench/xtok.py --smoke: tokenizer, fresh student, warm-up, both arms, eval across tokenizers, cost."""
+    out = tmp_path / "xtok"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "xtok.py"), "--smoke", "--teacher", str(tiny_dir / "teacher"),
+                          "--data", str(tiny_data), "--eval-data", str(tiny_data), "--out", str(out), "--threads", "1"],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    summary = (out / "summary.md").read_text()
+    assert "minillm-xtok minus sft-continued" in summary and "cross-tokenizer" in summary
+    report = json.loads((out / "eval.json").read_text())
+    assert any("rkl_seq_student" in m["metrics"] for m in report["models"])

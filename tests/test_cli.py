@@ -146,7 +146,7 @@ def test_every_option_has_one_spelling_and_one_help_across_commands():
 def test_launch_job_round_trips_every_shipped_recipe():
     """The multi-process children train `validate(recipe.model_dump())`: it must be the same recipe."""
     from minillm_cli.config.loading import is_pipeline, load_recipe, shipped_recipes
-    from minillm_cli.config.schema import validate
+    from minillm_cli.config.validation import validate
 
     for path in [p for p in shipped_recipes() if not is_pipeline(p)]:
         recipe, _ = load_recipe(path, ["models.teacher=t"])

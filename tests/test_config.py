@@ -15,7 +15,8 @@ from minillm_cli.config.loading import (
     read_recipe_file,
     shipped_recipes,
 )
-from minillm_cli.config.schema import Recipe, validate
+from minillm_cli.config.schema import Recipe
+from minillm_cli.config.validation import validate
 from minillm_cli.errors import UserError
 
 

@@ -408,3 +408,27 @@ def test_teacher_logits_kept_across_students_change_no_number(tiny_dir: Path, ev
     # teacher once, not once per student; each student's continuations need their own teacher forward
     seeds = 2
     assert n_cached == seeds * (1 + len(students)) and n_fresh == seeds * 2 * len(students)
+
+
+def test_length_and_eos_calibration_metrics(tiny_dir: Path, eval_file: Path, tmp_path: Path) -> None:
+    """`length` (tokens before EOS, share that stopped) and `eos` (q(EOS) − p(EOS) on the model's own
+    samples, per-position curves): the teacher scored against itself has a gap of exactly 0."""
+    from minillm_cli.evaluate.command import run_eval
+
+    out = tmp_path / "r.json"
+    teacher = str(tiny_dir / "teacher")
+    assert run_eval(models=[str(tiny_dir / "student"), teacher], data=str(eval_file), teacher=teacher,
+                    metrics="length,eos", json_out=str(out), console=_quiet(), **FAST) == 0
+    rows = {m["name"]: m for m in json.loads(out.read_text())["models"]}
+    student, itself = rows[str(tiny_dir / "student")], rows[teacher]
+    for row in (student, itself):
+        assert 0 <= row["metrics"]["stopped"]["mean"] <= 100
+        assert 0 <= row["metrics"]["length"]["mean"] <= FAST["max_new_tokens"]
+        curve = row["curves"]["eos"]
+        assert len(curve["q_eos"]) == len(curve["p_eos"]) == len(curve["stopped_q"]) <= FAST["max_new_tokens"]
+        assert all(0 <= v <= 1 for v in curve["stopped_q"] + curve["stopped_p"])
+        assert curve["stopped_q"] == sorted(curve["stopped_q"])  # the probability of having stopped only grows
+        assert row["curves"]["length"]["p10"] <= row["curves"]["length"]["p90"]
+    assert itself["metrics"]["eos_gap"]["mean"] == pytest.approx(0.0, abs=1e-6)
+    assert itself["curves"]["eos"]["q_eos"] == pytest.approx(itself["curves"]["eos"]["p_eos"], abs=1e-6)
+    assert student["metrics"]["eos_gap"]["mean"] != pytest.approx(0.0, abs=1e-6)

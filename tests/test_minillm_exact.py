@@ -37,7 +37,6 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from statistics import NormalDist
 from types import SimpleNamespace
 from typing import Any
 
@@ -50,7 +49,7 @@ from minillm_cli.config.schema import Recipe, RolloutConfig, TrainConfig
 from minillm_cli.data.encoding import Encoded
 from minillm_cli.errors import UserError
 from minillm_cli.methods.minillm import MiniLlmStepper
-from tests.helpers import fake_ctx
+from tests.helpers import check_match, fake_ctx, z_bound, z_scores
 
 V, PAD, EOS, T_MAX = 4, 0, 3, 3
 WORDS = [t for t in range(V) if t != EOS]  # tokens that do not end a response
@@ -268,33 +267,6 @@ def exact_gradients(student: TableLM, teacher: TableLM, *, alpha: float, tempera
     naive = (seq_prob * (lq_old_t - lp_t).mul(m).sum(-1)).sum()  # E_p~[Σ log q~/p]: what an unweighted mean gives
     return {"estimator": g_est.flatten(), "kl_grad": (g_kl / q_tokens).flatten(), "kl": float(kl.detach()),
             "naive_rkl": float(naive), "mean_len": float(q_tokens)}
-
-
-# ----------------------------------------------------------------------------------- statistics
-def z_bound(components: int, k: int, family_error: float = 1e-3) -> float:
-    """Bonferroni bound on max |z| over `components` at `family_error`, for t with k-1 dof.
-
-    Normal quantile, then the Cornish-Fisher expansion of Student's t quantile to second order in 1/ν.
-    """
-    z = NormalDist().inv_cdf(1 - family_error / (2 * components))
-    nu = k - 1
-    return z + (z**3 + z) / (4 * nu) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * nu**2)
-
-
-def z_scores(samples: Tensor, expected: Tensor) -> Tensor:
-    """(D,) (mean − expected) / standard error over the (K, D) samples, on components that vary."""
-    se = samples.std(0) / math.sqrt(samples.shape[0])
-    live = se > 0
-    assert bool((expected[~live].abs() < 1e-7).all()), "a component without spread has a nonzero expectation"
-    return (samples.mean(0)[live] - expected[live]) / se[live]
-
-
-def check_match(samples: Tensor, expected: Tensor) -> float:
-    z = z_scores(samples, expected)
-    bound = z_bound(z.numel(), samples.shape[0])
-    rel = float((samples.mean(0) - expected).norm() / expected.norm())
-    assert float(z.abs().max()) < bound, f"max |z| = {float(z.abs().max()):.2f} >= {bound:.2f}, rel err {rel:.3f}"
-    return float(z.abs().max())
 
 
 K, N = 60, 1024  # steps (buffers) and rollouts per step

@@ -10,7 +10,11 @@ from rich.console import Console
 from minillm_cli.progress import Phase
 
 
-def test_plain_lines_at_most_one_per_tenth_with_eta_and_a_last_line() -> None:
+def test_plain_lines_at_most_one_per_tenth_with_eta_and_a_last_line(monkeypatch) -> None:
+    from minillm_cli import progress
+
+    clock = iter(range(0, 100_000, 40))  # every call 40 s later: each tenth may print its line
+    monkeypatch.setattr(progress.time, "time", lambda: float(next(clock)))
     lines: list[str] = []
     with Phase("seqkd: teacher answers", 768, "prompts", None, lines.append) as phase:
         for _ in range(48):
@@ -52,3 +56,12 @@ def test_on_a_terminal_a_bar_then_one_line() -> None:
             phase.advance()
     assert lines == [lines[0]] and lines[0].startswith("x: divergences: 4 passes done in")  # no plain progress lines
     assert "x: divergences" in out.getvalue()  # the bar was drawn on the terminal
+
+
+def test_a_short_phase_prints_two_plain_lines() -> None:
+    """Lines between the first and the last come at most every PLAIN_LINE_SECONDS: a piped log stays short."""
+    lines: list[str] = []
+    with Phase("x: divergences", 4, "passes", None, lines.append) as phase:
+        for _ in range(4):
+            phase.advance()
+    assert len(lines) == 2 and lines[0] == "x: divergences: started (4 passes)" and "done in" in lines[1]

@@ -152,3 +152,32 @@ def test_an_eval_set_name_is_bound_to_its_file(study: Any, tmp_path: Path) -> No
     assert s.set_dir("mine", a) == s.set_dir("mine", a)
     with pytest.raises(UserError, match="give the set another name"):
         s.set_dir("mine", b)
+
+
+def test_stopping_rows_read_length_eos_and_intervals_from_a_divergence_report(study: Any) -> None:
+    stopping = sys.modules["stopping"]  # bench/quality/stopping.py, imported by run.py
+    eos = {"q_eos": [0.1, 0.2, 0.5, 0.9], "p_eos": [0.1, 0.1, 0.3, 0.8], "count": [4, 4, 2, 1],
+           "stopped_q": [0.1, 0.28, 0.5, 0.6], "stopped_p": [0.1, 0.19, 0.3, 0.4]}
+    ci = {"diff": 1.0, "low": 0.5, "high": 1.5, "within_noise": False}
+    div = {"models": [
+        {"name": "T (teacher)", "metrics": {"length": {"mean": 9.0}, "stopped": {"mean": 100.0}},
+         "curves": {"length": {"p10": 3, "p25": 5, "p50": 8, "p75": 11, "p90": 14, "max": 20}}},
+        {"name": "/runs/minillm/step-40", "metrics": {"length": {"mean": 20.0}, "stopped": {"mean": 50.0},
+                                                      "eos_gap": {"mean": 5.0}, "rkl_student": {"mean": 1.3}},
+         "curves": {"eos": eos}},
+        {"name": "/runs/pt/step-40", "metrics": {"length": {"mean": 12.0}, "stopped": {"mean": 75.0},
+                                                 "eos_gap": {"mean": 2.0}, "exaccerr@9": {"mean": -3.0}},
+         "curves": {"eos": eos}}],
+        "comparisons": {"/runs/minillm/step-40": {"models": {"/runs/pt/step-40": {"length": ci, "eos_gap": ci}}}}}
+    rows = stopping.stopping_rows(div, {"/runs/minillm/step-40": "minillm", "/runs/pt/step-40": "minillm-pt"})
+    assert set(rows) == {"teacher", "minillm", "minillm-pt"}
+    assert rows["teacher"]["quantiles"]["p50"] == 8 and rows["teacher"]["stopped"] == 100.0
+    # positions 1-4: count-weighted means of q and p: (0.4 + 0.8 + 1.0 + 0.9) / 11 and (0.4 + 0.4 + 0.6 + 0.8) / 11
+    assert rows["minillm"]["gap_by_bucket"][0] == pytest.approx(100 * (3.1 - 2.2) / 11)
+    assert rows["minillm"]["stopped_by"][8] == (0.6, 0.4)  # beyond the curve: its last value
+    assert rows["minillm-pt"]["vs_minillm"] == {"length": ci, "eos_gap": ci} and rows["minillm-pt"]["exaccerr"] == -3.0
+    block = {"stopping": rows, "div_prompts": 4, "div_seed": 10, "prompts": 4}
+    text = "\n".join(stopping.render_stopping(block))
+    assert "| minillm | " in text and "50.0 %" in text
+    rq5 = "\n".join(stopping.render_rq5(block, {"minillm-pt": {"rougeL": 6.0, "vs_minillm": ci}}))
+    assert "+1.00 [+0.50, +1.50]" in rq5 and "minillm-pt" in rq5

@@ -402,7 +402,7 @@ def test_a_cache_that_does_not_match_the_run_is_refused_before_training(tmp_path
 
 @pytest.mark.parametrize("method", ["sft", "gkd", "minillm"])
 def test_other_methods_refuse_a_teacher_cache(method):
-    with pytest.raises(UserError, match=f"^data.teacher_cache: only methods kd .*and seqkd .*method {method}"):
+    with pytest.raises(UserError, match=f"^invalid recipe: data.teacher_cache: only methods kd .*and seqkd .*method {method}"):
         load_recipe(None, [f"method.name={method}", "data.teacher_cache=somewhere"])
 
 

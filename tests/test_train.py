@@ -162,6 +162,8 @@ def test_cpu_recipes_run_a_few_steps_on_tiny_models(tmp_path, tiny_dir, tiny_dat
             over += ["method.num_rollouts=8", "method.max_new_tokens=6"]
         if recipe.method.name in ("gkd", "seqkd"):
             over += ["method.max_new_tokens=6"]
+        if recipe.models.cross_tokenizer:  # an untrained tiny student writes invalid UTF-8: its rows are dropped
+            over += ["method.xtok_max_mismatch=1.0"]
         r, source = load_recipe(path, over, flags)
         run = train(r, source)
         assert latest_step_dir(run) is not None, path

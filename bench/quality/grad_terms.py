@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from minillm_cli.config.schema import validate
+from minillm_cli.config.validation import validate
 from minillm_cli.methods.batching import length_groups
 from minillm_cli.methods.minillm import MiniLlmStepper
 

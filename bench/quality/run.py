@@ -62,7 +62,7 @@ import numpy as np
 from rich.console import Console
 
 from minillm_cli.config.methods import MiniLlmMethod
-from minillm_cli.config.schema import validate
+from minillm_cli.config.validation import validate
 from minillm_cli.errors import RunStopped, UserError
 from minillm_cli.evaluate import metrics as metrics_mod
 from minillm_cli.evaluate import report as report_mod
@@ -73,6 +73,9 @@ from minillm_cli.models import student_init
 from minillm_cli.runs import checkpoint
 from minillm_cli.runs.resume_check import file_sha256
 from minillm_cli.train.loop import train as train_run
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import stopping  # noqa: E402  (bench/quality/stopping.py: length, EOS calibration, RQ5)
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -167,9 +170,21 @@ ARMS: dict[str, dict[str, Any]] = {
     # learning-rate candidates for MiniLLM, to be chosen on a dev split (never on a test set)
     "minillm-lr5e-5": {"name": "minillm", "teacher_mix": 0.2, "ppo_epochs": PPO_EPOCHS},
     "minillm-lr1e-4": {"name": "minillm", "teacher_mix": 0.2, "ppo_epochs": PPO_EPOCHS},
+    # length drift and RQ5 (issue 31): teacher-mix strength, the pre-training loss, and two fixes
+    "minillm-mix0.5": {"name": "minillm", "teacher_mix": 0.5, "ppo_epochs": PPO_EPOCHS},
+    "minillm-pt": {"name": "minillm", "teacher_mix": 0.2, "ppo_epochs": PPO_EPOCHS, "pt_weight": 1.0},
+    "minillm-long": {"name": "minillm", "teacher_mix": 0.2, "ppo_epochs": PPO_EPOCHS},
+    "minillm-discnorm": {"name": "minillm", "teacher_mix": 0.2, "ppo_epochs": PPO_EPOCHS, "discounted_norm": True},
 }
 ARM_LR: dict[str, float] = {"minillm-lr5e-5": 5.0e-5, "minillm-lr1e-4": 1.0e-4}
 """Arms trained at a learning rate other than Setup.lr[method name]."""
+ARM_DATA: dict[str, dict[str, Any]] = {"minillm-pt": {"corpus": str(SHARED_DATA / "pretrain.txt")}}
+"""Arms whose data section adds keys (the pre-training loss reads data.corpus)."""
+ARM_ROLLOUT_TOKENS: dict[str, int] = {"minillm-long": 192}
+"""Arms whose rollouts get another token budget than Setup.rollout_tokens (truncation rare)."""
+DRIFT_ARMS = [CONTROL, KD, "gkd", "minillm", "minillm-no-mix", "minillm-mix0.5", "minillm-pt", "minillm-long",
+              "minillm-discnorm"]
+"""The arms of the length-drift study (issue 31): `--arms drift`."""
 DEFAULT_ARMS = [CONTROL, KD, "seqkd", "gkd", "minillm", "minillm-exact", "minillm-resp"]
 ROLLOUT_METHODS = ("minillm", "gkd", "seqkd")  # methods whose max_new_tokens is Setup.rollout_tokens
 
@@ -315,10 +330,12 @@ class Study:
         if report.is_file() and json.loads(report.read_text(encoding="utf-8")).get("study_models") == names:
             return report
         s = self.setup
-        self.console.rule(f"divergences on {set_name}: kl, exposure_bias, {s.div_samples} rows, seed {s.eval_seeds[0]}")
+        metrics = "kl,exposure_bias,eos,length"
+        self.console.rule(f"divergences on {set_name}: {metrics}, {s.div_samples} rows, seed {s.eval_seeds[0]}")
+        baseline = [str(models["minillm"])] if "minillm" in models else None  # arms against the default
         self._eval(f"div-{set_name}", report, None, models=[str(models[n]) for n in names], data=str(path),
-                   teacher=str(teacher), metrics="kl,exposure_bias", seeds=str(s.eval_seeds[0]),
-                   max_samples=s.div_samples)
+                   teacher=str(teacher), metrics=metrics, seeds=str(s.eval_seeds[0]), max_samples=s.div_samples,
+                   baseline=baseline)
         data = json.loads(report.read_text(encoding="utf-8"))
         data["study_models"] = names
         report.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
@@ -362,14 +379,15 @@ def run_study(study: Study, arms: list[str], sets: dict[str, Path], train: bool)
     for name in arms:
         method = dict(ARMS[name])
         if method["name"] in ROLLOUT_METHODS:
-            method["max_new_tokens"] = s.rollout_tokens
+            method["max_new_tokens"] = ARM_ROLLOUT_TOKENS.get(name, s.rollout_tokens)
         if method["name"] == "minillm":
             method["num_rollouts"] = s.num_rollouts
         models = {"student": str(warm), "trainable_layers": STUDENT_LAYERS}
         if method["name"] != "sft":
             models["teacher"] = str(teacher)
         final = study.train_stage(name, {
-            "models": models, "data": study.data(s.arm_steps * s.batch_size), "method": method,
+            "models": models, "data": {**study.data(s.arm_steps * s.batch_size), **ARM_DATA.get(name, {})},
+            "method": method,
             # Lockstep sampling, as when bench/QUALITY.md was measured: speculative sampling draws from
             # the same distribution but other samples (lockstep's draws are those of the measured runs
             # up to float rounding), so the recorded figures would not come back.
@@ -534,6 +552,7 @@ def summarize(study: Study, sets: dict[str, Path], students: dict[str, Path], te
                 buckets["vs_control"][name] = [
                     interval(scores[name][:, bucket_ids == b], scores[CONTROL][:, bucket_ids == b]) if b in present else None
                     for b in range(3)]
+        stop = stopping.stopping_rows(div, {str(p): slug(n) for n, p in students.items()})
         report = report_json.from_json(div)
         for row in report.rows:
             row.name = label_of.get(row.name, row.name)
@@ -541,7 +560,7 @@ def summarize(study: Study, sets: dict[str, Path], students: dict[str, Path], te
         seeds = sorted({int(s) for s in json.loads((d / "teacher.json").read_text(encoding="utf-8"))["settings"]["seeds"]})
         out_sets[set_name] = {"path": str(path), "prompts": len(index), "seeds": seeds,
                               "div_prompts": div["settings"]["data"]["examples"], "div_seed": div["settings"]["seeds"][0],
-                              "rows": model_rows, "buckets": buckets}
+                              "rows": model_rows, "buckets": buckets, "stopping": stop}
     return {
         "study": study.name, "size": study.size, "is_result": study.size == "full",
         "setup": json.loads(json.dumps(asdict(study.setup))),
@@ -620,6 +639,12 @@ def render_markdown(summary: dict[str, Any]) -> str:
         if variants:
             lines += ["", "MiniLLM variants minus the default `minillm` (Rouge-L, paired 95% interval): "
                       + "; ".join(f"{n} {_ci(d)}" for n, d in variants.items()) + "."]
+        lines += ["", *stopping.render_stopping(block)]
+        rq5 = stopping.render_rq5(block, {slug(n): r for n, r in block["rows"].items()})
+        if rq5:
+            lines += ["RQ5 and the length fixes, each minus the default `minillm` (paired 95% intervals; Rouge-L over "
+                      f"all {block['prompts']} prompts and seeds, the rest over the {block['div_prompts']} divergence "
+                      "rows):", "", *rq5]
         b = block["buckets"]
         lines += ["", f"Rouge-L by reference length (tertiles; prompts per bucket {b['prompts']}), and the difference "
                   f"to {CONTROL} with its 95% interval:", "",
@@ -669,10 +694,12 @@ def parse_sets(values: list[str] | None, study: str) -> dict[str, Path]:
 
 
 def parse_arms(value: str | None) -> list[str]:
-    """`--arms a,b,...` (default DEFAULT_ARMS, those the installed minillm supports)."""
+    """`--arms a,b,...` (default DEFAULT_ARMS, those the installed minillm supports; `drift`: DRIFT_ARMS)."""
     if value is None:
         return [a for a in DEFAULT_ARMS if arm_available(a)]
     arms = [a.strip() for a in value.split(",") if a.strip()]
+    if arms == ["drift"]:
+        arms = list(DRIFT_ARMS)
     for a in arms:
         if a not in ARMS:
             raise UserError(f"--arms: unknown arm {a!r}; known: {', '.join(ARMS)}")

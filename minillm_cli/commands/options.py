@@ -72,7 +72,7 @@ OPTIONS: dict[str, Opt] = {
     "answers": Opt(("--answers",), "Cache the teacher's sampled answers for `method: seqkd` (method.max_new_tokens, "
                    "method.batch_size, rollout.*) instead of log-probs.", default=False),
     # --- eval
-    "metrics": Opt(("--metrics",), "Comma list: rougeL,em,loss,kl,agreement,exposure_bias,dist4,calibration,length."),
+    "metrics": Opt(("--metrics",), "Comma list: rougeL,em,loss,kl,agreement,exposure_bias,dist4,calibration,length,eos."),
     "seeds": Opt(("--seeds",), "Comma list of sampling seeds (default 10,20,30,40,50)."),
     "greedy": Opt(("--greedy",), "Greedy decoding instead of sampling (one pass, no seeds).", default=False),
     "max_samples": Opt(("--max-samples",), "Evaluate the first N examples only."),

@@ -186,7 +186,8 @@ def plan_memory(recipe: Recipe, *, num_processes: int = 1, sharding: str = "none
         add(("activations", s.layers * block, f"B={B} × L={L} tokens × {s.layers} blocks"))
     add(("working memory", 2 * block, "one block's temporaries (forward) / activation gradients (backward)"))
     logit = B * (T + 1) * s.vocab * b
-    teacher_logits = name in ("kd", "gkd", "minillm") and not cached
+    xtok = m.cross_tokenizer and name == "minillm"  # the teacher scores text: no teacher logits at training time
+    teacher_logits = name in ("kd", "gkd", "minillm") and not cached and not xtok
     add(("logits (B×T×V)", logit * (3 if teacher_logits else 2),
          f"B={B} × T={T + 1} × V={s.vocab}: student + its gradient" + (" + teacher" if teacher_logits else "")))
     if cached and name == "kd":
@@ -199,10 +200,19 @@ def plan_memory(recipe: Recipe, *, num_processes: int = 1, sharding: str = "none
     if isinstance(method, MiniLlmMethod):
         n = max(method.num_rollouts // W, 1)
         mx = method.max_new_tokens
-        buf = n * mx * s.vocab * b
         small = n * (mx * 7 * 4 + 2 * recipe.data.max_prompt_tokens * 8)
-        add(("rollout buffer", buf + small,
-             f"teacher logits {n} rollouts × {mx} tokens × V={s.vocab} × {b} B + per-token buffers"))
+        if not xtok:  # the separate teacher pass keeps every position's logits
+            add(("rollout buffer", n * mx * s.vocab * b + small,
+                 f"teacher logits {n} rollouts × {mx} tokens × V={s.vocab} × {b} B + per-token buffers"))
+        else:
+            add(("rollout buffer", small, f"{n} rollouts × {mx} tokens: per-token buffers (no teacher logits)"))
+        if xtok and t is not None:
+            # One teacher forward per rollout batch over its own tokens of the text: assumed at most
+            # twice the student's tokens; logits and their log-softmax in fp32 for those positions.
+            rb, t_len = recipe.rollout.batch_size, 2 * mx
+            add(("teacher re-tokenised batch", rb * (t_len + 1) * t.vocab * 4 * 2,
+                 f"{rb} rows × {t_len + 1} teacher tokens (≤ 2× the student's) × V_t={t.vocab}, fp32 logits + "
+                 "log-softmax"))
     if isinstance(method, (MiniLlmMethod, GkdMethod, SeqKdMethod)):
         rb = method.batch_size if isinstance(method, SeqKdMethod) else recipe.rollout.batch_size
         ctx_len = recipe.data.max_prompt_tokens + method.max_new_tokens

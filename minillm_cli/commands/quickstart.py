@@ -31,7 +31,8 @@ from rich.console import Console
 from rich.table import Table
 
 from minillm_cli.config.loading import RECIPES_DIR, read_recipe_file
-from minillm_cli.config.schema import EvalConfig, StudentInit, validate
+from minillm_cli.config.schema import EvalConfig, StudentInit
+from minillm_cli.config.validation import validate
 from minillm_cli.errors import UserError
 
 QUICKSTART = RECIPES_DIR / "quickstart.yaml"

@@ -149,7 +149,7 @@ def build_cache(recipe: Recipe, out: Path, *, top_k: int = 64, dtype: str = "fp1
         RunStopped: interrupted (exit 130 / 143); the shards written so far are kept for the rerun.
     """
     console = console or Console()
-    say: Callable[[str], None] = lambda s: console.print(s, highlight=False, markup=False)  # noqa: E731
+    say: Callable[[str], None] = lambda s: console.print(s, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
     if dtype not in cache_format.DTYPES:
         raise UserError(f"--dtype: must be one of {', '.join(cache_format.DTYPES)}, got {dtype!r}")
     if top_k < 1 and not answers:
@@ -159,6 +159,9 @@ def build_cache(recipe: Recipe, out: Path, *, top_k: int = 64, dtype: str = "fp1
     m = recipe.models
     if m.teacher is None:
         raise UserError("models.teacher: the cache needs a teacher (set it or pass --teacher)")
+    if m.cross_tokenizer:
+        raise UserError("models.cross_tokenizer: a teacher cache holds the teacher's ids for the student's tokenizer; "
+                        "across tokenizers train method minillm, sft or seqkd with the live teacher")
     # --out is never an input of the build (the cache it continues aside), nor inside or around one
     inputs = {k: v for k, v in recipe_inputs(recipe, recipe_file).items() if k != "data.teacher_cache"}
     check_directory("--out", out, inputs)

@@ -16,7 +16,8 @@ from typing import Any
 
 import yaml
 
-from minillm_cli.config.schema import Recipe, validate
+from minillm_cli.config.schema import Recipe
+from minillm_cli.config.validation import validate
 from minillm_cli.errors import UserError
 
 # Shipped recipes, accelerate configs and built-in data, installed with the package. A real

@@ -57,6 +57,10 @@ class MiniLlmMethod(Section):
     """Add the exact per-position reverse KL over the vocabulary (single-step decomposition)."""
     length_norm: bool = True
     """Average (not sum) future rewards: the return at t is divided by the remaining length."""
+    discounted_norm: bool = False
+    """With length_norm: divide the discounted return by the sum of its discount weights (a weighted
+    mean of the future rewards) instead of by the remaining length, which with gamma < 1 credits long
+    continuations more than stopping (docs/algorithm.md §3)."""
     include_current: bool = True
     """Include the current token's reward in its return (reference default) or only future ones (paper text)."""
     gamma: float = Field(0.95, ge=0.0, le=1.0)
@@ -80,6 +84,9 @@ class MiniLlmMethod(Section):
     mixing give and MiniLLM lacks."""
     response_beta: float = Field(0.5, ge=0.0, le=1.0)
     """beta of that JSD: 0 = forward KL, 1 = reverse KL (token-level), as `gkd`'s beta."""
+    xtok_max_mismatch: float = Field(0.05, ge=0.0, le=1.0)
+    """With models.cross_tokenizer: the share of a buffer's rollouts whose text does not survive the
+    round trip to the teacher's tokenizer (dropped, logged as `xtok_mismatch`) above which the run stops."""
 
 
 Method = Annotated[

@@ -14,11 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from minillm_cli.config.methods import METHOD_NAMES, Method, MiniLlmMethod
+from minillm_cli.config.methods import Method, MiniLlmMethod
 from minillm_cli.config.section import Section
-from minillm_cli.errors import UserError
 
 
 def _home_exists(value: str | None) -> str | None:
@@ -94,6 +93,11 @@ class ModelsConfig(Section):
     `cpu`: weights and forward passes on the CPU, logits copied to the student's device (frees
     accelerator memory, slow for large teachers);
     `device:N`: a full copy on local accelerator N (single-process runs), logits copied back."""
+    cross_tokenizer: bool = False
+    """Teacher and student have different tokenizers (docs/algorithm.md §7): the teacher scores the
+    student's TEXT, re-tokenised with its own tokenizer and prompt template. Runs with `minillm`
+    (teacher_mix 0, single_step false, no id-level extra terms), `sft` and `seqkd`; off, a tokenizer
+    mismatch is an error."""
 
     @field_validator("teacher_placement")
     @classmethod
@@ -279,91 +283,3 @@ class Recipe(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
-
-
-# -------------------------------------------------------------------------------- validation
-def _check_text(tree: Any, key: str = "") -> None:
-    """Every string must be valid Unicode: YAML and JSON escapes can make a lone surrogate
-    (`"\\ud83d"`), which no tokenizer or file writer accepts."""
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            _check_text(k, key)
-            _check_text(v, f"{key}.{k}" if key else str(k))
-    elif isinstance(tree, (list, tuple)):
-        for i, v in enumerate(tree):
-            _check_text(v, f"{key}[{i}]")
-    elif isinstance(tree, str):
-        try:
-            tree.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise UserError(f"{key or '<recipe>'}: invalid Unicode in {tree[:40]!r} (a lone surrogate "
-                            f"{tree[e.start:e.end]!r}; write the character itself)") from None
-
-
-def _format_errors(err: ValidationError, raw: dict[str, Any]) -> str:
-    problems = []
-    for e in err.errors():
-        loc = [str(x) for x in e["loc"] if not (isinstance(x, str) and x in METHOD_NAMES and e["loc"][0] == "method")]
-        key = ".".join(loc) or "<recipe>"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        if e["type"] == "union_tag_invalid" or e["type"] == "union_tag_not_found":
-            msg = f"method.name must be one of {', '.join(METHOD_NAMES)}"
-            key = "method.name"
-        value = e.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {_short(value)})"
-        if e["type"] == "bool_as_number":  # raised for the section: the field is in its context
-            key, shown = ".".join([*loc, str(e["ctx"]["key"])]), ""
-        problems.append(f"{key}: {msg}{shown}")
-    return "invalid recipe: " + "; ".join(problems)
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    """repr of a user value, cut: an error line quotes it, and it may be huge."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}…"
-
-
-def check_minillm_sampler(rollout: RolloutConfig) -> None:
-    """Reject sampler settings under which MiniLLM's samples and scores would disagree (see methods/minillm.py).
-
-    Raises:
-        UserError: `rollout.top_k` or `rollout.top_p` is not off, naming the key.
-    """
-    for key, value, off in (("top_k", rollout.top_k, 0), ("top_p", rollout.top_p, 1.0)):
-        if value != off:
-            raise UserError(
-                f"rollout.{key}: {value} is not supported with method minillm (ids outside the cut would never "
-                f"be sampled and get no gradient); use rollout.{key}={off:g}, or rollout.temperature, which "
-                "trains the tempered student")
-
-
-def validate(tree: dict[str, Any]) -> Recipe:
-    """Validate a nested dict into a Recipe; every problem is reported with its dotted key."""
-    _check_text(tree)
-    tree = dict(tree)
-    if isinstance(tree.get("method"), str):
-        tree["method"] = {"name": tree["method"]}
-    if isinstance(tree.get("method"), dict) and "name" not in tree["method"]:
-        tree["method"] = {"name": "minillm", **tree["method"]}
-    try:
-        recipe = Recipe.model_validate(tree)
-    except ValidationError as e:
-        raise UserError(_format_errors(e, tree)) from None
-    if recipe.method.name == "minillm":
-        check_minillm_sampler(recipe.rollout)
-    if recipe.data.teacher_cache is not None and recipe.method.name not in ("kd", "seqkd"):
-        raise UserError(f"data.teacher_cache: only methods kd (cached log-probs) and seqkd (cached answers) train "
-                        f"from a teacher cache (method {recipe.method.name} {CACHE_REFUSAL[recipe.method.name]}); "
-                        "remove data.teacher_cache")
-    return recipe
-
-
-CACHE_REFUSAL = {
-    "sft": "uses no teacher",
-    "gkd": "needs the teacher on the student's own samples, which no cache can hold",
-    "minillm": "needs the teacher on the student's own samples, which no cache can hold",
-}
-"""Why a method other than kd cannot train from cached teacher log-probs."""
-

@@ -258,6 +258,15 @@ def prepare_datasets(
     return train_enc, dev_enc, train, dev
 
 
+def teacher_prompts(encoded: list[Encoded], examples: list[Example], teacher_tokenizer: Any,
+                    cfg: "DataConfig") -> dict[int, list[int]]:
+    """Cross-tokenizer runs: each encoded example's prompt rendered with the TEACHER's template and
+    tokenizer (its last `data.max_prompt_tokens` tokens), by `Encoded.index`."""
+    template = resolve_template(cfg.template, teacher_tokenizer)
+    return {e.index: encode_prompt(examples[e.index], teacher_tokenizer, template)[-cfg.max_prompt_tokens:]
+            for e in encoded}
+
+
 def take_indices(n: int, seed: int, start: int, count: int) -> list[int]:
     """Indices `start .. start+count-1` of an endless, seeded stream of epochs over `n` examples.
 

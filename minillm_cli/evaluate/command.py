@@ -67,11 +67,13 @@ from minillm_cli.evaluate.scoring import (
     evaluate_model,
     exposure_pass,
     generation_passes,
+    same_vocabulary,
     teacher_cache,
 )
 from minillm_cli.evaluate.thresholds import check_thresholds
 from minillm_cli.models import cpu_tuning
 from minillm_cli.models import loading as models_mod
+from minillm_cli.models.loading import eos_ids
 from minillm_cli.runs.resume_check import file_sha256
 
 
@@ -163,7 +165,7 @@ def run_eval(
     out = Console(stderr=True) if json_out == "-" else console
 
     def say(text: str) -> None:
-        out.print(text, highlight=False, markup=False)
+        out.print(text, highlight=False, markup=False, soft_wrap=True)
 
     request = check_request(models=models, data=data, teacher=teacher, metrics=metrics, seeds=seeds, greedy=greedy,
                             max_samples=max_samples, max_new_tokens=max_new_tokens, batch_size=batch_size,
@@ -217,7 +219,9 @@ def _score(request: EvalRequest, device: Any, dtype: Any, say: Callable[[str], N
             if "exposure_bias" in metric_names else None
         width = output_width(t_model)
         teacher_state = TeacherState(model=t_model, passes=passes, sampled=sampled, width=width,
-                                     logits_cache=teacher_cache(passes, cfg.max_new_tokens, width))
+                                     logits_cache=teacher_cache(passes, cfg.max_new_tokens, width),
+                                     tokenizer=teacher_tok, prompts={e.index: e.prompt_ids for e in prompts.encoded},
+                                     eos=eos_ids(t_model, teacher_tok))
         scored.rows.append(row)
         scored.templates[spec.name] = prompts.template
         scored.samples += _sample_rows(spec.name, teacher_tok, passes, prompts.references, prompts.encoded)
@@ -225,17 +229,22 @@ def _score(request: EvalRequest, device: Any, dtype: Any, say: Callable[[str], N
     for spec in request.specs:
         say(f"loading {spec.path}" + (f" (LoRA on {spec.base})" if spec.base else ""))
         model, tok = load_checkpoint(spec, device, dtype)
-        if teacher_state is not None:
+        row_metrics = request.row_metrics.get(spec.name, metric_names)
+        cross = teacher_state is not None and not same_vocabulary(teacher_tok, tok)
+        if teacher_state is not None and not cross:
             models_mod.check_tokenizers(teacher_tok, tok, teacher_vocab=teacher_state.width,
                                         student_vocab=output_width(model))
             row_prompts = prompts
-        else:
+        else:  # its own tokenizer: its own prompts (across tokenizers the teacher metrics are text-level)
             row_prompts = encode_prompts(tok, request.examples, cfg, words, calibrate)
             say(f"data: {row_prompts.summary} (template: {row_prompts.template})")
+        if cross and "agreement" in row_metrics:
+            say(f"{spec.name}: another tokenizer than the teacher's: no top-1 agreement (ids cannot be compared); "
+                "kl is measured on text (rkl_seq_student, fkl_seq_teacher)")
+            row_metrics = [m for m in row_metrics if m != "agreement"]
         assert row_prompts is not None
         scored.templates[spec.name] = row_prompts.template
-        row, passes = evaluate_model(spec.name, model, tok, row_prompts, cfg,
-                                     request.row_metrics.get(spec.name, metric_names), device, teacher=teacher_state,
+        row, passes = evaluate_model(spec.name, model, tok, row_prompts, cfg, row_metrics, device, teacher=teacher_state,
                                      labels=request.labels, words=words, say=say, console=out)
         scored.rows.append(row)
         scored.samples += _sample_rows(spec.name, tok, passes, row_prompts.references, row_prompts.encoded)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +30,11 @@ from minillm_cli.data.encoding import Encoded
 from minillm_cli.evaluate.generate import Generation, as_encoded, pairs
 from minillm_cli.losses.divergences import align_vocab, forward_kl, reverse_kl
 from minillm_cli.methods.batching import response_logits
+from minillm_cli.sampling.batch import score
+
+DIVERGENCE_ROWS = 8
+"""Continuations per forward of both models in `continuation_divergences`: two (rows, T, V) fp32 logit
+tensors and their chunked temporaries at a time, whatever the generation batch."""
 
 
 def teacher_forward(teacher: torch.nn.Module, b: dict[str, Tensor]) -> Tensor:
@@ -60,10 +66,12 @@ def divergences(
     prompt_mask: Tensor,
     response_ids: Tensor,
     response_mask: Tensor,
-    chunk_size: int = 128,
+    chunk_size: int = 16,
     teacher_logits: Tensor | None = None,
+    eos: Sequence[int] = (),
 ) -> dict[str, Tensor]:
-    """Forward KL, reverse KL and top-1 agreement of one batch of continuations.
+    """Forward KL, reverse KL and top-1 agreement of one batch of continuations (and, with `eos`, each
+    model's probability of ending the response at every position: `q_eos`, `p_eos`).
 
     Args:
         student, teacher: Causal LMs sharing a vocabulary (teacher head may be wider).
@@ -83,11 +91,19 @@ def divergences(
     p_logits = teacher_logits if teacher_logits is not None else teacher_forward(teacher, b)  # (B, T, Vp)
     p_logits = p_logits.to(q_logits.device)
     mask = response_mask.to(q_logits.device)
-    return {
+    out = {
         "fkl": forward_kl(q_logits, p_logits, mask, chunk_size=chunk_size),
         "rkl": reverse_kl(q_logits, p_logits, mask, chunk_size=chunk_size),
         "agree": top1_agreement(q_logits, p_logits, mask),
     }
+    if eos:
+        ids = torch.tensor(list(eos), device=q_logits.device)
+        p_aligned = align_vocab(q_logits, p_logits)  # the teacher over the student's ids, as the KLs see it
+        for key, logits in (("q_eos", q_logits), ("p_eos", p_aligned)):
+            z = logits.float()
+            # P(EOS) = Σ_eos exp(z_eos − logsumexp z), without a (B, T, V) softmax
+            out[key] = (z[..., ids].logsumexp(-1) - z.logsumexp(-1)).exp() * mask  # (B, T)
+    return out
 
 
 @dataclass
@@ -102,6 +118,10 @@ class Divergences:
     """(N, L) top-1 agreement (0/1)."""
     mask: np.ndarray
     """(N, L) 1 on valid response positions."""
+    q_eos: np.ndarray | None = None
+    """(N, L) the student's probability of ending the response there (with `eos`)."""
+    p_eos: np.ndarray | None = None
+    """(N, L) the teacher's."""
 
     def token_mean(self, name: str) -> float:
         """Mean of `fkl`, `rkl` or `agree` over all valid response tokens (NaN if there are none)."""
@@ -125,6 +145,7 @@ def continuation_divergences(
     device: torch.device,
     width: int,
     teacher_cache: dict[int, torch.Tensor] | None = None,
+    eos: Sequence[int] = (),
 ) -> Divergences:
     """KL(p‖q), KL(q‖p) and top-1 agreement at every position of some continuations.
 
@@ -146,7 +167,8 @@ def continuation_divergences(
         `Divergences` with (N, width) arrays.
     """
     n = len(generations)
-    fkl, rkl, agree, mask = (np.zeros((n, width), dtype=np.float32) for _ in range(4))
+    batch_size = min(batch_size, DIVERGENCE_ROWS)
+    fkl, rkl, agree, mask, q_eos, p_eos = (np.zeros((n, width), dtype=np.float32) for _ in range(6))
     items = as_encoded(generations)
     for start in range(0, n, batch_size):
         b = pairs(items[start : start + batch_size], pad_id, device)
@@ -156,13 +178,17 @@ def continuation_divergences(
         if teacher_cache is not None and cached is None:
             cached = teacher_cache[start] = teacher_forward(teacher, b)  # (b, T, Vp)
         d = divergences(student, teacher, b["prompt_ids"], b["prompt_mask"], b["response_ids"],
-                                     b["response_mask"], teacher_logits=cached)
+                        b["response_mask"], teacher_logits=cached, eos=eos)
         rows, t = slice(start, start + b["response_ids"].shape[0]), b["response_ids"].shape[1]
         fkl[rows, :t] = d["fkl"].cpu().numpy()
         rkl[rows, :t] = d["rkl"].cpu().numpy()
         agree[rows, :t] = d["agree"].cpu().numpy()
         mask[rows, :t] = b["response_mask"].cpu().numpy()
-    return Divergences(fkl=fkl, rkl=rkl, agree=agree, mask=mask)
+        if eos:
+            q_eos[rows, :t] = d["q_eos"].cpu().numpy()
+            p_eos[rows, :t] = d["p_eos"].cpu().numpy()
+    return Divergences(fkl=fkl, rkl=rkl, agree=agree, mask=mask, q_eos=q_eos if eos else None,
+                       p_eos=p_eos if eos else None)
 
 
 @torch.no_grad()
@@ -207,3 +233,62 @@ def label_probabilities(
     finally:
         model.train(was_training)
     return np.concatenate(rows, axis=0)
+
+
+# ------------------------------------------------------------------- across tokenizers (text level)
+@torch.no_grad()
+def own_logprobs(model: torch.nn.Module, generations: Sequence[Generation], *, pad_id: int, batch_size: int,
+                 device: torch.device) -> np.ndarray:
+    """(N,) log-probability of each generation's own tokens (EOS included when it stopped) under the
+    model that sampled them, after its prompt."""
+    items = as_encoded(generations)
+    out = np.zeros(len(items), dtype=np.float64)
+    for start in range(0, len(items), batch_size):
+        b = pairs(items[start : start + batch_size], pad_id, device)
+        token_logp = score(model, b["prompt_ids"], b["prompt_mask"], b["response_ids"], b["response_mask"])  # (b, T)
+        out[start : start + token_logp.shape[0]] = token_logp.sum(-1).double().cpu().numpy()
+    return out
+
+
+@torch.no_grad()
+def text_logprobs(model: torch.nn.Module, tokenizer: Any, prompts: dict[int, list[int]],
+                  texts: Sequence[tuple[int, str, bool]], *, batch_size: int,
+                  device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """The log-probability of texts under a model of another tokenizer: each `(index, text, finished)`
+    tokenised with `tokenizer` (+ its EOS when finished), after that model's own prompt `prompts[index]`.
+
+    Returns:
+        (N,) log-probs and (N,) bool: False where the text does not survive the tokenizer's round trip
+        (`retokenize` rules; its value is then 0 and it is left out of the means).
+    """
+    from minillm_cli.data import retokenize
+
+    values = np.zeros(len(texts), dtype=np.float64)
+    ok = np.zeros(len(texts), dtype=bool)
+    todo = []
+    for i, (index, text, finished) in enumerate(texts):
+        tokens = retokenize.scoring_tokens(tokenizer, text, finished)
+        if tokens.problem is None and tokens.ids:
+            ok[i] = True
+            todo.append((i, Encoded(prompt_ids=prompts[index], response_ids=tokens.ids, index=index)))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        b = data_mod.collate_pairs([e for _, e in chunk], pad)
+        b = {k: v.to(device) for k, v in b.items()}
+        token_logp = score(model, b["prompt_ids"], b["prompt_mask"], b["response_ids"], b["response_mask"])
+        for row, (i, _) in enumerate(chunk):
+            values[i] = float(token_logp[row].sum())
+    return values, ok
+
+
+def generation_texts(tokenizer: Any, generations: Sequence[Generation], eos: Sequence[int]) -> list[tuple[int, str, bool]]:
+    """`(index, text, finished)` of each generation: its tokens before EOS decoded as `retokenize` does
+    (a text that is not valid UTF-8 is scored by no one: the other model gets U+FFFD, which fails)."""
+    from minillm_cli.data import retokenize
+
+    out = []
+    for g in generations:
+        finished = bool(g.response_ids) and g.response_ids[-1] in eos
+        out.append((g.index, retokenize.response_text(tokenizer, g.response_ids, finished).text, finished))
+    return out

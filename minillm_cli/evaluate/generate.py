@@ -25,6 +25,7 @@ from minillm_cli.config.schema import EvalConfig
 from minillm_cli.data import encoding as data_mod
 from minillm_cli.data.encoding import Encoded
 from minillm_cli.evaluate import metrics
+from minillm_cli.models.loading import eos_ids
 from minillm_cli.sampling.batch import score
 
 
@@ -50,15 +51,6 @@ def cut_prompts(encoded: Sequence[Encoded], max_prompt_tokens: int) -> list[Enco
         Encoded(prompt_ids=e.prompt_ids[-max_prompt_tokens:], response_ids=e.response_ids, index=e.index)
         for e in encoded
     ]
-
-
-def eos_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
-    """Ids that end a response: the tokenizer's EOS plus any the model's generation config names
-    (chat models often stop on an end-of-turn token too)."""
-    ids = [tokenizer.eos_token_id]
-    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids += [extra] if isinstance(extra, int) else list(extra or [])
-    return sorted({int(i) for i in ids if i is not None})
 
 
 @contextlib.contextmanager

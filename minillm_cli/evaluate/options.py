@@ -16,20 +16,24 @@ from minillm_cli.evaluate import metrics as metrics_mod
 from minillm_cli.evaluate import report as report_mod
 from minillm_cli.evaluate import thresholds
 
-KNOWN_METRICS = ("rougeL", "em", "loss", "kl", "agreement", "exposure_bias", "calibration", "dist4")
-TEACHER_METRICS = ("kl", "agreement", "exposure_bias")
+KNOWN_METRICS = ("rougeL", "em", "loss", "kl", "agreement", "exposure_bias", "calibration", "dist4", "length", "eos")
+TEACHER_METRICS = ("kl", "agreement", "exposure_bias", "eos")
 REFERENCE_METRICS = ("rougeL", "em", "loss")
-TEXT_METRICS = ("rougeL", "em", "dist4")
+TEXT_METRICS = ("rougeL", "em", "dist4", "length")
 """Scored on the generated text of each seed's pass."""
 COLUMNS = {
     "rougeL": ["rougeL"], "em": ["em"], "dist4": ["dist4"], "loss": ["loss"],
-    "kl": ["fkl_student", "rkl_student", "fkl_teacher", "rkl_teacher"],
+    "kl": ["fkl_student", "rkl_student", "fkl_teacher", "rkl_teacher", "rkl_seq_student", "fkl_seq_teacher",
+           "tnll_char_student"],
     "agreement": ["agreement_student", "agreement_teacher"],
     "exposure_bias": [],  # exaccerr@L: L is known only after generation
     "calibration": ["ece", "accuracy"],
+    "length": ["length", "stopped"],
+    "eos": ["eos_gap"],
 }
 """Metric name -> the report columns it produces."""
 PAIRED_COLUMNS = ("rougeL", "em", "loss", "fkl_student", "rkl_student", "fkl_teacher", "rkl_teacher",
+                  "rkl_seq_student", "fkl_seq_teacher", "tnll_char_student", "length", "stopped", "eos_gap",
                   "agreement_student", "agreement_teacher", "accuracy")
 """Columns that are means over prompts (or token means), so `--baseline` gives them a paired interval;
 dist4, ece and exaccerr@L are not (a corpus ratio, a binned statistic, a curve point)."""

@@ -13,13 +13,14 @@ import numpy as np
 from minillm_cli.config.schema import EvalConfig
 from minillm_cli.data import encoding as data_mod
 from minillm_cli.errors import UserError
-from minillm_cli.evaluate import distribution
+from minillm_cli.evaluate import distribution, stopping
 from minillm_cli.evaluate import generate as gen_mod
 from minillm_cli.evaluate import metrics as metrics_mod
 from minillm_cli.evaluate import report as report_mod
 from minillm_cli.evaluate.distribution import Divergences
 from minillm_cli.evaluate.generate import Generation
 from minillm_cli.evaluate.options import COLUMNS, TEACHER_METRICS, TEXT_METRICS
+from minillm_cli.models.loading import eos_ids
 from minillm_cli.progress import Phase
 
 if TYPE_CHECKING:
@@ -106,12 +107,19 @@ class TeacherState:
     """Per pass, the teacher's response logits of its own continuations by batch (filled by the
     first student scored on them, reused by the others), or None when they would not fit
     TEACHER_CACHE_BYTES."""
+    tokenizer: Any = None
+    """The teacher's tokenizer (students of another tokenizer are compared on text: `sequence_kl`)."""
+    prompts: dict[int, list[int]] | None = None
+    """The teacher's prompt ids by example index."""
+    eos: list[int] | None = None
+    """Ids that end the teacher's responses."""
 
 
-TEACHER_CACHE_BYTES = 2 * 1024**3
+TEACHER_CACHE_BYTES = 256 * 1024**2
 """Most memory the teacher's logits of its own continuations may take to be kept across students
 (fp32 (N, T, V) per seed: 64 prompts × 32 tokens × 49k vocabulary ≈ 0.4 GB); above it they are
-recomputed for every student."""
+recomputed for every student (a teacher forward per batch: cheaper than holding a model's worth of
+logits on a small machine)."""
 
 
 def teacher_cache(passes: list[list[Generation]], max_new_tokens: int, width: int) -> list[dict[int, "torch.Tensor"]] | None:
@@ -124,12 +132,9 @@ def generation_passes(model: "torch.nn.Module", tokenizer: Any, prompts: Prompts
             say: Callable[[str], None], name: str) -> list[list[Generation]]:
     """One generation pass per seed (a single greedy pass under --greedy)."""
     seeds: list[int | None] = [cfg.seeds[0]] if cfg.greedy else list(cfg.seeds)
-    out = []
-    for seed in seeds:
-        label = "greedy" if cfg.greedy else f"seed {seed}"
-        say(f"{name}: generating {len(prompts.encoded)} responses ({label})")
-        out.append(gen_mod.generate(model, tokenizer, prompts.encoded, cfg, seed=seed, device=device))
-    return out
+    label = "greedy" if cfg.greedy else f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+    say(f"{name}: generating {len(prompts.encoded)} responses ({label})")
+    return [gen_mod.generate(model, tokenizer, prompts.encoded, cfg, seed=seed, device=device) for seed in seeds]
 
 
 def exposure_pass(passes: list[list[Generation]], model: "torch.nn.Module", tokenizer: Any, prompts: Prompts,
@@ -193,6 +198,12 @@ def evaluate_model(
 
     needs_text = any(m in metric_names for m in TEXT_METRICS)
     needs_div = teacher is not None and any(m in metric_names for m in TEACHER_METRICS)
+    cross = teacher is not None and teacher.tokenizer is not None and not same_vocabulary(teacher.tokenizer, tokenizer)
+    for m in ("exposure_bias", "eos"):
+        if cross and m in metric_names:
+            raise UserError(f"--metrics: {m} compares next-token distributions id by id; {name} has another "
+                            "tokenizer than the teacher (kl is compared on text across tokenizers)")
+    eos = eos_ids(model, tokenizer)
     passes = generation_passes(model, tokenizer, prompts, cfg, device, say, name) if needs_text or needs_div else []
     text_names = [m for m in TEXT_METRICS if m in metric_names]
     for gens in passes:
@@ -202,6 +213,18 @@ def evaluate_model(
             add(key, value)
         for key, scores in per_example.items():
             add_prompts(key, [g.index for g in gens], scores)
+        if "length" in metric_names:  # tokens before the EOS, and whether the response stopped by itself
+            ended = [bool(g.response_ids) and g.response_ids[-1] in eos for g in gens]
+            stopped = 100.0 * np.array(ended, dtype=np.float64)
+            lengths = np.array([len(g.response_ids) - int(e) for g, e in zip(gens, ended)], dtype=np.float64)
+            add("length", float(lengths.mean()))
+            add("stopped", float(stopped.mean()))
+            add_prompts("length", [g.index for g in gens], lengths)
+            add_prompts("stopped", [g.index for g in gens], stopped)
+    if "length" in metric_names and passes:
+        all_lengths = [len(g.response_ids) - int(bool(g.response_ids) and g.response_ids[-1] in eos)
+                       for gens in passes for g in gens]
+        curves["length"] = stopping.length_quantiles(all_lengths)
     if "loss" in metric_names:
         say(f"{name}: reference loss")
         index, losses = gen_mod.reference_losses(model, prompts.encoded, pad_id=tokenizer.pad_token_id,
@@ -210,7 +233,16 @@ def evaluate_model(
         if losses.size:
             add_prompts("loss", index, losses)
 
-    if needs_div:
+    if needs_div and cross:
+        assert teacher is not None
+        if "kl" in metric_names:
+            say(f"{name}: text-level KL to the teacher (another tokenizer)")
+            for gens_s, gens_t in zip(passes, teacher.passes):
+                for key, (index, ratios, weights) in sequence_kl(model, tokenizer, prompts, teacher, gens_s, gens_t,
+                                                                 cfg, device).items():
+                    add(key, float((ratios * weights).sum() / max(1.0, weights.sum())))
+                    add_prompts(key, index, ratios * weights, weights)
+    elif needs_div:
         assert teacher is not None  # for the type checker: needs_div implies a teacher
         kw = dict(pad_id=tokenizer.pad_token_id, batch_size=cfg.batch_size, device=device, width=cfg.max_new_tokens)
         first: tuple[Divergences, Divergences] | None = None
@@ -221,7 +253,7 @@ def evaluate_model(
             with phase:
                 divergences = []
                 for gens_s, gens_t, cache in zip(passes, teacher.passes, caches):
-                    d_s = distribution.continuation_divergences(model, teacher.model, gens_s, **kw)
+                    d_s = distribution.continuation_divergences(model, teacher.model, gens_s, eos=eos, **kw)
                     phase.advance()
                     d_t = distribution.continuation_divergences(model, teacher.model, gens_t, teacher_cache=cache, **kw)
                     phase.advance()
@@ -239,6 +271,15 @@ def evaluate_model(
                         add(f"agreement_{who}", 100.0 * d.token_mean("agree"))
                         agree, count = d.per_row("agree")
                         add_prompts(f"agreement_{who}", index, 100.0 * agree, count)
+        if "eos" in metric_names:  # stopping on the model's own samples, first seed
+            d_eos = first[0] if first is not None and first[0].q_eos is not None else \
+                distribution.continuation_divergences(model, teacher.model, passes[0], eos=eos, **kw)
+            assert d_eos.q_eos is not None and d_eos.p_eos is not None
+            gap = (d_eos.q_eos - d_eos.p_eos) * d_eos.mask
+            add("eos_gap", 100.0 * float(gap.sum() / max(1.0, d_eos.mask.sum())))
+            add_prompts("eos_gap", [g.index for g in passes[0]], 100.0 * gap.sum(-1).astype(np.float64),
+                        d_eos.mask.sum(-1).astype(np.float64))
+            curves["eos"] = stopping.eos_curves(d_eos.q_eos, d_eos.p_eos, d_eos.mask)
         if "exposure_bias" in metric_names:
             if first is None or cfg.greedy:  # divergences of the sampled first-seed continuations
                 sampled = exposure_pass(passes, model, tokenizer, prompts, cfg, device)
@@ -288,3 +329,46 @@ def add_exaccerr(rows: list[report_mod.ModelRow], n_prompts: int) -> int | None:
         if report_mod.EXPOSURE_BIAS in row.curves:
             row.metrics[f"exaccerr@{length}"] = (row.curves[report_mod.EXPOSURE_BIAS]["exaccerr"][length - 1], None)
     return length
+
+
+def same_vocabulary(a: Any, b: Any) -> bool:
+    """Whether two tokenizers map the same ids to the same tokens (then token-level metrics apply)."""
+    return a is b or a.get_vocab() == b.get_vocab()
+
+
+def sequence_kl(model: "torch.nn.Module", tokenizer: Any, prompts: Prompts, teacher: TeacherState,
+                gens_s: list[Generation], gens_t: list[Generation], cfg: EvalConfig,
+                device: "torch.device") -> dict[str, tuple[list[int], np.ndarray, np.ndarray]]:
+    """KL between a student and a teacher of ANOTHER tokenizer, on text, for one seed's samples:
+
+        rkl_seq_student   = E_{y~q}[log q(y) − log p(text(y))]    on the student's samples
+        fkl_seq_teacher   = E_{y~p}[log p(y) − log q(text(y))]    on the teacher's samples
+        tnll_char_student = Σ −log p(text(y)) / Σ characters      the teacher's NLL of the student's answers
+
+    in nats per response (per character for the last; EOS counts as one), each text scored by the other model after its own prompt, re-tokenised with
+    its own tokenizer (docs/algorithm.md §7). A sample whose text does not survive the other side's
+    round trip gets weight 0.
+
+    Returns:
+        column -> (example index per sample, (N,) log-ratios, (N,) weights 0/1).
+    """
+    assert teacher.tokenizer is not None and teacher.prompts is not None and teacher.eos is not None
+    own = {e.index: e.prompt_ids for e in prompts.encoded}
+    bs = cfg.batch_size
+    out = {}
+    log_q = distribution.own_logprobs(model, gens_s, pad_id=tokenizer.pad_token_id, batch_size=bs, device=device)
+    texts = distribution.generation_texts(tokenizer, gens_s, eos_ids(model, tokenizer))
+    log_p, ok = distribution.text_logprobs(teacher.model, teacher.tokenizer, teacher.prompts, texts, batch_size=bs,
+                                           device=device)
+    index = [g.index for g in gens_s]
+    out["rkl_seq_student"] = (index, log_q - log_p, ok.astype(np.float64))
+    # the teacher's NLL per character of the student's answers (weights: each answer's characters)
+    chars = np.array([len(text) + int(finished) for _, text, finished in texts], dtype=np.float64) * ok
+    out["tnll_char_student"] = (index, -log_p / np.maximum(chars, 1.0), chars)
+    t_pad = teacher.tokenizer.pad_token_id if teacher.tokenizer.pad_token_id is not None else teacher.tokenizer.eos_token_id
+    log_p = distribution.own_logprobs(teacher.model, gens_t, pad_id=t_pad, batch_size=bs, device=device)
+    log_q, ok = distribution.text_logprobs(model, tokenizer, own,
+                                           distribution.generation_texts(teacher.tokenizer, gens_t, teacher.eos),
+                                           batch_size=bs, device=device)
+    out["fkl_seq_teacher"] = ([g.index for g in gens_t], log_p - log_q, ok.astype(np.float64))
+    return out

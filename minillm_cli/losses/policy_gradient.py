@@ -21,6 +21,7 @@ def advantages(
     gamma: float = 0.95,
     include_current: bool = True,
     length_norm: bool = True,
+    discounted_norm: bool = False,
     whiten: bool = True,
     reduce_fn: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
@@ -37,7 +38,16 @@ def advantages(
     i.e. with `include_current=False` the next valid token is discounted by γ (G_t = γ·G^incl_{t+1}),
     and length normalisation divides by the number of rewards actually summed (the future tokens,
     n_t − 1), so Â_t is the mean of the future rewards; at the last token G_t = 0 and Â_t = 0.
-    Without `length_norm`, Â_t = G_t. With `whiten`:
+    Without `length_norm`, Â_t = G_t.
+
+    `discounted_norm` (with `length_norm`) divides by the sum of the discount weights instead,
+    D_t = Σ_{t' summed} γ^k(t,t') (= n_t when γ = 1), so Â_t is the γ-weighted MEAN of the summed
+    rewards: a constant reward r gives Â_t = r at every t. Divided by the plain count, the same
+    rewards give Â_t = r·(1 − γ^n)/((1 − γ)·n), which shrinks towards 0 as the remaining length n
+    grows — with the usual negative rewards, every continuing token is then credited more than a
+    stop (docs/algorithm.md §3, bench/QUALITY.md "Length drift").
+
+    With `whiten`:
 
         A_t = (Â_t − mean) / sqrt(var + 1e-8),   mean/var (population) over all valid tokens
 
@@ -50,6 +60,7 @@ def advantages(
         gamma: discount γ.
         include_current: whether r_t is part of G_t.
         length_norm: divide by the number of summed rewards.
+        discounted_norm: with `length_norm`, divide by the summed discount weights instead.
         whiten: normalise to zero mean and unit variance over valid tokens.
         reduce_fn: sums a small tensor over ranks; None = single process.
 
@@ -61,17 +72,23 @@ def advantages(
     valid = mask != 0  # (B, T)
     r = torch.where(valid, rewards.detach().float(), 0.0)  # (B, T) padded rewards are zeroed
     returns = torch.zeros_like(r)  # (B, T) G_t including the current reward
+    weights = torch.zeros_like(r)  # (B, T) D_t: the same recursion over rewards of 1
     running = r.new_zeros(r.shape[0])  # (B,)
+    running_w = r.new_zeros(r.shape[0])  # (B,)
     for t in reversed(range(r.shape[1])):
         # valid: G_t = r_t + γ·G_next; masked: pass G_next through unchanged (no reward, no discount step)
         running = torch.where(valid[:, t], r[:, t] + gamma * running, running)
+        running_w = torch.where(valid[:, t], 1.0 + gamma * running_w, running_w)
         returns[:, t] = running
+        weights[:, t] = running_w
     remaining = valid.flip(-1).cumsum(-1).flip(-1)  # (B, T) n_t: valid positions from t on, incl. t
     if include_current:
-        adv, count = returns, remaining
+        adv, count, total_w = returns, remaining, weights
     else:
-        adv, count = returns - r, remaining - 1  # G_t = G^incl_t − r_t = γ·G^incl_{next valid}
-    if length_norm:
+        adv, count, total_w = returns - r, remaining - 1, weights - 1.0  # G_t = G^incl_t − r_t = γ·G^incl_{next}
+    if length_norm and discounted_norm:
+        adv = torch.where(total_w > 0, adv / total_w.clamp_min(1e-12), 0.0)
+    elif length_norm:
         adv = adv / count.clamp_min(1)
     adv = torch.where(valid, adv, 0.0)
     if whiten:
@@ -129,3 +146,30 @@ def policy_loss(
         loss = torch.where(use_clipped, clipped, loss)
         clip_frac = masked_mean(use_clipped.float(), valid).detach()
     return torch.where(valid, loss, 0.0), clip_frac
+
+
+def sequence_rkl(logq: torch.Tensor, logp: torch.Tensor, log_mix: torch.Tensor,
+                 mask: torch.Tensor) -> tuple[float, float]:
+    """Self-normalised importance-sampling estimate of the sequence-level KL[q ‖ p] from samples of p~.
+
+        W_i = exp(Σ_t m_it (logq_it − log_mix_it)) = q(y_i) / p~(y_i),
+        KL ≈ Σ_i W_i · Σ_t m_it (logq_it − logp_it) / Σ_i W_i
+
+    (consistent; exactly the plain mean when log_mix = logq, i.e. pure student sampling). The plain
+    mean over p~ samples would estimate E_p~[log q/p] instead, which is not a KL.
+
+    Args:
+        logq: (N, T) log q(y_t) of the sampled tokens (the sampling-time student).
+        logp: (N, T) log p(y_t) (teacher).
+        log_mix: (N, T) log p~(y_t), the probability each token was drawn with.
+        mask: (N, T) 1 on response tokens.
+
+    Returns:
+        `(kl, ess)`: the estimate (nats per sequence) and the effective sample size of the weights,
+        (Σ W)² / Σ W² / N, in (0, 1].
+    """
+    m = mask.double()
+    seq_kl = ((logq.double() - logp.double()) * m).sum(-1)  # (N,)
+    log_w = ((logq.double() - log_mix.double()) * m).sum(-1)  # (N,) log W_i
+    w = torch.softmax(log_w, 0)  # (N,) normalised weights, overflow-safe
+    return float((w * seq_kl).sum()), float(1.0 / (w.square().sum() * w.numel()))

@@ -54,6 +54,10 @@ class Ctx:
     """The main process's rich console (None elsewhere): progress of long phases (`progress.Phase`)."""
     teacher_cache: TeacherCache | None = None
     """`data.teacher_cache`, opened and checked: kd reads the teacher from it (`teacher` is then None)."""
+    teacher_tokenizer: Any = None
+    """models.cross_tokenizer: the teacher's tokenizer (None when the two models share one)."""
+    teacher_prompts: dict[int, list[int]] | None = None
+    """models.cross_tokenizer: each training example's prompt in the teacher's template and ids, by index."""
     _replica: torch.nn.Module | None = None
     _replica_version: int = -1
 

@@ -20,6 +20,7 @@ from minillm_cli.methods.batching import (
     jsd_backward,
 )
 from minillm_cli.methods.context import Ctx, check_stop
+from minillm_cli.models.loading import eos_ids
 
 
 class GkdStepper:
@@ -38,8 +39,9 @@ class GkdStepper:
         from minillm_cli.sampling.rollout import sample
 
         ctx, r = self.ctx, self.ctx.recipe.rollout
-        roll = sample(ctx.accelerator.unwrap_model(ctx.student), b["prompt_ids"], b["prompt_mask"], alpha=0.0,
-                      max_new_tokens=self.cfg.max_new_tokens, eos_token_id=ctx.tokenizer.eos_token_id,
+        student = ctx.accelerator.unwrap_model(ctx.student)
+        roll = sample(student, b["prompt_ids"], b["prompt_mask"], alpha=0.0,
+                      max_new_tokens=self.cfg.max_new_tokens, eos_token_id=eos_ids(student, ctx.tokenizer),
                       pad_token_id=ctx.tokenizer.pad_token_id, temperature=r.temperature, top_k=r.top_k,
                       top_p=r.top_p, generator=ctx.gen)
         return {**b, "response_ids": roll.response_ids, "response_mask": roll.response_mask}

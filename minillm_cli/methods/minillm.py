@@ -52,7 +52,7 @@ from typing import Any, ClassVar
 import torch
 
 from minillm_cli.config.methods import MiniLlmMethod
-from minillm_cli.config.schema import check_minillm_sampler as check_sampler
+from minillm_cli.config.validation import check_minillm_sampler as check_sampler
 from minillm_cli.data import encoding as data_mod
 from minillm_cli.errors import UserError
 from minillm_cli.losses import divergences, logprobs, objectives, policy_gradient
@@ -65,8 +65,13 @@ from minillm_cli.methods.batching import (
     take_group,
 )
 from minillm_cli.methods.context import Ctx, check_stop
+from minillm_cli.models.loading import eos_ids
 
-BUFFER_KEYS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "logq", "log_mix", "logp", "adv", "reward")
+SCORE_ROWS = 8
+"""Rollouts per teacher forward of `_score_teacher`: its logits and activations for 8 rows at a time
+(the (N, T, V) result is the only full-size tensor)."""
+BUFFER_KEYS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "logq", "log_mix", "logp", "adv", "reward",
+               "index")
 
 
 def _pad_cat(tensors: list[torch.Tensor], left: bool, value: float) -> torch.Tensor:
@@ -80,33 +85,6 @@ def _pad_cat(tensors: list[torch.Tensor], left: bool, value: float) -> torch.Ten
             t = torch.cat([filler, t] if left else [t, filler], dim=1)
         out.append(t)
     return torch.cat(out, dim=0)
-
-
-def sequence_rkl(logq: torch.Tensor, logp: torch.Tensor, log_mix: torch.Tensor,
-                 mask: torch.Tensor) -> tuple[float, float]:
-    """Self-normalised importance-sampling estimate of the sequence-level KL[q ‖ p] from samples of p~.
-
-        W_i = exp(Σ_t m_it (logq_it − log_mix_it)) = q(y_i) / p~(y_i),
-        KL ≈ Σ_i W_i · Σ_t m_it (logq_it − logp_it) / Σ_i W_i
-
-    (consistent; exactly the plain mean when log_mix = logq, i.e. pure student sampling). The plain
-    mean over p~ samples would estimate E_p~[log q/p] instead, which is not a KL.
-
-    Args:
-        logq: (N, T) log q(y_t) of the sampled tokens (the sampling-time student).
-        logp: (N, T) log p(y_t) (teacher).
-        log_mix: (N, T) log p~(y_t), the probability each token was drawn with.
-        mask: (N, T) 1 on response tokens.
-
-    Returns:
-        `(kl, ess)`: the estimate (nats per sequence) and the effective sample size of the weights,
-        (Σ W)² / Σ W² / N, in (0, 1].
-    """
-    m = mask.double()
-    seq_kl = ((logq.double() - logp.double()) * m).sum(-1)  # (N,)
-    log_w = ((logq.double() - log_mix.double()) * m).sum(-1)  # (N,) log W_i
-    w = torch.softmax(log_w, 0)  # (N,) normalised weights, overflow-safe
-    return float((w * seq_kl).sum()), float(1.0 / (w.square().sum() * w.numel()))
 
 
 class MiniLlmStepper:
@@ -135,6 +113,8 @@ class MiniLlmStepper:
         self.schedule: list[list[int]] = []  # row indices of each remaining optimizer step of this buffer
         self.corpus_pos = 0
         self.buffer_stats: dict[str, float] = {}
+        self.xtok_mismatch = 0.0
+        """models.cross_tokenizer: share of the last buffer's rollouts dropped (text not round-tripped)."""
 
     # ------------------------------------------------------------------------------ rollouts
     @torch.no_grad()
@@ -153,13 +133,14 @@ class MiniLlmStepper:
         keep = cfg.teacher_mix > 0 and cfg.ppo_epochs == 1 and self.local_rollouts <= self.per_step
         parts: list[dict[str, Any]] = []  # "logp", "teacher" are None unless kept
         calls = checked = accepted = 0  # teacher forwards per row, speculative drafts checked / accepted
+        eos = eos_ids(student, ctx.tokenizer)  # what ends a response: as `minillm eval` generates
         for i in range(0, len(examples), r.batch_size):
             check_stop(ctx)
             ids, mask = data_mod.collate_prompts(examples[i : i + r.batch_size], ctx.tokenizer.pad_token_id)
             roll = sample(
                 student, ids.to(ctx.device), mask.to(ctx.device),
                 teacher=self.teacher if cfg.teacher_mix > 0 else None, alpha=cfg.teacher_mix,
-                max_new_tokens=cfg.max_new_tokens, eos_token_id=ctx.tokenizer.eos_token_id,
+                max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,
                 pad_token_id=ctx.tokenizer.pad_token_id, temperature=r.temperature, top_k=r.top_k,
                 top_p=r.top_p, generator=ctx.gen, keep_teacher_logprobs=keep and cfg.single_step,
                 speculative_tokens=r.speculative_tokens,
@@ -180,8 +161,12 @@ class MiniLlmStepper:
             "logq": _pad_cat([p["logq"] for p in parts], left=False, value=0.0),
             "log_mix": _pad_cat([p["log_mix"] for p in parts], left=False, value=0.0),
         }
+        buf["index"] = torch.tensor([e.index for e in examples], dtype=torch.long, device=ctx.device)
         t_roll = time.time() - t0
-        if keep:
+        if ctx.teacher_tokenizer is not None:  # models.cross_tokenizer: the teacher scores the text (xtok.py)
+            buf["logp"] = self._score_text(buf)
+            self.teacher_logits = None
+        elif keep:
             buf["logp"] = _pad_cat([p["logp"] for p in parts], left=False, value=0.0)
             self.teacher_logits = (_pad_cat([p["teacher"] for p in parts], left=False, value=0.0)
                                    if cfg.single_step else None)  # (N, T, V) teacher log-probs
@@ -194,7 +179,7 @@ class MiniLlmStepper:
         buf["reward"] = reward
         buf["adv"] = policy_gradient.advantages(
             reward, mask, gamma=cfg.gamma, include_current=cfg.include_current, length_norm=cfg.length_norm,
-            whiten=cfg.whiten, reduce_fn=ctx.global_sum,
+            discounted_norm=cfg.discounted_norm, whiten=cfg.whiten, reduce_fn=ctx.global_sum,
         )
         self.buffer = buf
         # PPO schedule: ppo_epochs shuffled passes; each step takes `per_step` rows (last one may be short).
@@ -204,16 +189,22 @@ class MiniLlmStepper:
             order = torch.randperm(n, generator=ctx.gen, device=ctx.device).tolist()
             self.schedule += [order[i : i + self.per_step] for i in range(0, n, self.per_step)]
         gen_tokens = float(mask.sum())
-        rkl, ess = sequence_rkl(buf["logq"], buf["logp"], buf["log_mix"], mask)
+        rkl, ess = policy_gradient.sequence_rkl(buf["logq"], buf["logp"], buf["log_mix"], mask)
+        # rollouts cut by method.max_new_tokens: scored as if they had ended there (no stop decision)
+        last = buf["response_ids"].gather(1, (mask.sum(-1).long() - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        cut = ~torch.isin(last, torch.tensor(eos, device=last.device)) & (mask.sum(-1) > 0)
         self.buffer_stats = {
             "reward": float(reward.sum() / mask.sum().clamp_min(1)),
             "rkl": rkl,
             "rkl_ess": ess,
             "resp_len": gen_tokens / n,
+            "trunc_frac": float(cut.float().mean()),
             "rollout_time": t_roll,
             "score_time": time.time() - t0 - t_roll,
             "gen_tok_per_s": gen_tokens / max(t_roll, 1e-9),
         }
+        if ctx.teacher_tokenizer is not None:
+            self.buffer_stats["xtok_mismatch"] = self.xtok_mismatch
         if cfg.teacher_mix > 0:
             # Local to this rank: teacher forwards per generated token (1 in lockstep) and the
             # share of speculative drafts accepted (≥ 1 − teacher_mix).
@@ -221,20 +212,42 @@ class MiniLlmStepper:
             if checked:
                 self.buffer_stats["draft_accept"] = accepted / checked
 
+    def _score_text(self, buf: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Cross-tokenizer: the teacher's log-probs of the responses' text per student token; rows whose
+        text does not survive the round trip leave the buffer's losses (mask zeroed) and are counted."""
+        from minillm_cli.methods.xtok import score_text
+
+        scores = score_text(self.ctx, buf, self.ctx.recipe.rollout.batch_size)
+        share = float(scores.dropped.float().mean())
+        self.xtok_mismatch = share
+        if share > self.cfg.xtok_max_mismatch:
+            raise UserError(f"method.xtok_max_mismatch: {share:.0%} of this buffer's rollouts do not survive the "
+                            f"round trip to the teacher's tokenizer (allowed {self.cfg.xtok_max_mismatch:.0%}), e.g. "
+                            f"{scores.problems[0]}")
+        buf["response_mask"][scores.dropped] = 0
+        return scores.logp
+
     @torch.no_grad()
     def _score_teacher(self, buf: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher logits at every response position (N, T, V) and log p of the sampled tokens (N, T),
         in fixed row chunks so that a resume recomputes exactly the same numbers."""
         ctx = self.ctx
-        rows = ctx.recipe.rollout.batch_size
-        logits_parts, logp_parts = [], []
-        for i in range(0, buf["response_ids"].shape[0], rows):
+        rows = min(ctx.recipe.rollout.batch_size, SCORE_ROWS)
+        N, T = buf["response_ids"].shape
+        # Filled in place, chunk by chunk: a torch.cat of the parts would hold (N, T, V) twice at its peak.
+        logits: torch.Tensor | None = None  # (N, T, V) in the teacher's dtype
+        logp_all = torch.zeros(N, T, dtype=torch.float32, device=ctx.device)
+        for i in range(0, N, rows):
             b = {k: buf[k][i : i + rows] for k in ("prompt_ids", "prompt_mask", "response_ids", "response_mask")}
             t_logits = response_logits(self.teacher, b, vocab=ctx.vocab)  # (b, T, V)
             logp = logprobs.token_logprobs(t_logits, b["response_ids"], chunk_size=ctx.recipe.train.chunk_size)
-            logits_parts.append(t_logits)
-            logp_parts.append(logp * b["response_mask"])
-        return torch.cat(logits_parts), torch.cat(logp_parts)
+            if logits is None:
+                logits = t_logits.new_empty(N, T, t_logits.shape[-1])
+            logits[i : i + rows] = t_logits
+            logp_all[i : i + rows] = logp * b["response_mask"]
+            del t_logits
+        assert logits is not None  # N >= 1 rollouts
+        return logits, logp_all
 
     # ---------------------------------------------------------------------------- training
     def step(self) -> dict[str, float]:
@@ -287,7 +300,7 @@ class MiniLlmStepper:
             loss += cfg.response_weight * resp
         train_time = time.time() - t0
         metrics.update(self.buffer_stats if fresh else {k: v for k, v in self.buffer_stats.items()
-                                                        if k in ("reward", "rkl", "rkl_ess", "resp_len")})
+                                                        if k in ("reward", "rkl", "rkl_ess", "resp_len", "trunc_frac")})
         metrics.update(loss=loss, train_time=train_time, tok_per_s=mean.tokens / max(train_time, 1e-9),
                        new_buffer=int(fresh))
         return metrics
@@ -369,4 +382,5 @@ class MiniLlmStepper:
         buf = {k[4:]: v.to(self.ctx.device) for k, v in tensors.items() if k.startswith("buf.")}
         if self.schedule and buf:
             self.buffer = buf
-            self.teacher_logits, _ = self._score_teacher(buf)
+            if self.cfg.single_step:  # the only thing not saved with the buffer: (N, T, V) is too large
+                self.teacher_logits, _ = self._score_teacher(buf)

@@ -17,6 +17,7 @@ from minillm_cli.config.schema import RolloutConfig
 from minillm_cli.data import encoding as data_mod
 from minillm_cli.methods.context import Ctx, check_stop
 from minillm_cli.methods.sft import SftStepper
+from minillm_cli.models.loading import eos_ids
 from minillm_cli.progress import Phase
 from minillm_cli.runs.checkpoint import write_text_atomic
 from minillm_cli.runs.rundir import SEQKD_CACHE
@@ -38,7 +39,7 @@ def sample_answers(teacher: torch.nn.Module, examples: list[data_mod.Encoded], c
         stop()
         ids, mask = data_mod.collate_prompts(chunk, tokenizer.pad_token_id)
         roll = sample(teacher, ids.to(device), mask.to(device), alpha=0.0, max_new_tokens=cfg.max_new_tokens,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=eos_ids(teacher, tokenizer), pad_token_id=tokenizer.pad_token_id,
                       temperature=rollout.temperature, top_k=rollout.top_k, top_p=rollout.top_p, generator=gen)
         for row in range(len(chunk)):
             n = int(roll.response_mask[row].sum())
@@ -48,13 +49,29 @@ def sample_answers(teacher: torch.nn.Module, examples: list[data_mod.Encoded], c
 
 
 def generate_teacher_responses(ctx: Ctx, cfg: SeqKdMethod) -> list[list[int]]:
-    """Sample one teacher response per training prompt (`sample_answers`, with progress and stop checks)."""
+    """Sample one teacher response per training prompt (`sample_answers`, with progress and stop checks).
+
+    Cross-tokenizer runs (`ctx.teacher_tokenizer`): the teacher answers each prompt in its own template
+    and ids, and its answer's text is tokenised for the student (the student's EOS when the teacher
+    stopped; an answer cut by method.max_new_tokens gets none)."""
     assert ctx.teacher is not None
     gen = torch.Generator(device=ctx.device)
     gen.manual_seed(ctx.recipe.train.seed + 7919)  # its own stream: the training RNG is not consumed
+    t_tok = ctx.teacher_tokenizer
+    prompts = ctx.train if t_tok is None or ctx.teacher_prompts is None else [
+        data_mod.Encoded(prompt_ids=ctx.teacher_prompts[e.index], response_ids=[], index=e.index) for e in ctx.train]
     with Phase("seqkd: teacher answers", len(ctx.train), "prompts", ctx.console, ctx.print) as phase:
-        return sample_answers(ctx.teacher, ctx.train, cfg, ctx.recipe.rollout, ctx.tokenizer, ctx.device, gen,
-                              stop=lambda: check_stop(ctx), advance=phase.advance)
+        answers = sample_answers(ctx.teacher, prompts, cfg, ctx.recipe.rollout, t_tok or ctx.tokenizer, ctx.device,
+                                 gen, stop=lambda: check_stop(ctx), advance=phase.advance)
+    if t_tok is None:
+        return answers
+    out = []
+    for ids in answers:
+        finished = bool(ids) and ids[-1] in eos_ids(ctx.teacher, t_tok)
+        text = t_tok.decode(ids[:-1] if finished else ids, skip_special_tokens=True)
+        out.append(ctx.tokenizer(text, add_special_tokens=False)["input_ids"] + ([ctx.tokenizer.eos_token_id]
+                                                                                 if finished else []))
+    return out
 
 
 class SeqKdStepper:

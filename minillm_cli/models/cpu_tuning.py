@@ -93,3 +93,11 @@ def keep_freed_memory(device_type: str, processes: int = 1) -> Iterator[bool]:
             libc.mallopt(_M_MMAP_MAX, DEFAULT_MMAP_MAX)
             libc.mallopt(_M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
             libc.malloc_trim(0)
+
+
+def give_back_free_memory(device_type: str) -> None:
+    """Return the process's free heap memory to the kernel now (`malloc_trim`): before a one-off large
+    allocation (a checkpoint being written) inside a `keep_freed_memory` block. A no-op off glibc / CPU."""
+    libc = _glibc() if _enabled(device_type) else None
+    if libc is not None:
+        libc.malloc_trim(0)

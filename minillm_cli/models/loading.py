@@ -281,8 +281,10 @@ def load_model(
         UserError: Not a model directory, no weights, pickle-only weights without `allow_pickle`,
             or a model that is not a causal LM.
     """
+    import transformers
     from transformers import AutoModelForCausalLM
 
+    transformers.utils.logging.disable_progress_bar()  # minillm's own progress lines are the only ones
     path = Path(path)
     if not (path / "config.json").is_file():
         raise UserError(f"{path} is not a model directory (no config.json)")
@@ -365,3 +367,11 @@ def check_tokenizers(teacher_tok: Any, student_tok: Any, *, teacher_vocab: int, 
                 "distillation needs the same special tokens"
             )
 
+
+def eos_ids(model: "torch.nn.Module", tokenizer: Any) -> list[int]:
+    """Ids that end a response: the tokenizer's EOS plus any the model's generation config names
+    (chat models often stop on an end-of-turn token too)."""
+    ids = [tokenizer.eos_token_id]
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += [extra] if isinstance(extra, int) else list(extra or [])
+    return sorted({int(i) for i in ids if i is not None})

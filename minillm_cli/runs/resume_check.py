@@ -121,7 +121,7 @@ def check_checkpoint(recipe: Recipe, resume_dir: Path, hashes: dict[str, str | N
         UserError: the saved recipe is unusable, or `check_resume` refuses.
     """
     from minillm_cli.config.loading import read_recipe_file
-    from minillm_cli.config.schema import validate
+    from minillm_cli.config.validation import validate
 
     try:
         saved = validate(read_recipe_file(resume_dir / "recipe.yaml"))

@@ -90,7 +90,7 @@ def _train(recipe: Recipe, source: dict[str, str], resume: bool, extend: bool, c
         torch.set_num_threads(tr.threads)
     accelerator = Accelerator(cpu=models_mod.pick_device(recipe.models.device).type == "cpu")
     # Messages hold paths and user text: printed as they are, never read as rich markup.
-    say = (lambda s: console.print(s, highlight=False, markup=False)) if accelerator.is_main_process else (lambda s: None)
+    say = (lambda s: console.print(s, highlight=False, markup=False, soft_wrap=True)) if accelerator.is_main_process else (lambda s: None)
     run = set_up(recipe, source, accelerator, resume, extend, say, claims)
     job = _prepare(recipe, run, accelerator, console, say)
     cpu_tuning.tune_for_cpu(job.ctx.device.type)
@@ -159,6 +159,7 @@ def _prepare(recipe: Recipe, run: Any, accelerator: Any, console: Console, say: 
         # Several processes stop together, at a step boundary (see the loop); one may stop mid-step.
         stop_requested=signals.requested if world == 1 else (lambda: False), print=say,
         sharded=sharded, deepspeed=deepspeed, console=console if main else None, teacher_cache=run.teacher_cache,
+        teacher_tokenizer=run.teacher_tokenizer, teacher_prompts=run.teacher_prompts,
     )
     stepper = METHODS[recipe.method.name](ctx)
     checkpoints = Checkpointer(ctx, optimizer, stepper, run.recipe_text, run.meta(recipe))

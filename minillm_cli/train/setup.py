@@ -54,6 +54,10 @@ class Setup:
     """Student output width; teacher logits are sliced to it."""
     teacher_cache: TeacherCache | None = None
     """The opened, checked `data.teacher_cache` (kd then runs without a teacher)."""
+    teacher_tokenizer: Any = None
+    """With models.cross_tokenizer: the teacher's own tokenizer."""
+    teacher_prompts: dict[int, list[int]] | None = None
+    """With models.cross_tokenizer: each training example's prompt in the teacher's template and ids."""
 
     def meta(self, recipe: Recipe) -> dict[str, Any]:
         """The run's part of every checkpoint's meta.json (the step adds its own)."""
@@ -111,13 +115,19 @@ def set_up(recipe: Recipe, source: dict[str, str], accelerator: Any, resume: boo
         teacher_dir, student_dir, student_init = prepare.resolve_models(recipe, say)
         tokenizer = models_mod.load_tokenizer(student_dir, trust_remote_code=m.trust_remote_code)
         tokenizer.padding_side = "left"
+        t_tok = None
         if teacher_dir is not None:
             t_tok = models_mod.load_tokenizer(teacher_dir, trust_remote_code=m.trust_remote_code)
-            models_mod.check_tokenizers(
-                t_tok, tokenizer,
-                teacher_vocab=models_mod.output_width(teacher_dir), student_vocab=models_mod.output_width(student_dir),
-            )
-        train_enc, dev_enc, _, _ = data_mod.prepare_datasets(recipe.data, tokenizer, tr.seed, say)
+            if m.cross_tokenizer:
+                say(f"cross-tokenizer mode (models.cross_tokenizer): the teacher scores the student's text, "
+                    f"re-tokenised with its own tokenizer ({len(t_tok)} ids; the student's: {len(tokenizer)})")
+            else:
+                models_mod.check_tokenizers(t_tok, tokenizer, teacher_vocab=models_mod.output_width(teacher_dir),
+                                            student_vocab=models_mod.output_width(student_dir))
+        train_enc, dev_enc, train_examples, _ = data_mod.prepare_datasets(recipe.data, tokenizer, tr.seed, say)
+        teacher_prompts = None
+        if m.cross_tokenizer and t_tok is not None:  # each training prompt as the teacher sees it
+            teacher_prompts = data_mod.teacher_prompts(train_enc, train_examples, t_tok, recipe.data)
         corpus = None
         if recipe.data.corpus and recipe.method.name == "minillm":
             corpus = data_mod.load_corpus(recipe.data.corpus, tokenizer, recipe.data.corpus_max_tokens)
@@ -165,4 +175,5 @@ def set_up(recipe: Recipe, source: dict[str, str], accelerator: Any, resume: boo
     return Setup(run_dir=run_dir, resume_dir=resume_dir, resume_state=resume_state, recipe_text=recipe_text,
                  hashes=hashes, extended=extended, teacher_dir=teacher_dir, student_dir=student_dir,
                  student_init=student_init, tokenizer=tokenizer, train=train_enc, dev=dev_enc, corpus=corpus,
-                 dtype=dtype, student=student, teacher=teacher, vocab=vocab, teacher_cache=cache)
+                 dtype=dtype, student=student, teacher=teacher, vocab=vocab, teacher_cache=cache,
+                 teacher_tokenizer=t_tok if m.cross_tokenizer else None, teacher_prompts=teacher_prompts)

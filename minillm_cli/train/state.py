@@ -16,6 +16,7 @@ import torch
 from minillm_cli.errors import RunStopped
 from minillm_cli.methods import Stepper
 from minillm_cli.methods.context import Ctx
+from minillm_cli.models import cpu_tuning
 from minillm_cli.parallel import fsdp
 from minillm_cli.parallel.distributed import any_rank
 from minillm_cli.runs import checkpoint as ckpt
@@ -111,6 +112,9 @@ class Checkpointer:
             ckpt.stage_rank_state(run_dir, step, accelerator.process_index, tensors, state["method"])
         accelerator.wait_for_everyone()
         if main:
+            # The training steps' freed memory goes back first: writing copies the weights and the
+            # optimizer state, which should not come on top of the steps' high-water mark (cpu_tuning).
+            cpu_tuning.give_back_free_memory(ctx.device.type)
             meta = {**self.meta, **ctx.extra_meta, "step": step, "dev_metrics": dev_metrics}
             path = ckpt.save_checkpoint(
                 run_dir, step, model=accelerator.unwrap_model(ctx.student), tokenizer=ctx.tokenizer,
