@@ -10,7 +10,9 @@ Stages (each skipped when its output is complete, so an interrupted run resumes;
   2. student: a fresh Llama of that vocabulary (--hidden, --layers), randomly initialised;
   3. warm-up: `minillm sft` of the student on the training file (--warmup-steps);
   4. the two arms from the warm-up, the same budget (--steps × --batch rows, same data seed):
-     `sft-continued` (`minillm sft`) and `minillm-xtok` (`minillm distill recipes/cpu/minillm-xtok.yaml`);
+     `sft-continued` (`minillm sft`, lr 2e-4) and `minillm-xtok` (`minillm distill recipes/cpu/minillm-xtok.yaml`,
+     lr 5e-5: a policy gradient takes a smaller step, as in the quality study's 5:1 and 2.5:1; both
+     fixed before any evaluation, nothing tuned);
   5. `minillm eval` of both (and the warm-up) against the teacher on --eval-data: Rouge-L over the
      seeds, the text-level KLs across tokenizers (rkl_seq_student, fkl_seq_teacher) and the teacher's
      NLL per character of each student's answers (tnll_char_student), each with a 95% paired bootstrap
@@ -158,7 +160,8 @@ def main() -> None:
     # (--smoke: a 4-step student writes invalid UTF-8, whose rollouts are dropped: allowed there)
     smoke = ["method.xtok_max_mismatch=1.0"] if args.smoke else []
     train("minillm-xtok", ["distill", str(XTOK_RECIPE), "--teacher", args.teacher, "--student", str(warm), "--data", data,
-                           *lengths, *batch, "data.dev=null", *smoke], work / "minillm-xtok", args.steps, work,
+                           *lengths, *batch, "data.dev=null", "optim.lr=5e-5", *smoke], work / "minillm-xtok", args.steps,
+                           work,
           args.threads)
 
     # 5. evaluation against the teacher, paired with sft-continued

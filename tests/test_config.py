@@ -41,6 +41,17 @@ def test_defaults_need_no_file():
     assert source == {"models.teacher": "flag", "models.student": "flag"}
 
 
+def test_length_normalisation_is_off_by_default_and_on_in_the_paper_recipes():
+    # issue 31: the default sums the discounted future rewards; the paper's recipes keep its normalisation
+    recipe, _ = load_recipe(None, [], {"models.teacher": "t", "models.student": "s"})
+    assert recipe.method.name == "minillm" and recipe.method.length_norm is False
+    paper = [p for p in shipped_recipes() if "paper" in p.parts]
+    assert len(paper) == 3
+    for path in paper:
+        method = load_recipe(path)[0].method
+        assert method.name == "minillm" and method.length_norm is True, path
+
+
 def test_overrides_beat_file_and_flags_beat_overrides(tmp_path):
     f = tmp_path / "r.yaml"
     f.write_text("optim: {lr: 1.0e-4}\ntrain: {max_steps: 7}\nmethod: kd\n")

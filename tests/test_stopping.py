@@ -49,7 +49,7 @@ def test_a_truncated_response_is_scored_as_if_it_had_ended() -> None:
 def test_whitening_over_a_buffer_of_finished_truncated_and_eos_only_rows() -> None:
     r = [[-1.0, -0.5, -2.0, 0.0], [-0.5, -0.5, -0.5, -0.5], [-2.0, 0.0, 0.0, 0.0]]
     m = [[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
-    a = advantages(torch.tensor(r), torch.tensor(m), gamma=GAMMA)
+    a = advantages(torch.tensor(r), torch.tensor(m), gamma=GAMMA, length_norm=True)  # the paper's normalisation
     raw = adv(r, m)
     valid = torch.tensor(m).bool()
     mean, std = raw[valid].double().mean(), raw[valid].double().std(unbiased=False)
@@ -70,7 +70,7 @@ def test_a_teacher_mixed_eos_carries_its_importance_weight_and_clip() -> None:
     reward = p.log() - q.log()  # the EOS is rewarded by the teacher's own EOS probability
     assert reward[0].tolist() == pytest.approx([-0.510826, 0.0, 1.791759], abs=1e-6)
     mask = torch.ones(1, 3)
-    a = advantages(reward, mask, gamma=GAMMA, whiten=False)
+    a = advantages(reward, mask, gamma=GAMMA, length_norm=True, whiten=False)  # the paper's normalisation
     r0, r1, r2 = reward[0].tolist()
     expected = [(r0 + GAMMA * r1 + GAMMA**2 * r2) / 3, (r1 + GAMMA * r2) / 2, r2]
     assert a[0].tolist() == pytest.approx(expected, abs=1e-6)

@@ -157,24 +157,26 @@ ARMS: dict[str, dict[str, Any]] = {
     KD: {"name": "kd", "kd_ratio": 0.5, "loss": "forward_kl"},
     "seqkd": {"name": "seqkd", "batch_size": 16},
     "gkd": {"name": "gkd", "beta": 0.5, "lmbda": 0.5},
-    "minillm": {"name": "minillm", "teacher_mix": 0.2, "ppo_epochs": PPO_EPOCHS},
-    "minillm-exact": {"name": "minillm", "teacher_mix": 0.2, "ppo_epochs": PPO_EPOCHS, "include_current": False},
-    "minillm-resp": {"name": "minillm", "teacher_mix": 0.2, "ppo_epochs": PPO_EPOCHS,
+    # `minillm` is the paper's MiniLLM (length normalisation on, minillm's default until issue 31, when
+    # `minillm-no-norm` became the shipped default): every variant below keeps the paper's setting explicitly
+    "minillm": {"name": "minillm", "teacher_mix": 0.2, "ppo_epochs": PPO_EPOCHS, "length_norm": True},
+    "minillm-exact": {"name": "minillm", "teacher_mix": 0.2, "ppo_epochs": PPO_EPOCHS, "include_current": False, "length_norm": True},
+    "minillm-resp": {"name": "minillm", "teacher_mix": 0.2, "ppo_epochs": PPO_EPOCHS, "length_norm": True,
                      "response_weight": 1.0, "response_beta": 0.5},
     # ablations (paper Table 6) and diagnostics, by --arms only
-    "minillm-no-mix": {"name": "minillm", "teacher_mix": 0.0, "ppo_epochs": PPO_EPOCHS},
-    "minillm-no-norm": {"name": "minillm", "length_norm": False, "ppo_epochs": PPO_EPOCHS},
-    "minillm-no-single": {"name": "minillm", "single_step": False, "ppo_epochs": PPO_EPOCHS},
+    "minillm-no-mix": {"name": "minillm", "teacher_mix": 0.0, "ppo_epochs": PPO_EPOCHS, "length_norm": True},
+    "minillm-no-norm": {"name": "minillm", "teacher_mix": 0.2, "ppo_epochs": PPO_EPOCHS, "length_norm": False},
+    "minillm-no-single": {"name": "minillm", "single_step": False, "ppo_epochs": PPO_EPOCHS, "length_norm": True},
     "gkd-onpolicy-rkl": {"name": "gkd", "beta": 1.0, "lmbda": 1.0},  # = MiniLLM's L_reg alone, on q samples
     "gkd-offpolicy": {"name": "gkd", "beta": 0.5, "lmbda": 0.0},  # JSD on the dataset's responses only
     # learning-rate candidates for MiniLLM, to be chosen on a dev split (never on a test set)
-    "minillm-lr5e-5": {"name": "minillm", "teacher_mix": 0.2, "ppo_epochs": PPO_EPOCHS},
-    "minillm-lr1e-4": {"name": "minillm", "teacher_mix": 0.2, "ppo_epochs": PPO_EPOCHS},
-    # length drift and RQ5 (issue 31): teacher-mix strength, the pre-training loss, and two fixes
-    "minillm-mix0.5": {"name": "minillm", "teacher_mix": 0.5, "ppo_epochs": PPO_EPOCHS},
-    "minillm-pt": {"name": "minillm", "teacher_mix": 0.2, "ppo_epochs": PPO_EPOCHS, "pt_weight": 1.0},
-    "minillm-long": {"name": "minillm", "teacher_mix": 0.2, "ppo_epochs": PPO_EPOCHS},
-    "minillm-discnorm": {"name": "minillm", "teacher_mix": 0.2, "ppo_epochs": PPO_EPOCHS, "discounted_norm": True},
+    "minillm-lr5e-5": {"name": "minillm", "teacher_mix": 0.2, "ppo_epochs": PPO_EPOCHS, "length_norm": True},
+    "minillm-lr1e-4": {"name": "minillm", "teacher_mix": 0.2, "ppo_epochs": PPO_EPOCHS, "length_norm": True},
+    # length drift and RQ5 (issue 31): teacher-mix strength, the pre-training loss, and the fixes (with minillm-no-norm)
+    "minillm-mix0.5": {"name": "minillm", "teacher_mix": 0.5, "ppo_epochs": PPO_EPOCHS, "length_norm": True},
+    "minillm-pt": {"name": "minillm", "teacher_mix": 0.2, "ppo_epochs": PPO_EPOCHS, "pt_weight": 1.0, "length_norm": True},
+    "minillm-long": {"name": "minillm", "teacher_mix": 0.2, "ppo_epochs": PPO_EPOCHS, "length_norm": True},
+    "minillm-discnorm": {"name": "minillm", "teacher_mix": 0.2, "ppo_epochs": PPO_EPOCHS, "discounted_norm": True, "length_norm": True},
 }
 ARM_LR: dict[str, float] = {"minillm-lr5e-5": 5.0e-5, "minillm-lr1e-4": 1.0e-4}
 """Arms trained at a learning rate other than Setup.lr[method name]."""
@@ -183,9 +185,9 @@ ARM_DATA: dict[str, dict[str, Any]] = {"minillm-pt": {"corpus": str(SHARED_DATA 
 ARM_ROLLOUT_TOKENS: dict[str, int] = {"minillm-long": 192}
 """Arms whose rollouts get another token budget than Setup.rollout_tokens (truncation rare)."""
 DRIFT_ARMS = [CONTROL, KD, "gkd", "minillm", "minillm-no-mix", "minillm-mix0.5", "minillm-pt", "minillm-long",
-              "minillm-discnorm"]
+              "minillm-discnorm", "minillm-no-norm"]
 """The arms of the length-drift study (issue 31): `--arms drift`."""
-DEFAULT_ARMS = [CONTROL, KD, "seqkd", "gkd", "minillm", "minillm-exact", "minillm-resp"]
+DEFAULT_ARMS = [CONTROL, KD, "seqkd", "gkd", "minillm", "minillm-no-norm", "minillm-exact", "minillm-resp"]
 ROLLOUT_METHODS = ("minillm", "gkd", "seqkd")  # methods whose max_new_tokens is Setup.rollout_tokens
 
 

@@ -20,7 +20,8 @@ STOP_AT = (8, 16, 32, 64)
 RQ5_ARMS = {"minillm-no-mix": "teacher_mix 0", "minillm": "teacher_mix 0.2 (default)",
             "minillm-mix0.5": "teacher_mix 0.5", "minillm-pt": "teacher_mix 0.2 + pre-training loss"}
 FIX_ARMS = {"minillm-long": "rollouts of 192 tokens (truncation rare)",
-            "minillm-discnorm": "discounted length normalisation (method.discounted_norm)"}
+            "minillm-discnorm": "discounted length normalisation (method.discounted_norm)",
+            "minillm-no-norm": "no length normalisation (method.length_norm false)"}
 
 
 def bucketed(curve: dict[str, list[float]], key: str) -> list[float | None]:

@@ -20,7 +20,7 @@ def advantages(
     *,
     gamma: float = 0.95,
     include_current: bool = True,
-    length_norm: bool = True,
+    length_norm: bool = False,
     discounted_norm: bool = False,
     whiten: bool = True,
     reduce_fn: Callable[[Tensor], Tensor] | None = None,
