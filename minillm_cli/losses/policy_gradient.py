@@ -45,7 +45,7 @@ def advantages(
     rewards: a constant reward r gives Â_t = r at every t. Divided by the plain count, the same
     rewards give Â_t = r·(1 − γ^n)/((1 − γ)·n), which shrinks towards 0 as the remaining length n
     grows — with the usual negative rewards, every continuing token is then credited more than a
-    stop (docs/algorithm.md §3, bench/QUALITY.md "Length drift").
+    stop (docs/algorithm.md §3, bench/QUALITY.md Study 3).
 
     With `whiten`:
 
