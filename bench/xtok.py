@@ -12,7 +12,8 @@ Stages (each skipped when its output is complete, so an interrupted run resumes;
   4. the two arms from the warm-up, the same budget (--steps × --batch rows, same data seed):
      `sft-continued` (`minillm sft`, lr 2e-4) and `minillm-xtok` (`minillm distill recipes/cpu/minillm-xtok.yaml`,
      lr 5e-5: a policy gradient takes a smaller step, as in the quality study's 5:1 and 2.5:1; both
-     fixed before any evaluation, nothing tuned);
+     fixed before any evaluation, nothing tuned; `method.length_norm` from --length-norm, false unless
+     asked: the setting of the first measured run);
   5. `minillm eval` of both (and the warm-up) against the teacher on --eval-data: Rouge-L over the
      seeds, the text-level KLs across tokenizers (rkl_seq_student, fkl_seq_teacher) and the teacher's
      NLL per character of each student's answers (tnll_char_student), each with a 95% paired bootstrap
@@ -130,6 +131,8 @@ def main() -> None:
     p.add_argument("--seeds", default="10,20")
     p.add_argument("--cost-steps", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--length-norm", choices=("true", "false"), default="false",
+                   help="method.length_norm of the minillm-xtok arm (default false: what bench/QUALITY.md's run measured)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes and steps (checks the script)")
     args = p.parse_args()
     if args.smoke:
@@ -163,7 +166,8 @@ def main() -> None:
     smoke = ["method.xtok_max_mismatch=1.0"] if args.smoke else []
     tolerance = smoke or ["method.xtok_max_mismatch=0.25"]
     train("minillm-xtok", ["distill", str(XTOK_RECIPE), "--teacher", args.teacher, "--student", str(warm), "--data", data,
-                           *lengths, *batch, "data.dev=null", "optim.lr=5e-5", *tolerance], work / "minillm-xtok", args.steps,
+                           *lengths, *batch, "data.dev=null", "optim.lr=5e-5", f"method.length_norm={args.length_norm}",
+                           *tolerance], work / "minillm-xtok", args.steps,
                            work,
           args.threads)
 
@@ -182,7 +186,7 @@ def main() -> None:
     common = ["distill", "--teacher", args.teacher, "--data", data, *lengths, "models.student_init.from=teacher",
               f"models.student_init.keep={args.keep}", "method.teacher_mix=0", "method.single_step=false", "method.num_rollouts=16",
               "method.ppo_epochs=1", "method.max_new_tokens=48", "rollout.batch_size=16", "train.batch_size=16",
-              "optim.lr=2e-5"]
+              "optim.lr=2e-5", "method.length_norm=false"]
     for name, extra in (("cost-same-tokenizer", []), ("cost-cross-tokenizer", ["models.cross_tokenizer=true", "method.xtok_max_mismatch=1.0"])):
         train(name, [*common, *extra], work / name, args.cost_steps, work, args.threads)
         cost[name] = step_seconds(work / name, skip=min(2, args.cost_steps - 1))
@@ -196,7 +200,8 @@ def write_summary(work: Path, report: dict[str, Any], arms: dict[str, Path | Non
     names = {str(arms["minillm-xtok"]): "minillm-xtok", str(arms["sft-continued"]): "sft-continued"}
     columns = ["rougeL", "rkl_seq_student", "fkl_seq_teacher", "tnll_char_student"]
     lines = ["# Cross-tokenizer MiniLLM (bench/xtok.py)", "",
-             f"Command: `python bench/xtok.py --data {args.data} --eval-data {args.eval_data} --out {args.out}`", "",
+             f"Command: `python bench/xtok.py --data {args.data} --eval-data {args.eval_data} --out {args.out}"
+             f"{' --length-norm true' if args.length_norm == 'true' else ''}`", "",
              "| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for name, metrics in rows.items():
         label = names.get(name, name.rsplit("/", 2)[-2] if "/" in name else name)

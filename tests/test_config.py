@@ -41,10 +41,10 @@ def test_defaults_need_no_file():
     assert source == {"models.teacher": "flag", "models.student": "flag"}
 
 
-def test_length_normalisation_is_off_by_default_and_on_in_the_paper_recipes():
-    # issue 31: the default sums the discounted future rewards; the paper's recipes keep its normalisation
+def test_length_normalisation_is_on_by_default_and_in_the_paper_recipes():
+    # issue 31: off was the default for a while; a held-out check reverted it to the paper's setting
     recipe, _ = load_recipe(None, [], {"models.teacher": "t", "models.student": "s"})
-    assert recipe.method.name == "minillm" and recipe.method.length_norm is False
+    assert recipe.method.name == "minillm" and recipe.method.length_norm is True
     paper = [p for p in shipped_recipes() if "paper" in p.parts]
     assert len(paper) == 3
     for path in paper:

@@ -216,7 +216,7 @@ def returns_per_token(r: list[float], *, gamma: float, include_current: bool, le
 
 
 def exact_gradients(student: TableLM, teacher: TableLM, *, alpha: float, temperature: float = 1.0,
-                    single_step: bool = True, length_norm: bool = False, include_current: bool = True,
+                    single_step: bool = True, length_norm: bool = True, include_current: bool = True,
                     gamma: float = 0.95, whiten: bool = True, clip_eps: float | None = 0.2,
                     reward_clip: float | None = 100.0) -> dict[str, Any]:
     """(a) the large-buffer limit of `step()`'s gradient, (b) ∇KL[q~‖p] / E_q~[n], and the exact KLs."""

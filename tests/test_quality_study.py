@@ -176,8 +176,8 @@ def test_stopping_rows_read_length_eos_and_intervals_from_a_divergence_report(st
     assert rows["minillm"]["gap_by_bucket"][0] == pytest.approx(100 * (3.1 - 2.2) / 11)
     assert rows["minillm"]["stopped_by"][8] == (0.6, 0.4)  # beyond the curve: its last value
     assert rows["minillm-pt"]["vs_minillm"] == {"length": ci, "eos_gap": ci} and rows["minillm-pt"]["exaccerr"] == -3.0
-    block = {"stopping": rows, "div_prompts": 4, "div_seed": 10, "prompts": 4}
+    block = {"stopping": rows, "div_prompts": 4, "div_seed": 10, "div_new_tokens": 32, "prompts": 4}
     text = "\n".join(stopping.render_stopping(block))
-    assert "| minillm | " in text and "50.0 %" in text
+    assert "| minillm | " in text and "50.0 %" in text and "before the 32-token budget" in text
     rq5 = "\n".join(stopping.render_rq5(block, {"minillm-pt": {"rougeL": 6.0, "vs_minillm": ci}}))
     assert "+1.00 [+0.50, +1.50]" in rq5 and "minillm-pt" in rq5

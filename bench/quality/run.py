@@ -157,8 +157,8 @@ ARMS: dict[str, dict[str, Any]] = {
     KD: {"name": "kd", "kd_ratio": 0.5, "loss": "forward_kl"},
     "seqkd": {"name": "seqkd", "batch_size": 16},
     "gkd": {"name": "gkd", "beta": 0.5, "lmbda": 0.5},
-    # `minillm` is the paper's MiniLLM (length normalisation on, minillm's default until issue 31, when
-    # `minillm-no-norm` became the shipped default): every variant below keeps the paper's setting explicitly
+    # `minillm` is the paper's MiniLLM and minillm's default (length normalisation on; `minillm-no-norm` was the
+    # shipped default for a while in issue 31): every arm states length_norm explicitly, so defaults never move a study
     "minillm": {"name": "minillm", "teacher_mix": 0.2, "ppo_epochs": PPO_EPOCHS, "length_norm": True},
     "minillm-exact": {"name": "minillm", "teacher_mix": 0.2, "ppo_epochs": PPO_EPOCHS, "include_current": False, "length_norm": True},
     "minillm-resp": {"name": "minillm", "teacher_mix": 0.2, "ppo_epochs": PPO_EPOCHS, "length_norm": True,
@@ -562,6 +562,7 @@ def summarize(study: Study, sets: dict[str, Path], students: dict[str, Path], te
         seeds = sorted({int(s) for s in json.loads((d / "teacher.json").read_text(encoding="utf-8"))["settings"]["seeds"]})
         out_sets[set_name] = {"path": str(path), "prompts": len(index), "seeds": seeds,
                               "div_prompts": div["settings"]["data"]["examples"], "div_seed": div["settings"]["seeds"][0],
+                              "div_new_tokens": div["settings"]["decoding"]["max_new_tokens"],
                               "rows": model_rows, "buckets": buckets, "stopping": stop}
     return {
         "study": study.name, "size": study.size, "is_result": study.size == "full",

@@ -82,7 +82,7 @@ def render_stopping(block: dict[str, Any]) -> list[str]:
         return []
     lines = [f"Length and stopping on each model's own samples (first {block['div_prompts']} prompts, seed "
              f"{block['div_seed']}; tokens of the model's tokenizer, EOS not counted): length quantiles, the share "
-             "that stopped before the 64-token budget, and EOS calibration — q(EOS) − p(EOS) in percentage points "
+             f"that stopped before the {block['div_new_tokens']}-token budget, and EOS calibration — q(EOS) − p(EOS) in percentage points "
              "averaged over response positions (all, then by position bucket), and each model's probability of "
              "having stopped by length L along the sampled paths (the model itself / the teacher).", "",
              "| model | length p10 / p50 / p90 (mean) | stopped | q(EOS) − p(EOS) | by position "

@@ -20,7 +20,7 @@ def advantages(
     *,
     gamma: float = 0.95,
     include_current: bool = True,
-    length_norm: bool = False,
+    length_norm: bool = True,
     discounted_norm: bool = False,
     whiten: bool = True,
     reduce_fn: Callable[[Tensor], Tensor] | None = None,
